@@ -1,0 +1,173 @@
+"""The ``emix`` command line. Adapters add commands through ``emix_register_commands``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from emix_core import __version__
+from emix_core.cli_util import (
+    emit_json,
+    handle_errors,
+    home_option,
+    hub_option,
+    json_option,
+    token_option,
+    transfer_progress,
+)
+from emix_core.config import resolve_home
+from emix_core.errors import EmixError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="emix")
+def cli() -> None:
+    """emix: share DICOM studies and reports between facilities, through a hub.
+
+    \b
+    Quick start:   emix demo
+    Send a study:  emix send ./study --to other-facility
+    Your inbox:    emix inbox
+    Receive one:   emix receive PACKAGE --out ./received
+    """
+
+
+@cli.command()
+@json_option
+@handle_errors
+def plugins(as_json: bool) -> None:
+    """List loaded plugins, their versions and the hooks each implements."""
+    from emix_core.plugins import get_plugin_manager, plugin_info
+
+    rows = plugin_info(get_plugin_manager())
+    if as_json:
+        emit_json({"plugins": rows})
+        return
+    for row in rows:
+        kind = "built-in" if row["builtin"] else row["distribution"]
+        click.echo(f"{row['name']}  ({kind} {row['version']})")
+        for hook in row["hooks"]:
+            click.echo(f"    {hook}")
+
+
+def _local_home(home: str | None):  # type: ignore[no-untyped-def]
+    from emix_core.home import LocalHome
+
+    return LocalHome(resolve_home(home))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--to", "to", multiple=True, required=True,
+              help="Recipient facility address or member email (repeat for several).")
+@click.option("--expires-days", type=click.IntRange(1, 3650), default=None,
+              help="Days the package stays available (default: the hub's, 30).")
+@hub_option
+@token_option
+@home_option
+@json_option
+@handle_errors
+def send(paths: tuple[Path, ...], to: tuple[str, ...], expires_days: int | None,
+         hub_url: str | None, token: str | None, home: str | None, as_json: bool) -> None:
+    """Send files and folders (DICOM and reports) as one sealed package.
+
+    DICOM is recognised by content and grouped by study; PDF, RTF, HL7, CDA, FHIR
+    and text documents travel with it. Bad files are listed; the rest is sent.
+    Exit 0 when everything was sent, 1 when anything failed.
+    """
+    from emix_core.sender import send_paths
+
+    local = _local_home(home)
+    client = local.client(hub_url, token)
+    with transfer_progress("sending", not as_json) as progress:
+        result = send_paths(list(paths), list(to), client=client, home=local,
+                            expires_days=expires_days, parallel=local.config.client.parallel,
+                            progress=progress)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        for failure in result.failed:
+            click.secho(f"not sent: {failure.path}: {failure.error}", fg="yellow", err=True)
+        if result.package_id:
+            mb = result.bytes / 1e6
+            click.echo(f"package {result.package_id}: {result.items} items, {result.studies} "
+                       f"studies, {mb:.1f} MB in {result.seconds:.1f} s to {', '.join(to)}")
+        else:
+            click.secho("nothing was sent", fg="red", err=True)
+    sys.exit(0 if result.package_id and not result.failed else 1)
+
+
+@cli.command()
+@hub_option
+@token_option
+@home_option
+@json_option
+@handle_errors
+def inbox(hub_url: str | None, token: str | None, home: str | None, as_json: bool) -> None:
+    """List the packages waiting for you (or your facility)."""
+    client = _local_home(home).client(hub_url, token)
+    packages = client.inbox()
+    if as_json:
+        emit_json({"packages": packages})
+        return
+    if not packages:
+        click.echo("inbox is empty")
+    for p in packages:
+        state = "received" if p.get("delivered") else "new"
+        click.echo(f"{p['id']}  from {p['from']:<20} {p['items']:>5} items "
+                   f"{p['size'] / 1e6:>9.1f} MB  expires {p['expires'][:10]}  [{state}]")
+
+
+@cli.command()
+@click.argument("package")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write the package into (as OUT/PACKAGE/).")
+@hub_option
+@token_option
+@home_option
+@json_option
+@handle_errors
+def receive(package: str, out: Path, hub_url: str | None, token: str | None,
+            home: str | None, as_json: bool) -> None:
+    """Download a package, verify its signature and every hash, and post a receipt."""
+    from emix_core.receiver import receive_package
+
+    local = _local_home(home)
+    client = local.client(hub_url, token)
+    with transfer_progress("receiving", not as_json) as progress:
+        received = receive_package(package, out, client=client, home=local,
+                                   parallel=local.config.client.parallel, progress=progress)
+    if as_json:
+        emit_json(received.to_dict())
+    else:
+        click.echo(f"received {len(received.items)} items from {received.sender} into "
+                   f"{received.path} (signature and hashes verified, receipt sent)")
+
+
+def _register_core_groups() -> None:
+    from emix_core.cli_admin import audit, hub, keys, member, retention
+    from emix_core.demo import demo
+
+    for command in (hub, audit, retention, member, keys, demo):
+        cli.add_command(command)
+    try:
+        from emix_core.reports.cli import report
+    except ImportError:  # pragma: no cover - reports are part of the core distribution
+        report = None
+    if report is not None:
+        cli.add_command(report)
+
+
+def main() -> None:
+    """Entry point of the ``emix`` console script."""
+    _register_core_groups()
+    try:
+        from emix_core.plugins import get_plugin_manager
+
+        get_plugin_manager().hook.emix_register_commands(cli=cli)
+    except EmixError as exc:
+        click.secho(f"error: {exc.message}", fg="red", err=True)
+        sys.exit(1)
+    cli(prog_name="emix")

@@ -1,0 +1,325 @@
+"""Administration commands: ``emix hub``, ``emix audit``, ``emix retention``, ``emix member``,
+``emix keys``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from emix_core.cli_util import emit_json, handle_errors, home_option, hub_option, json_option
+from emix_core.cli_util import token_option
+from emix_core.config import resolve_home
+from emix_core.errors import InvalidInput
+
+
+def _hub(home: str | None):  # type: ignore[no-untyped-def]
+    from emix_core.hub.context import open_hub
+
+    return open_hub(resolve_home(home))
+
+
+# --------------------------------------------------------------------------- hub
+@click.group()
+def hub() -> None:
+    """Run and administer a hub."""
+
+
+@hub.command("init")
+@home_option
+@click.option("--public-url", default=None,
+              help="URL recipients reach the hub at (used in email links).")
+@click.option("--port", type=int, default=8480, show_default=True)
+@json_option
+@handle_errors
+def hub_init(home: str | None, public_url: str | None, port: int, as_json: bool) -> None:
+    """Create a hub's home: config, keys (mode 0600), database, audit log."""
+    from emix_core.hub.context import init_hub_home
+
+    config = init_hub_home(resolve_home(home), public_url=public_url, port=port)
+    if as_json:
+        emit_json({"home": str(config.home), "public_url": config.hub.public_url})
+    else:
+        click.echo(f"hub home ready at {config.home}\n"
+                   f"next: emix hub facility add 'Facility Name' --email admin@example.org "
+                   f"--home {config.home}\n      emix hub serve --home {config.home}")
+
+
+@hub.command("serve")
+@home_option
+@click.option("--host", default=None, help="Address to listen on (default from config).")
+@click.option("--port", type=int, default=None, help="Port (default from config).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--behind-proxy", is_flag=True,
+              help="A TLS-terminating proxy is in front: allow plain HTTP on a non-loopback "
+                   "address.")
+@click.option("--workers", type=int, default=None, help="gunicorn worker processes.")
+@handle_errors
+def hub_serve(home: str | None, host: str | None, port: int | None, tls_cert: str | None,
+              tls_key: str | None, behind_proxy: bool, workers: int | None) -> None:
+    """Serve the hub (gunicorn; HTTPS with --tls-cert/--tls-key)."""
+    from emix_core.hub.serve import serve
+
+    hub_ = _hub(home)
+    settings = hub_.config.hub
+    serve(hub_.config.home, host=host or settings.host, port=port or settings.port,
+          workers=workers or settings.workers, threads=settings.threads,
+          tls_cert=tls_cert, tls_key=tls_key, behind_proxy=behind_proxy,
+          purge_interval=settings.purge_interval_seconds)
+
+
+@hub.group("facility")
+def facility() -> None:
+    """Add and list member facilities."""
+
+
+@facility.command("add")
+@click.argument("name")
+@click.option("--email", required=True, help="The facility administrator's email.")
+@click.option("--address", default=None, help="Address slug (default: made from NAME).")
+@click.option("--report-format", default="pdf", show_default=True,
+              type=click.Choice(["hl7", "cda", "fhir", "pdf", "rtf", "txt"]))
+@click.option("--max-retention-days", type=click.IntRange(1, 3650), default=None)
+@home_option
+@json_option
+@handle_errors
+def facility_add(name: str, email: str, address: str | None, report_format: str,
+                 max_retention_days: int | None, home: str | None, as_json: bool) -> None:
+    """Add a facility and its admin; prints the admin's API token once."""
+    from emix_core.facilities import add_facility
+
+    result = add_facility(_hub(home), name, email, address=address,
+                          report_format=report_format, max_retention_days=max_retention_days)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"facility {result['address']} added (id {result['id']})\n"
+                   f"admin token (shown once, keep it secret): {result['token']}")
+
+
+@facility.command("list")
+@home_option
+@json_option
+@handle_errors
+def facility_list(home: str | None, as_json: bool) -> None:
+    """List facilities."""
+    from emix_core.facilities import list_facilities
+
+    rows = list_facilities(_hub(home))
+    if as_json:
+        emit_json({"facilities": rows})
+        return
+    for row in rows:
+        key = "key registered" if row["key_registered"] else "no key yet"
+        click.echo(f"{row['address']:<24} {row['name']:<32} {row['report_format']:<5} {key}")
+
+
+@facility.command("reset-key")
+@click.argument("address")
+@home_option
+@handle_errors
+def facility_reset_key(address: str, home: str | None) -> None:
+    """Forget a facility's signing key so it can register a new one."""
+    from emix_core.facilities import reset_key
+
+    reset_key(_hub(home), address)
+    click.echo(f"signing key of {address} reset; recipients must re-pin it")
+
+
+@hub.command("hold")
+@click.argument("package")
+@click.option("--release", is_flag=True, help="Release the hold.")
+@home_option
+@handle_errors
+def hub_hold(package: str, release: bool, home: str | None) -> None:
+    """Put a package under legal hold (retention skips it)."""
+    from emix_core.retention import set_legal_hold
+
+    set_legal_hold(_hub(home), package, not release)
+    click.echo(f"legal hold {'released' if release else 'set'} on {package}")
+
+
+# --------------------------------------------------------------------------- audit
+@click.group()
+def audit() -> None:
+    """Check and export the hash-chained audit trail."""
+
+
+def _audit_log(home: str | None):  # type: ignore[no-untyped-def]
+    path = resolve_home(home)
+    if (path / "keys" / "kek.key").exists():
+        return _hub(home).audit_log
+    from emix_core.home import LocalHome
+
+    if not (path / "audit.db").exists():
+        raise InvalidInput(f"no audit log under {path}")
+    return LocalHome(path).audit_log
+
+
+@audit.command("verify")
+@home_option
+@click.option("--checkpoints", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON file of signed checkpoints kept by another party (from "
+                   "`emix audit checkpoints` on a sending side).")
+@json_option
+@handle_errors
+def audit_verify(home: str | None, checkpoints: str | None, as_json: bool) -> None:
+    """Verify the chain; exit 1 and name the first bad row when it was tampered with."""
+    log = _audit_log(home)
+    external = json.loads(Path(checkpoints).read_text()) if checkpoints else []
+    if isinstance(external, dict):
+        external = external.get("checkpoints", [])
+    result = log.verify(external_checkpoints=external,
+                        public_key_b64=log.signing_key.public_key_b64 if log.signing_key else None)
+    data = {"ok": result.ok, "rows": result.rows, "first_bad_row": result.first_bad_seq,
+            "reason": result.reason}
+    if as_json:
+        emit_json(data)
+    elif result.ok:
+        click.echo(f"audit log intact: {result.rows} rows verified")
+    else:
+        click.secho(f"AUDIT LOG TAMPERED: first bad row {result.first_bad_seq}: {result.reason}",
+                    fg="red", err=True)
+    sys.exit(0 if result.ok else 1)
+
+
+@audit.command("checkpoints")
+@home_option
+@handle_errors
+def audit_checkpoints(home: str | None) -> None:
+    """Print the signed checkpoints kept in this home's log (JSON)."""
+    emit_json({"checkpoints": _audit_log(home).checkpoints()})
+
+
+@audit.command("export")
+@home_option
+@click.option("--format", "fmt", type=click.Choice(["dicom", "fhir"]), default="fhir",
+              show_default=True)
+@click.option("--package", default=None, help="Only events about this package.")
+@click.option("--limit", type=int, default=1000, show_default=True)
+@handle_errors
+def audit_export(home: str | None, fmt: str, package: str | None, limit: int) -> None:
+    """Export events as DICOM PS3.15 audit messages (XML) or FHIR AuditEvent (JSON lines)."""
+    from emix_core import audit as audit_mod
+
+    log = _audit_log(home)
+    for row in log.events(package_id=package, limit=limit, include_phi=True):
+        if fmt == "dicom":
+            click.echo(audit_mod.to_dicom_audit_message(row))
+        else:
+            click.echo(json.dumps(audit_mod.to_fhir_audit_event(row), ensure_ascii=False))
+
+
+# --------------------------------------------------------------------------- retention
+@click.group()
+def retention() -> None:
+    """Purge expired packages (crypto-shredding)."""
+
+
+@retention.command("purge")
+@home_option
+@click.option("--now", "now", default=None,
+              help="Run as of this ISO-8601 time (for drills), e.g. 2030-01-01T00:00:00Z.")
+@json_option
+@handle_errors
+def retention_purge(home: str | None, now: str | None, as_json: bool) -> None:
+    """Delete expired packages' blobs and destroy their keys; keep the audit trail."""
+    from emix_core.retention import purge_expired
+
+    when = None
+    if now:
+        try:
+            when = datetime.fromisoformat(now.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise InvalidInput("--now must be an ISO-8601 time") from exc
+        if when.tzinfo is None:
+            from datetime import UTC
+
+            when = when.replace(tzinfo=UTC)
+    result = purge_expired(_hub(home), when)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"purged {len(result['purged'])} packages; "
+                   f"{len(result['held'])} under legal hold kept")
+
+
+# --------------------------------------------------------------------------- member
+@click.group()
+def member() -> None:
+    """Facility admins add members; new members confirm their identity."""
+
+
+@member.command("add")
+@click.argument("email")
+@click.option("--role", type=click.Choice(["member", "admin"]), default="member")
+@hub_option
+@token_option
+@home_option
+@json_option
+@handle_errors
+def member_add(email: str, role: str, hub_url: str | None, token: str | None,
+               home: str | None, as_json: bool) -> None:
+    """Add (and verify) a member of your facility; they get a confirmation code by mail."""
+    from emix_core.home import LocalHome
+
+    result = LocalHome(resolve_home(home)).client(hub_url, token).add_member(email, role)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"member {result['email']} added; a confirmation code was mailed")
+
+
+@member.command("confirm")
+@click.argument("code")
+@hub_option
+@home_option
+@json_option
+@handle_errors
+def member_confirm(code: str, hub_url: str | None, home: str | None, as_json: bool) -> None:
+    """Confirm your identity with the mailed code; prints your API token once."""
+    from emix_core.home import LocalHome
+
+    result = LocalHome(resolve_home(home)).client(hub_url, "").confirm_member(code)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"confirmed {result['email']}; your API token (keep it secret): "
+                   f"{result['token']}")
+
+
+# --------------------------------------------------------------------------- keys
+@click.group()
+def keys() -> None:
+    """This facility's signing key and the keys it pinned."""
+
+
+@keys.command("show")
+@home_option
+@json_option
+@handle_errors
+def keys_show(home: str | None, as_json: bool) -> None:
+    """Show this home's signing-key fingerprint (read it to partners to compare)."""
+    from emix_core.home import LocalHome
+
+    key = LocalHome(resolve_home(home)).signing_key
+    if as_json:
+        emit_json({"fingerprint": key.fingerprint, "public_key": key.public_key_b64})
+    else:
+        click.echo(f"fingerprint: {key.fingerprint}")
+
+
+@keys.command("forget")
+@click.argument("facility")
+@home_option
+@handle_errors
+def keys_forget(facility: str, home: str | None) -> None:
+    """Forget the pinned key of a facility after confirming its key change out of band."""
+    from emix_core.home import LocalHome
+
+    found = LocalHome(resolve_home(home)).forget_pin(f"facility:{facility}")
+    click.echo(f"pin for {facility} {'removed' if found else 'was not set'}")

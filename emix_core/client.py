@@ -1,0 +1,175 @@
+"""HTTP client of the hub's API, used by the CLI, gateways and adapters.
+
+Bodies stream both ways; nothing holds a whole item in memory. Server errors come back
+as the same typed errors the hub raised, with its message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import requests
+
+from emix_core import errors
+from emix_core.errors import ConfigError, EmixError, HubUnavailable
+
+CHUNK = 1024 * 1024
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidInput, errors.IntegrityError, errors.AuthenticationError,
+        errors.NotFoundError, errors.ConflictError, errors.PayloadTooLarge,
+        errors.PolicyRejected, errors.UnsafePathError, errors.NotDicomError,
+    )
+}
+
+
+class HubClient:
+    """A session with one hub, authenticated by a bearer token.
+
+    :param hub_url: base URL, e.g. ``https://hub.example.org``.
+    :param token: the member's API token.
+    :param verify: TLS verification (``True``, ``False`` or a CA bundle path).
+    :param timeout: seconds to wait for the hub to answer (not for a whole transfer).
+    """
+
+    def __init__(
+        self, hub_url: str, token: str, *, verify: bool | str = True, timeout: float = 120
+    ) -> None:
+        if not hub_url:
+            raise ConfigError("no hub URL: pass --hub or set EMIX_HUB_URL")
+        if not hub_url.startswith(("http://", "https://")):
+            raise ConfigError("the hub URL must start with http:// or https://")
+        self.base = hub_url.rstrip("/")
+        self.token = token
+        self.session = requests.Session()
+        self.session.verify = verify
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.session.headers["User-Agent"] = "emix"
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.timeout = timeout
+
+    # ------------------------------------------------------------------ plumbing
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        kwargs.setdefault("allow_redirects", False)
+        try:
+            response = self.session.request(method, f"{self.base}/api/v1{path}", **kwargs)
+        except requests.ConnectionError as exc:
+            raise HubUnavailable(f"cannot reach the hub at {self.base}; is it running?") from exc
+        except requests.Timeout as exc:
+            raise HubUnavailable(f"the hub at {self.base} did not answer in time") from exc
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response
+
+    @staticmethod
+    def _error(response: requests.Response) -> EmixError:
+        try:
+            body = response.json()
+            code, message = body.get("error", ""), body.get("message", "")
+        except ValueError:
+            code, message = "", response.reason
+        if response.status_code >= 500 or response.status_code == 429:
+            return HubUnavailable(f"hub answered {response.status_code}: {message}")
+        if response.status_code == 401:
+            return errors.AuthenticationError("the hub refused the token (missing, wrong, "
+                                              "expired or revoked)")
+        if response.status_code == 413:
+            return errors.PayloadTooLarge(message or "too large for the hub")
+        cls = _BY_CODE.get(code, EmixError)
+        return cls(message or f"hub answered {response.status_code}")
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    # ------------------------------------------------------------------ facilities
+    def me(self) -> dict[str, Any]:
+        return self._json("GET", "/me")
+
+    def hub_info(self) -> dict[str, Any]:
+        return self._json("GET", "/hub")
+
+    def register_key(self, public_key_b64: str) -> dict[str, Any]:
+        return self._json("PUT", "/facilities/me/key", json={"public_key": public_key_b64})
+
+    def facility_key(self, address: str) -> dict[str, Any]:
+        return self._json("GET", f"/facilities/{address}/key")
+
+    def facilities(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/facilities")["facilities"]
+
+    def add_member(self, email: str, role: str = "member") -> dict[str, Any]:
+        return self._json("POST", "/members", json={"email": email, "role": role})
+
+    def confirm_member(self, code: str) -> dict[str, Any]:
+        return self._json("POST", "/members/confirm", json={"code": code})
+
+    # ------------------------------------------------------------------ packages
+    def create_package(self, to: list[str], *, expires_days: int | None = None) -> str:
+        body: dict[str, Any] = {"to": list(to)}
+        if expires_days:
+            body["expires_days"] = expires_days
+        return self._json("POST", "/packages", json=body)["id"]
+
+    def upload_item(
+        self,
+        package_id: str,
+        item_id: int,
+        stream: BinaryIO,
+        *,
+        size: int,
+        sha256: str,
+        media_type: str,
+    ) -> None:
+        """Stream one item (``stream`` is read to its end, ``size`` bytes)."""
+        self._request(
+            "PUT",
+            f"/packages/{package_id}/items/{item_id}",
+            data=stream,
+            headers={
+                "Content-Type": media_type,
+                "Content-Length": str(size),
+                "X-Emix-SHA256": sha256,
+            },
+        )
+
+    def seal(self, package_id: str, signed_manifest: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", f"/packages/{package_id}/seal", json=signed_manifest)
+
+    def status(self, package_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/packages/{package_id}")
+
+    def inbox(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/inbox")["packages"]
+
+    def manifest(self, package_id: str) -> dict[str, Any]:
+        return json.loads(self._request("GET", f"/packages/{package_id}/manifest").content)
+
+    def download_item(self, package_id: str, item_id: int) -> Iterator[bytes]:
+        response = self._request(
+            "GET", f"/packages/{package_id}/items/{item_id}", stream=True
+        )
+        try:
+            yield from response.iter_content(CHUNK)
+        except requests.RequestException as exc:
+            raise errors.IntegrityError(
+                "the download was cut off by the hub (integrity check failed or connection "
+                "lost); nothing was written"
+            ) from exc
+        finally:
+            response.close()
+
+    def download_zip(self, package_id: str) -> requests.Response:
+        return self._request("GET", f"/packages/{package_id}/zip", stream=True)
+
+    def post_receipt(self, package_id: str, signed_receipt: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", f"/packages/{package_id}/receipt", json=signed_receipt)
+
+    def audit_checkpoint(self) -> dict[str, Any]:
+        return self._json("GET", "/audit/checkpoint")

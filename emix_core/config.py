@@ -1,0 +1,142 @@
+"""Configuration: one TOML file per home (``emix.toml``), ``EMIX_*`` variables override.
+
+Every setting is documented once, here, and in ``docs/configuration.md``.
+
+A *home* is a folder. A hub's home holds its keys, metadata database, audit log and
+encrypted blobs. A facility's home (the sending / receiving side: CLI or gateway)
+holds the facility's signing key, pinned fingerprints of other facilities and its
+local audit log. One folder may be both.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emix_core.errors import ConfigError
+
+CONFIG_NAME = "emix.toml"
+DEFAULT_HOME = Path.home() / ".emix"
+
+
+def resolve_home(home: str | os.PathLike[str] | None) -> Path:
+    """The home folder: the argument, else ``EMIX_HOME``, else ``~/.emix``."""
+    if home:
+        return Path(home).expanduser().resolve()
+    env = os.environ.get("EMIX_HOME")
+    return Path(env).expanduser().resolve() if env else DEFAULT_HOME
+
+
+@dataclass
+class HubSettings:
+    """Settings of a hub (the ``[hub]`` table)."""
+
+    #: Public base URL used in links in emails (never taken from a request's Host).
+    public_url: str = "http://127.0.0.1:8480"
+    #: Address and port ``emix hub serve`` binds to.
+    host: str = "127.0.0.1"
+    port: int = 8480
+    #: Blob store URL; ``file:`` (default, under the home) or a scheme a plugin registers.
+    blob_store: str = "file:blobs"
+    #: Metadata database URL (SQLAlchemy). Default: SQLite file in the home.
+    database_url: str = ""
+    #: Largest single item accepted, bytes (413 above).
+    max_item_bytes: int = 4 * 1024**3
+    #: Largest package accepted, bytes (413 above).
+    max_package_bytes: int = 64 * 1024**3
+    #: Largest JSON request body, bytes.
+    max_json_bytes: int = 4 * 1024**2
+    #: Days a package stays available unless its sender asks for less.
+    default_retention_days: int = 30
+    #: How often ``hub serve`` runs the retention purge, seconds.
+    purge_interval_seconds: int = 3600
+    #: Days an API token stays valid.
+    token_days: int = 365
+    #: Audit checkpoint: the hub signs its chain head every N events (and on every seal).
+    checkpoint_every: int = 100
+    #: gunicorn worker processes and threads per worker.
+    workers: int = 2
+    threads: int = 8
+    #: Failed logins from one address before it is throttled for a minute.
+    max_failed_logins: int = 10
+
+
+@dataclass
+class ClientSettings:
+    """Settings of a facility's side (the ``[client]`` table): CLI and gateway."""
+
+    hub_url: str = ""
+    token: str = ""
+    #: Verify the hub's TLS certificate (``true``, ``false`` or a CA bundle path).
+    tls_verify: bool | str = True
+    #: Parallel uploads and downloads.
+    parallel: int = 4
+
+
+@dataclass
+class SmtpSettings:
+    """Outgoing mail for notifications (the ``[smtp]`` table)."""
+
+    url: str = ""  # smtp://host:port or smtps://user:password@host:port
+    sender: str = "emix@localhost"
+
+
+@dataclass
+class Config:
+    """The whole configuration of one home."""
+
+    home: Path
+    hub: HubSettings = field(default_factory=HubSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+
+    @property
+    def database_url(self) -> str:
+        return self.hub.database_url or f"sqlite:///{self.home / 'metadata.db'}"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+
+def _apply(section: Any, values: dict[str, Any], table: str) -> None:
+    for key, value in values.items():
+        if not hasattr(section, key):
+            raise ConfigError(f"unknown setting [{table}] {key} in {CONFIG_NAME}")
+        setattr(section, key, value)
+
+
+def load_config(home: str | os.PathLike[str] | None = None) -> Config:
+    """Read ``emix.toml`` from the home (missing file: defaults), then ``EMIX_*`` overrides."""
+    path = resolve_home(home)
+    config = Config(home=path)
+    file = path / CONFIG_NAME
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
+        for table in ("hub", "client", "smtp"):
+            _apply(getattr(config, table), data.get(table, {}), table)
+    env = os.environ
+    if env.get("EMIX_HUB_URL"):
+        config.client.hub_url = env["EMIX_HUB_URL"]
+    if env.get("EMIX_TOKEN"):
+        config.client.token = env["EMIX_TOKEN"]
+    if env.get("EMIX_SMTP_URL"):
+        config.smtp.url = env["EMIX_SMTP_URL"]
+    if env.get("EMIX_PUBLIC_URL"):
+        config.hub.public_url = env["EMIX_PUBLIC_URL"]
+    return config
+
+
+def write_config(home: Path, text: str) -> Path:
+    """Write ``emix.toml`` into a home unless it exists; return its path."""
+    home.mkdir(parents=True, exist_ok=True)
+    file = home / CONFIG_NAME
+    if not file.exists():
+        file.write_text(text, encoding="utf-8")
+    return file

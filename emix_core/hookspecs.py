@@ -1,0 +1,216 @@
+"""Every hook emix calls, grouped by concern: exchange, security, audit, host.
+
+Plugins implement these with :data:`emix_core.plugins.hookimpl`. Hooks are always
+called with keyword arguments. A hook marked *firstresult* stops at the first plugin
+that returns something other than ``None`` and returns that value; built-in defaults
+are registered with ``trylast=True``, so an installed plugin answers first and
+overrides them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from emix_core.model import AuditEvent, Package, Principal, Recipient
+    from emix_core.reports.model import Report
+
+hookspec = pluggy.HookspecMarker("emix")
+
+__all__ = [
+    "hookspec",
+    "emix_register_sources",
+    "emix_register_destinations",
+    "emix_package_sealed",
+    "emix_package_received",
+    "emix_render_report",
+    "emix_parse_report",
+    "emix_notify",
+    "emix_authenticate",
+    "emix_authorize",
+    "emix_before_send",
+    "emix_key_wrapper",
+    "emix_audit_event",
+    "emix_register_commands",
+    "emix_register_blueprints",
+    "emix_register_stores",
+]
+
+# --------------------------------------------------------------------------- exchange
+
+
+@hookspec
+def emix_register_sources(register: Callable[..., None]) -> None:
+    """Register gateway sources: where studies come from (folder, PACS, CD).
+
+    :param register: call ``register(kind, factory)``; ``factory(settings, gateway)``
+        builds a source from the ``[[sources]]`` table of ``gateway.toml`` whose
+        ``kind`` matches. Register only kinds the plugin really provides.
+    """
+
+
+@hookspec
+def emix_register_destinations(register: Callable[..., None]) -> None:
+    """Register gateway destinations: where arrived packages go (folder, PACS, EMR).
+
+    :param register: call ``register(kind, factory)``; ``factory(settings, gateway)``
+        builds a destination from a ``[[destinations]]`` table of ``gateway.toml``.
+    """
+
+
+@hookspec
+def emix_package_sealed(package: Package) -> None:
+    """Notification: a package was sealed on the hub and is now visible to recipients.
+
+    :param package: the sealed package, with its manifest items.
+    """
+
+
+@hookspec
+def emix_package_received(package: Package, path: str) -> None:
+    """Notification: a package was received, verified and written on the receiving side.
+
+    :param package: the package, with its manifest items.
+    :param path: the folder the package was written to.
+    """
+
+
+@hookspec(firstresult=True)
+def emix_render_report(report: Report, format: str) -> bytes | None:
+    """Render a report in a format (``hl7``, ``cda``, ``fhir``, ``pdf``, ``rtf``, ``txt``).
+
+    firstresult: stops at the first plugin that returns bytes; return ``None`` for a
+    format you do not render.
+
+    :param report: the report to render.
+    :param format: the target format name.
+    :return: the encoded document, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def emix_parse_report(data: bytes, media_type: str) -> Report | None:
+    """Parse a document into a report.
+
+    firstresult: stops at the first plugin that returns a report; return ``None`` when
+    the data is not in a format you read.
+
+    :param data: the document's bytes (already size-limited by the caller).
+    :param media_type: the declared or sniffed media type, e.g. ``application/hl7-v2``.
+    :return: the parsed report, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def emix_notify(recipient: Recipient, email: str, package: Package, link: str) -> bool | None:
+    """Tell someone that a package is waiting. The message must contain no PHI.
+
+    firstresult: stops at the first plugin that returns ``True`` (it delivered the
+    notice); the built-in SMTP notifier runs last.
+
+    :param recipient: the addressee of the package.
+    :param email: the address to notify.
+    :param package: the sealed package (do not put its studies in the message).
+    :param link: the link to the package, built from the hub's configured public URL.
+    :return: ``True`` once the notice was sent.
+    """
+
+
+# --------------------------------------------------------------------------- security
+
+
+@hookspec(firstresult=True)
+def emix_authenticate(request: Any) -> Principal | None:
+    """Find out who is calling the hub.
+
+    firstresult: stops at the first plugin that returns a principal; ``None`` from
+    every plugin means unauthenticated (401).
+
+    :param request: the Flask request.
+    :return: the authenticated principal, or ``None``.
+    """
+
+
+@hookspec
+def emix_authorize(principal: Principal, action: str, resource: Any) -> bool | None:
+    """Decide whether a principal may do an action on a resource.
+
+    Deny by default: any ``False`` denies, and at least one ``True`` is needed.
+    Return ``None`` to abstain.
+
+    :param principal: the caller.
+    :param action: e.g. ``package:read``, ``package:create``, ``member:add``.
+    :param resource: the object acted on (a :class:`~emix_core.model.Package`, a
+        facility address, ...).
+    """
+
+
+@hookspec
+def emix_before_send(package: Package) -> None:
+    """Intervention before a package is sealed on the sending side.
+
+    Raise :class:`emix_core.errors.PolicyRejected` to refuse (policy, size,
+    de-identification required...). Every plugin is called.
+
+    :param package: the package about to be sealed, with its items.
+    """
+
+
+@hookspec(firstresult=True)
+def emix_key_wrapper(home: str) -> Any | None:
+    """Provide the key wrapper that protects package data keys (a key provider).
+
+    firstresult: stops at the first plugin that returns a wrapper; the default wraps
+    with the hub's key-encryption key file. A KMS or HSM plugin overrides it.
+
+    :param home: the hub's home folder.
+    :return: an object with ``wrap(key, context) -> bytes`` and
+        ``unwrap(wrapped, context) -> bytes``, or ``None``.
+    """
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@hookspec
+def emix_audit_event(event: AuditEvent) -> None:
+    """Notification: an auditable action happened. Every plugin may record or forward it.
+
+    The built-in recorder appends it to the hash-chained log of the process's home.
+
+    :param event: the audit event; ``event.phi`` holds PHI, handle it accordingly.
+    """
+
+
+# --------------------------------------------------------------------------- host
+
+
+@hookspec
+def emix_register_commands(cli: click.Group) -> None:
+    """Add commands to the ``emix`` command line.
+
+    :param cli: the top-level click group; call ``cli.add_command(...)``.
+    """
+
+
+@hookspec
+def emix_register_blueprints(register: Callable[..., None]) -> None:
+    """Add HTTP endpoints to the hub.
+
+    :param register: call ``register(blueprint, url_prefix=None)`` with a Flask
+        blueprint. Endpoints must authenticate with :func:`emix_core.hub.auth.require_principal`.
+    """
+
+
+@hookspec
+def emix_register_stores(register: Callable[..., None]) -> None:
+    """Register blob store engines, chosen by URL scheme in the hub's config.
+
+    :param register: call ``register(scheme, factory)``; ``factory(url, home)`` returns
+        a :class:`emix_core.store.blobs.BlobStore`.
+    """

@@ -1,0 +1,334 @@
+"""``/api/v1/packages`` and ``/api/v1/inbox``: the exchange itself."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import zipstream
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from sqlalchemy import select
+
+from emix_core import crypto
+from emix_core.errors import ConflictError, IntegrityError, InvalidInput, PayloadTooLarge
+from emix_core.hub import packages as svc
+from emix_core.hub.auth import current_principal, require
+from emix_core.model import AuditEvent, Package, utcnow
+from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
+
+bp = Blueprint("packages", __name__, url_prefix="/api/v1")
+
+
+def _hub():  # type: ignore[no-untyped-def]
+    return current_app.extensions["emix"]
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, size-limited."""
+    limit = _hub().config.hub.max_json_bytes
+    if (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"JSON body larger than {limit} bytes")
+    data = request.get_json(silent=True, force=True)
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
+
+
+def _source() -> str:
+    return (request.remote_addr or "")[:64]
+
+
+@bp.post("/packages")
+def create() -> tuple[Response, int]:
+    principal = require("package:create", None)
+    data = json_body()
+    to = data.get("to")
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list):
+        raise InvalidInput("'to' must list recipient facility addresses or member emails")
+    expires_days = data.get("expires_days")
+    if expires_days is not None and not isinstance(expires_days, int):
+        raise InvalidInput("'expires_days' must be an integer")
+    hub = _hub()
+    with hub.db.session() as session:
+        member = session.get(Member, principal.member_id)
+        row = svc.create_package(hub, session, member, to, expires_days)
+        body = {"id": row.id, "state": row.state, "expires": row.expires.isoformat()}
+    return jsonify(body), 201
+
+
+@bp.put("/packages/<package_id>/items/<int:item_id>")
+def upload_item(package_id: str, item_id: int) -> tuple[Response, int]:
+    hub = _hub()
+    with hub.db.session() as session:
+        row, package = svc.load_package(session, package_id)
+    require("package:write", package)
+    if row.state != "open":
+        raise ConflictError("package is already sealed; create a new package")
+    if request.content_length is None:
+        raise InvalidInput("Content-Length is required for item uploads")
+    media_type = (request.content_type or "application/octet-stream").split(";")[0][:100]
+    svc.store_item(
+        hub,
+        row,
+        item_id,
+        request.stream,
+        size=request.content_length,
+        sha256=request.headers.get("X-Emix-SHA256", "").lower(),
+        media_type=media_type,
+    )
+    with hub.db.session() as session:
+        existing = session.get(ItemRow, (row.id, item_id))
+        if existing is not None:
+            session.delete(existing)
+            session.flush()
+        session.add(
+            ItemRow(
+                package_id=row.id,
+                item_id=item_id,
+                size=request.content_length,
+                sha256=request.headers["X-Emix-SHA256"].lower(),
+                media_type=media_type,
+            )
+        )
+    return jsonify({"package": row.id, "item": item_id, "stored": True}), 201
+
+
+@bp.post("/packages/<package_id>/seal")
+def seal(package_id: str) -> Response:
+    hub = _hub()
+    signed = json_body()
+    with hub.db.session() as session:
+        row, package = svc.load_package(session, package_id)
+        principal = require("package:write", package)
+        if row.state != "open":
+            raise ConflictError("package is already sealed")
+        facility = session.get(Facility, row.sender_facility_id)
+        if not facility.signing_key:
+            raise ConflictError(
+                "the sending facility has no registered signing key; register it first"
+            )
+        document = crypto.verify_document(signed, facility.signing_key)
+        items = svc.check_manifest(session, row, package, document)
+        svc.put_small_blob(hub, row, svc.MANIFEST_BLOB, crypto.canonical_json(signed))
+        studies = document.get("studies", [])
+        row.summary = svc.seal_summary(hub, row, {"studies": studies})
+        row.item_count = len(items)
+        row.total_size = sum(i.size for i in items)
+        row.state = "sealed"
+        row.sealed_at = utcnow()
+        package.items = items
+        package.state = "sealed"
+        package.studies = studies
+        recipients = _notify_addresses(session, row.id)
+    phi = {"studies": [s.get("study_uid") for s in studies]}
+    hub.audit(AuditEvent("begin-transferring", "C", 0, principal.email, _source(), row.id, phi,
+                         f"package sealed with {len(items)} items"))
+    hub.pm.hook.emix_package_sealed(package=package)
+    link = f"{hub.config.hub.public_url.rstrip('/')}/packages/{row.id}"
+    for recipient, email in recipients:
+        try:
+            hub.pm.hook.emix_notify(recipient=recipient, email=email, package=package, link=link)
+        except Exception:  # a mail outage must not undo a sealed package
+            current_app.logger.exception("notification failed for package %s", row.id)
+    checkpoint = hub.audit_log.checkpoint()
+    return jsonify({"id": row.id, "state": "sealed", "checkpoint": checkpoint})
+
+
+def _notify_addresses(session, package_id: str):  # type: ignore[no-untyped-def]
+    from emix_core.model import Recipient
+
+    out = []
+    for rec in session.scalars(
+        select(PackageRecipient).where(PackageRecipient.package_id == package_id)
+    ):
+        facility = session.get(Facility, rec.facility_id)
+        if rec.member_id:
+            member = session.get(Member, rec.member_id)
+            out.append((Recipient(facility.address, member.email), member.email))
+        else:
+            out.append((Recipient(facility.address), facility.admin_email))
+    return out
+
+
+@bp.get("/inbox")
+def inbox() -> Response:
+    principal = current_principal()
+    hub = _hub()
+    now = utcnow()
+    listing = []
+    with hub.db.session() as session:
+        facility = session.scalar(select(Facility).where(Facility.address == principal.facility))
+        rows = session.scalars(
+            select(PackageRow)
+            .join(PackageRecipient, PackageRecipient.package_id == PackageRow.id)
+            .where(PackageRecipient.facility_id == facility.id, PackageRow.state == "sealed")
+            .order_by(PackageRow.sealed_at.desc())
+            .distinct()
+        ).all()
+        for row in rows:
+            _, package = svc.load_package(session, row.id)
+            expires = row.expires if row.expires.tzinfo else row.expires.replace(tzinfo=now.tzinfo)
+            if expires < now:
+                continue
+            if not _allowed(principal, "package:read", package):
+                continue
+            delivered = session.scalar(
+                select(PackageRecipient.delivered_at).where(
+                    PackageRecipient.package_id == row.id,
+                    PackageRecipient.facility_id == facility.id,
+                )
+            )
+            listing.append({
+                "id": row.id,
+                "from": package.sender,
+                "to": [str(r) for r in package.recipients],
+                "created": row.created.isoformat(),
+                "sealed": row.sealed_at.isoformat() if row.sealed_at else None,
+                "expires": row.expires.isoformat(),
+                "items": row.item_count,
+                "size": row.total_size,
+                "delivered": delivered.isoformat() if delivered else None,
+                "studies": svc.open_summary(hub, row).get("studies", []),
+            })
+    hub.audit(AuditEvent("query", "E", 0, principal.email, _source(), None, {},
+                         f"inbox listed ({len(listing)} packages)"))
+    return jsonify({"packages": listing})
+
+
+def _allowed(principal, action, resource) -> bool:  # type: ignore[no-untyped-def]
+    from emix_core.hub.auth import is_allowed
+
+    return is_allowed(principal, action, resource)
+
+
+@bp.get("/packages/<package_id>")
+def status(package_id: str) -> Response:
+    hub = _hub()
+    with hub.db.session() as session:
+        row, package = svc.load_package(session, package_id)
+        require("package:status", package)
+        recipients = [
+            {
+                "facility": session.get(Facility, rec.facility_id).address,
+                "delivered": rec.delivered_at.isoformat() if rec.delivered_at else None,
+            }
+            for rec in session.scalars(
+                select(PackageRecipient).where(PackageRecipient.package_id == row.id)
+            )
+        ]
+    return jsonify({
+        "id": row.id, "from": package.sender, "state": row.state, "items": row.item_count,
+        "size": row.total_size, "created": row.created.isoformat(),
+        "expires": row.expires.isoformat(), "recipients": recipients,
+    })
+
+
+def _readable(package_id: str, action: str = "package:read"):  # type: ignore[no-untyped-def]
+    hub = _hub()
+    with hub.db.session() as session:
+        row, package = svc.load_package(session, package_id)
+    principal = require(action, package)
+    if row.state != "sealed":
+        from emix_core.errors import NotFoundError
+
+        raise NotFoundError("not found")
+    return hub, row, package, principal
+
+
+@bp.get("/packages/<package_id>/manifest")
+def manifest(package_id: str) -> Response:
+    hub, row, _package, principal = _readable(package_id)
+    data = b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB))
+    hub.audit(AuditEvent("instances-accessed", "R", 0, principal.email, _source(), row.id, {},
+                         "manifest read"))
+    return Response(data, mimetype="application/json")
+
+
+def _item_stream(hub, row, item_id) -> Any:  # type: ignore[no-untyped-def]
+    """Start decrypting before answering, so a tampered first segment gives a 422."""
+    stream = svc.read_item(hub, row, item_id)
+    first = next(stream, b"")
+
+    def generate():  # type: ignore[no-untyped-def]
+        yield first
+        yield from stream
+
+    return generate()
+
+
+@bp.get("/packages/<package_id>/items/<int:item_id>")
+def download_item(package_id: str, item_id: int) -> Response:
+    hub, row, _package, principal = _readable(package_id)
+    with hub.db.session() as session:
+        item = session.get(ItemRow, (row.id, item_id))
+    if item is None:
+        from emix_core.errors import NotFoundError
+
+        raise NotFoundError("not found")
+    body = _item_stream(hub, row, item_id)
+    hub.audit(AuditEvent("instances-transferred", "R", 0, principal.email, _source(), row.id,
+                         {}, f"item {item_id} downloaded"))
+    response = Response(stream_with_context(body), mimetype=item.media_type)
+    response.headers["Content-Length"] = str(item.size)
+    response.headers["X-Emix-SHA256"] = item.sha256
+    return response
+
+
+@bp.get("/packages/<package_id>/zip")
+def download_zip(package_id: str) -> Response:
+    """The whole package as one zip (entries stored, Zip64), streamed."""
+    hub, row, _package, principal = _readable(package_id)
+    signed = json.loads(b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB)))
+    items = [svc.Item.from_dict(e) for e in signed["document"]["items"]]
+    archive = zipstream.ZipStream(compress_type=zipstream.ZIP_STORED, sized=True)
+    manifest_bytes = crypto.canonical_json(signed)
+    archive.add([manifest_bytes], "emix-manifest.json", size=len(manifest_bytes))
+    from emix_core.layout import item_relative_path
+
+    for item in items:
+        archive.add(
+            _lazy(hub, row, item.id), item_relative_path(item), size=item.size
+        )
+    hub.audit(AuditEvent("instances-transferred", "R", 0, principal.email, _source(), row.id,
+                         {}, f"zip of {len(items)} items downloaded"))
+    response = Response(stream_with_context(archive), mimetype="application/zip")
+    response.headers["Content-Length"] = str(len(archive))
+    response.headers["Content-Disposition"] = f'attachment; filename="emix-{row.id}.zip"'
+    return response
+
+
+def _lazy(hub, row, item_id):  # type: ignore[no-untyped-def]
+    yield from svc.read_item(hub, row, item_id)
+
+
+@bp.post("/packages/<package_id>/receipt")
+def receipt(package_id: str) -> Response:
+    hub, row, package, principal = _readable(package_id, "package:receipt")
+    signed = json_body()
+    with hub.db.session() as session:
+        facility = session.scalar(select(Facility).where(Facility.address == principal.facility))
+        if not facility.signing_key:
+            raise ConflictError("register your facility's signing key before posting receipts")
+        document = crypto.verify_document(signed, facility.signing_key)
+        if document.get("format") != svc.RECEIPT_FORMAT or document.get("package") != row.id:
+            raise IntegrityError("receipt does not belong to this package")
+        stored = {
+            i.item_id: i.sha256
+            for i in session.scalars(select(ItemRow).where(ItemRow.package_id == row.id))
+        }
+        got = {int(i["id"]): i["sha256"] for i in document.get("items", [])}
+        complete = got == stored
+        for rec in session.scalars(
+            select(PackageRecipient).where(
+                PackageRecipient.package_id == row.id,
+                PackageRecipient.facility_id == facility.id,
+            )
+        ):
+            rec.delivered_at = utcnow()
+            rec.receipt = json.dumps(signed)
+    hub.audit(AuditEvent("instances-transferred", "R", 0 if complete else 4, principal.email,
+                         _source(), row.id, {},
+                         "receipt: complete" if complete else "receipt: items differ"))
+    return jsonify({"id": row.id, "receipt": "stored", "complete": complete})

@@ -1,0 +1,179 @@
+"""Built-in security plugin: bearer-token authentication and deny-by-default authorization.
+
+Registered as ``emix.tokens``. Tokens are random, shown once, stored as SHA-256,
+expire and can be revoked. A package addressed to a facility is visible to that
+facility's verified, confirmed members; one addressed to a member, to that member and
+the facility's admins. Everyone else gets 404, never 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import timedelta
+from typing import Any
+
+from flask import current_app, g, request
+from sqlalchemy import delete, func, select
+
+from emix_core.errors import AuthenticationError, EmixError, NotFoundError
+from emix_core.model import AuditEvent, Package, Principal, utcnow
+from emix_core.plugins import hookimpl
+from emix_core.store.db import Facility, LoginFailure, Member, Token
+
+TOKEN_PREFIX = "emx_"
+
+
+class TooManyAttempts(EmixError):
+    http_status = 429
+    code = "throttled"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def issue_token(session: Any, member: Member, *, days: int, label: str = "") -> str:
+    """Create a token for a member; the plaintext is returned once and never stored."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        Token(
+            member_id=member.id,
+            token_hash=hash_secret(token),
+            label=label,
+            expires=utcnow() + timedelta(days=days),
+        )
+    )
+    return token
+
+
+def _hub():  # type: ignore[no-untyped-def]
+    return current_app.extensions["emix"]
+
+
+@hookimpl(trylast=True)
+def emix_authenticate(request: Any) -> Principal | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    hub = _hub()
+    with hub.db.session() as session:
+        row = session.execute(
+            select(Token, Member, Facility)
+            .join(Member, Token.member_id == Member.id)
+            .join(Facility, Member.facility_id == Facility.id)
+            .where(Token.token_hash == hash_secret(token))
+        ).first()
+        if row is None:
+            return None
+        tok, member, facility = row
+        expires = tok.expires if tok.expires.tzinfo else tok.expires.replace(tzinfo=utcnow().tzinfo)
+        if tok.revoked_at is not None or expires < utcnow():
+            return None
+        return Principal(
+            member_id=member.id,
+            facility=facility.address,
+            email=member.email,
+            role=member.role,
+            verified=member.verified,
+            confirmed=member.confirmed_at is not None,
+        )
+
+
+@hookimpl(trylast=True)
+def emix_authorize(principal: Principal, action: str, resource: Any) -> bool | None:
+    if not (principal.verified and principal.confirmed):
+        return False
+    if action in ("package:create", "facility:key", "inbox:list"):
+        return True
+    if action in ("member:add", "audit:read", "token:revoke"):
+        return principal.is_admin and resource == principal.facility
+    if isinstance(resource, Package):
+        is_sender = resource.sender == principal.facility
+        if action == "package:write":
+            return is_sender
+        if action == "package:status":
+            return is_sender or _is_recipient(principal, resource)
+        if action in ("package:read", "package:receipt"):
+            return _is_recipient(principal, resource)
+    return None
+
+
+def _is_recipient(principal: Principal, package: Package) -> bool:
+    for recipient in package.recipients:
+        if recipient.facility != principal.facility:
+            continue
+        if recipient.email is None or recipient.email == principal.email or principal.is_admin:
+            return True
+    return False
+
+
+def is_allowed(principal: Principal, action: str, resource: Any) -> bool:
+    """Deny by default: any ``False`` denies and at least one ``True`` is needed."""
+    answers = _hub().pm.hook.emix_authorize(principal=principal, action=action, resource=resource)
+    return bool(answers) and all(a is not False for a in answers) and any(a for a in answers)
+
+
+def require(action: str, resource: Any) -> Principal:
+    """Return the caller, or raise 404 (never 403) unless it may act on the resource."""
+    principal = current_principal()
+    if not is_allowed(principal, action, resource):
+        raise NotFoundError("not found")
+    return principal
+
+
+def _client_source() -> str:
+    return (request.remote_addr or "unknown")[:64]
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of this request (401 if there is none)."""
+    if "principal" in g:
+        return g.principal
+    hub = _hub()
+    source = _client_source()
+    window = utcnow() - timedelta(minutes=1)
+    with hub.db.session() as session:
+        failures = session.scalar(
+            select(func.count())
+            .select_from(LoginFailure)
+            .where(LoginFailure.source == source, LoginFailure.time > window)
+        )
+    if failures and failures >= hub.config.hub.max_failed_logins:
+        raise TooManyAttempts("too many failed sign-ins from this address; wait a minute")
+    principal = hub.pm.hook.emix_authenticate(request=request)
+    if principal is None:
+        _record_failure(source)
+        raise AuthenticationError("authentication required")
+    g.principal = principal
+    return principal
+
+
+def _record_failure(source: str) -> None:
+    hub = _hub()
+    with hub.db.session() as session:
+        session.add(LoginFailure(source=source))
+        session.execute(
+            delete(LoginFailure).where(LoginFailure.time < utcnow() - timedelta(hours=1))
+        )
+        count = session.scalar(
+            select(func.count())
+            .select_from(LoginFailure)
+            .where(LoginFailure.source == source,
+                   LoginFailure.time > utcnow() - timedelta(minutes=1))
+        )
+    outcome = 4
+    if count and count >= hub.config.hub.max_failed_logins:
+        outcome = 8
+    event_type = "security-alert" if outcome == 8 else "user-authentication"
+    hub.audit(
+        AuditEvent(
+            event_type=event_type,
+            action="E",
+            outcome=outcome,
+            actor="unknown",
+            source=source,
+            detail="failed sign-in" if outcome == 4 else "repeated failed sign-ins: throttled",
+        )
+    )

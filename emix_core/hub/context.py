@@ -1,0 +1,111 @@
+"""Everything a hub process holds: config, plugin manager, database, blobs, keys, audit."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from emix_core.audit import AuditLog, AuditRecorder
+from emix_core.config import CONFIG_NAME, Config, load_config, write_config
+from emix_core.crypto import SigningKey, create_key_file, load_key_file
+from emix_core.errors import ConfigError
+from emix_core.model import AuditEvent
+from emix_core.plugins import get_plugin_manager
+from emix_core.store.blobs import BlobStore, open_blob_store
+from emix_core.store.db import Database
+
+log = logging.getLogger("emix.hub")
+
+HUB_CONFIG_TEMPLATE = """\
+# emix hub configuration. Every setting is described in docs/configuration.md.
+[hub]
+# Base URL that recipients reach; links in emails are built from it, never from a request.
+public_url = "{public_url}"
+host = "127.0.0.1"
+port = {port}
+default_retention_days = 30
+
+[smtp]
+# smtp://host:port (EMIX_SMTP_URL overrides). Empty: notifications are logged, not mailed.
+url = ""
+sender = "emix@localhost"
+"""
+
+
+def init_hub_home(home: Path, *, public_url: str | None = None, port: int = 8480) -> Config:
+    """Create a hub's home: config, key-encryption key, audit key, signing key, database.
+
+    Safe to run twice: existing keys and data are kept.
+    """
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home.chmod(0o700)
+    write_config(
+        home,
+        HUB_CONFIG_TEMPLATE.format(public_url=public_url or f"http://127.0.0.1:{port}", port=port),
+    )
+    keys = home / "keys"
+    for name in ("kek.key", "audit.key"):
+        if not (keys / name).exists():
+            create_key_file(keys / name)
+    SigningKey.load_or_create(keys / "hub-signing.key")
+    config = load_config(home)
+    Database(config.database_url).create_all()
+    (home / "logs").mkdir(exist_ok=True, mode=0o700)
+    return config
+
+
+@dataclass
+class Hub:
+    """The live state of one hub process."""
+
+    config: Config
+    pm: pluggy.PluginManager
+    db: Database
+    blobs: BlobStore
+    wrapper: Any
+    audit_log: AuditLog
+    signing_key: SigningKey
+    instance: str
+
+    def audit(self, event: AuditEvent) -> None:
+        """Record an audit event through every ``emix_audit_event`` implementation."""
+        self.pm.hook.emix_audit_event(event=event)
+        if self.audit_log.head()[0] % max(self.config.hub.checkpoint_every, 1) == 0:
+            self.audit_log.checkpoint()
+
+
+def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = None) -> Hub:
+    """Open an initialised hub home (``emix hub init`` made it)."""
+    config = load_config(home)
+    if not (config.home / CONFIG_NAME).exists() or not (config.keys_dir / "kek.key").exists():
+        raise ConfigError(
+            f"{config.home} is not a hub home; create it with `emix hub init --home {config.home}`"
+        )
+    pm = pm or get_plugin_manager()
+    db = Database(config.database_url)
+    db.create_all()
+    wrapper = pm.hook.emix_key_wrapper(home=str(config.home))
+    if wrapper is None:
+        raise ConfigError("no key wrapper plugin answered; the built-in emix.keyfile is disabled")
+    signing_key = SigningKey.load_or_create(config.keys_dir / "hub-signing.key")
+    audit_log = AuditLog(
+        config.home / "audit.db", load_key_file(config.keys_dir / "audit.key"), signing_key
+    )
+    if not pm.is_blocked("emix.audit-recorder") and not pm.has_plugin("emix.audit-recorder"):
+        pm.register(AuditRecorder(audit_log), name="emix.audit-recorder")
+    blobs = open_blob_store(pm, config.hub.blob_store, config.home)
+    return Hub(
+        config=config,
+        pm=pm,
+        db=db,
+        blobs=blobs,
+        wrapper=wrapper,
+        audit_log=audit_log,
+        signing_key=signing_key,
+        instance=secrets.token_hex(4),
+    )

@@ -1,0 +1,254 @@
+"""Package life cycle on the hub: create, store items encrypted, seal, read, receipt.
+
+Plaintext exists only in memory, one segment at a time. A package is visible to
+recipients only once sealed, and sealed only when every item listed in the signed
+manifest is durably stored with the declared SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+from typing import Any, BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from emix_core import crypto
+from emix_core.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInput,
+    NotFoundError,
+    PayloadTooLarge,
+)
+from emix_core.hub.context import Hub
+from emix_core.model import Item, Package, Recipient, is_valid_address, utcnow
+from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
+
+MANIFEST_FORMAT = "emix-manifest/1"
+RECEIPT_FORMAT = "emix-receipt/1"
+MANIFEST_BLOB = "manifest"
+MAX_ITEMS = 1_000_000
+
+
+def new_package_id() -> str:
+    return secrets.token_hex(16)
+
+
+def check_package_id(package_id: str) -> str:
+    if len(package_id) != 32 or any(c not in "0123456789abcdef" for c in package_id):
+        raise NotFoundError("not found")
+    return package_id
+
+
+def package_context(package_id: str) -> bytes:
+    return b"emix-package:" + package_id.encode("ascii")
+
+
+def data_key(hub: Hub, row: PackageRow) -> bytes:
+    if row.wrapped_key is None:
+        raise NotFoundError("not found")  # purged: the key was destroyed
+    return hub.wrapper.unwrap(row.wrapped_key, package_context(row.id))
+
+
+def resolve_recipients(session: Session, to: Iterable[str]) -> list[tuple[Facility, Member | None]]:
+    """Turn ``b`` or ``someone@example.org`` into facilities (and members)."""
+    resolved: list[tuple[Facility, Member | None]] = []
+    for address in to:
+        if not isinstance(address, str) or not 0 < len(address) <= 254:
+            raise InvalidInput("each recipient must be a facility address or a member email")
+        if "@" in address:
+            members = session.scalars(select(Member).where(Member.email == address.lower())).all()
+            if len(members) != 1:
+                raise InvalidInput(
+                    "unknown recipient email; ask the recipient's facility admin to add them"
+                )
+            facility = session.get(Facility, members[0].facility_id)
+            assert facility is not None
+            resolved.append((facility, members[0]))
+        else:
+            facility = session.scalar(select(Facility).where(Facility.address == address))
+            if not is_valid_address(address) or facility is None:
+                raise InvalidInput(
+                    "unknown recipient facility address; `emix hub facility list` shows them"
+                )
+            resolved.append((facility, None))
+    if not resolved:
+        raise InvalidInput("a package needs at least one recipient (--to)")
+    return resolved
+
+
+def load_package(session: Session, package_id: str) -> tuple[PackageRow, Package]:
+    row = session.get(PackageRow, check_package_id(package_id))
+    if row is None or row.state == "purged":
+        raise NotFoundError("not found")
+    sender = session.get(Facility, row.sender_facility_id)
+    recipients = []
+    for rec in session.scalars(
+        select(PackageRecipient).where(PackageRecipient.package_id == row.id)
+    ):
+        facility = session.get(Facility, rec.facility_id)
+        member = session.get(Member, rec.member_id) if rec.member_id else None
+        recipients.append(Recipient(facility=facility.address, email=member.email if member else None))
+    package = Package(
+        id=row.id,
+        sender=sender.address if sender else "",
+        recipients=recipients,
+        state=row.state,
+        created=row.created,
+        expires=row.expires,
+    )
+    return row, package
+
+
+def create_package(
+    hub: Hub, session: Session, sender: Member, to: list[str], expires_days: int | None
+) -> PackageRow:
+    facility = session.get(Facility, sender.facility_id)
+    assert facility is not None
+    days = min(
+        expires_days or hub.config.hub.default_retention_days,
+        facility.max_retention_days or hub.config.hub.default_retention_days,
+    )
+    if days < 1:
+        raise InvalidInput("expires_days must be at least 1")
+    package_id = new_package_id()
+    row = PackageRow(
+        id=package_id,
+        sender_facility_id=facility.id,
+        sender_member_id=sender.id,
+        state="open",
+        created=utcnow(),
+        expires=utcnow() + timedelta(days=days),
+        wrapped_key=hub.wrapper.wrap(crypto.new_data_key(), package_context(package_id)),
+    )
+    session.add(row)
+    session.flush()
+    for rec_facility, member in resolve_recipients(session, to):
+        session.add(
+            PackageRecipient(
+                package_id=package_id,
+                facility_id=rec_facility.id,
+                member_id=member.id if member else None,
+            )
+        )
+    return row
+
+
+def store_item(
+    hub: Hub,
+    row: PackageRow,
+    item_id: int,
+    body: BinaryIO,
+    *,
+    size: int,
+    sha256: str,
+    media_type: str,
+) -> None:
+    """Stream one item into the blob store, encrypted; commit only if the SHA-256 matches."""
+    if not 1 <= item_id <= MAX_ITEMS:
+        raise InvalidInput("item id out of range")
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise InvalidInput("X-Emix-SHA256 must be the lowercase hex SHA-256 of the item")
+    if size > hub.config.hub.max_item_bytes:
+        raise PayloadTooLarge(
+            f"item of {size} bytes exceeds the hub's limit of {hub.config.hub.max_item_bytes}"
+        )
+    if row.total_size + size > hub.config.hub.max_package_bytes:
+        raise PayloadTooLarge("package exceeds the hub's size limit; split it")
+    key = crypto.derive_item_key(data_key(hub, row), row.id, item_id)
+    encryptor = crypto.StreamEncryptor(key, crypto.item_associated_data(row.id, item_id))
+    digest = hashlib.sha256()
+    received = 0
+    writer = hub.blobs.writer(f"{row.id}/{item_id}")
+    try:
+        writer.write(encryptor.header)
+        while received < size:
+            chunk = body.read(min(crypto.SEGMENT_SIZE, size - received))
+            if not chunk:
+                break
+            received += len(chunk)
+            digest.update(chunk)
+            writer.write(encryptor.update(chunk))
+        writer.write(encryptor.finalize())
+        if received != size:
+            raise IntegrityError("upload ended early; nothing was stored, send the item again")
+        if digest.hexdigest() != sha256:
+            raise IntegrityError(
+                "uploaded bytes do not match the declared SHA-256; nothing was stored"
+            )
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+
+
+def read_item(hub: Hub, row: PackageRow, item_id: int | str) -> Iterator[bytes]:
+    """Decrypted bytes of a stored item; raises IntegrityError on any tampering."""
+    key = crypto.derive_item_key(data_key(hub, row), row.id, item_id)
+    aad = crypto.item_associated_data(row.id, item_id)
+    return crypto.decrypt_stream(key, aad, hub.blobs.read(f"{row.id}/{item_id}"))
+
+
+def put_small_blob(hub: Hub, row: PackageRow, name: str, data: bytes) -> None:
+    key = crypto.derive_item_key(data_key(hub, row), row.id, name)
+    writer = hub.blobs.writer(f"{row.id}/{name}")
+    try:
+        for chunk in crypto.encrypt_stream(key, crypto.item_associated_data(row.id, name), [data]):
+            writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+
+
+def seal_summary(hub: Hub, row: PackageRow, summary: dict[str, Any]) -> bytes:
+    return crypto.seal_value(
+        crypto.derive_item_key(data_key(hub, row), row.id, "summary"),
+        crypto.canonical_json(summary),
+        package_context(row.id),
+    )
+
+
+def open_summary(hub: Hub, row: PackageRow) -> dict[str, Any]:
+    if row.summary is None:
+        return {}
+    data = crypto.open_value(
+        crypto.derive_item_key(data_key(hub, row), row.id, "summary"),
+        row.summary,
+        package_context(row.id),
+    )
+    return json.loads(data)
+
+
+def check_manifest(
+    session: Session, row: PackageRow, package: Package, document: dict[str, Any]
+) -> list[Item]:
+    """The signed manifest must describe exactly what the hub stored."""
+    if document.get("format") != MANIFEST_FORMAT or document.get("package") != row.id:
+        raise IntegrityError("manifest does not belong to this package")
+    if document.get("sender") != package.sender:
+        raise IntegrityError("manifest names another sender")
+    try:
+        items = [Item.from_dict(entry) for entry in document.get("items", [])]
+    except (TypeError, AttributeError) as exc:
+        raise InvalidInput("manifest items are malformed") from exc
+    stored = {
+        r.item_id: r
+        for r in session.scalars(select(ItemRow).where(ItemRow.package_id == row.id))
+    }
+    if not items:
+        raise InvalidInput("a package needs at least one item")
+    if sorted(i.id for i in items) != sorted(stored):
+        raise IntegrityError(
+            "manifest and uploaded items differ; upload every listed item before sealing"
+        )
+    for item in items:
+        stored_item = stored[item.id]
+        if (stored_item.sha256, stored_item.size) != (item.sha256, item.size):
+            raise IntegrityError("an uploaded item does not match its manifest entry")
+    return items

@@ -1,0 +1,109 @@
+"""``emix hub serve``: the hub under gunicorn (streams bodies, speaks TLS), plus periodic purge."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from emix_core.errors import ConfigError
+
+log = logging.getLogger("emix.hub")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listener(host: str, tls_cert: str | None, tls_key: str | None, behind_proxy: bool) -> None:
+    """Refuse to listen beyond loopback without TLS, unless a TLS proxy is in front."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("give both --tls-cert and --tls-key")
+    if not is_loopback(host) and not tls_cert and not behind_proxy:
+        raise ConfigError(
+            f"refusing to serve on {host} without TLS: give --tls-cert and --tls-key, or "
+            "--behind-proxy if a TLS-terminating proxy is the only way in"
+        )
+
+
+class HubApplication(BaseApplication):
+    """gunicorn running :func:`emix_core.hub.create_app` in each worker."""
+
+    def __init__(self, home: Path, options: dict[str, Any], purge_interval: int) -> None:
+        self.home = home
+        self.options = options
+        self.purge_interval = purge_interval
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+        self.cfg.set("when_ready", self._when_ready)
+
+    def load(self):  # type: ignore[no-untyped-def]
+        from emix_core.hub import create_app
+
+        return create_app(self.home)
+
+    def _when_ready(self, _server: Any) -> None:
+        if self.purge_interval > 0:
+            thread = threading.Thread(target=self._purge_loop, name="emix-purge", daemon=True)
+            thread.start()
+
+    def _purge_loop(self) -> None:
+        from emix_core.hub.context import open_hub
+        from emix_core.retention import purge_expired
+
+        stop = threading.Event()
+        while not stop.wait(self.purge_interval):
+            try:
+                result = purge_expired(open_hub(self.home))
+                if result["purged"]:
+                    log.info("retention purged %d packages", len(result["purged"]))
+            except Exception:
+                log.exception("retention purge failed; will retry")
+
+
+def serve(
+    home: Path,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    behind_proxy: bool = False,
+    purge_interval: int = 3600,
+) -> None:
+    """Run the hub until interrupted."""
+    check_listener(host, tls_cert, tls_key, behind_proxy)
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    options: dict[str, Any] = {
+        "bind": bind,
+        "workers": workers,
+        "threads": threads,
+        "worker_class": "gthread",
+        "timeout": 600,
+        "graceful_timeout": 10,
+        "keepalive": 30,
+        "accesslog": "-",
+        "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
+        "errorlog": "-",
+        "loglevel": "info",
+        "proc_name": "emix-hub",
+        "forwarded_allow_ips": "*" if behind_proxy else "127.0.0.1",
+    }
+    if tls_cert:
+        options["certfile"] = tls_cert
+        options["keyfile"] = tls_key
+    HubApplication(home, options, purge_interval).run()

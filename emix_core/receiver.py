@@ -1,0 +1,150 @@
+"""The receiving side: fetch a package, verify signature and every hash, write atomically.
+
+Files land in a hidden staging folder next to the destination and are renamed into
+place only when every item verified, so a recipient never sees half a package; an
+existing package folder is never overwritten. A signed receipt then tells the sender
+what arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emix_core import crypto
+from emix_core.client import HubClient
+from emix_core.errors import ConflictError, IntegrityError, UnsafePathError
+from emix_core.home import LocalHome
+from emix_core.layout import item_relative_path
+from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
+
+RECEIPT_FORMAT = "emix-receipt/1"
+MANIFEST_NAME = "emix-manifest.json"
+
+
+@dataclass
+class ReceivedPackage:
+    """A package written and verified on the receiving side."""
+
+    package_id: str
+    path: Path
+    sender: str
+    items: list[tuple[Item, Path]] = field(default_factory=list)
+    studies: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def package(self) -> Package:
+        return Package(id=self.package_id, sender=self.sender,
+                       items=[i for i, _ in self.items], state="delivered",
+                       studies=self.studies)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"package": self.package_id, "path": str(self.path), "from": self.sender,
+                "items": len(self.items), "bytes": sum(i.size for i, _ in self.items)}
+
+
+def verified_manifest(client: HubClient, home: LocalHome, package_id: str) -> dict[str, Any]:
+    """The package's manifest, its signature checked against the sender's pinned key."""
+    signed = client.manifest(package_id)
+    sender = signed.get("document", {}).get("sender", "")
+    public_key = home.facility_public_key(client, sender)
+    document = crypto.verify_document(signed, public_key)
+    if document.get("package") != package_id:
+        raise IntegrityError("the manifest belongs to another package")
+    return signed
+
+
+def _inside(root: Path, relative: str) -> Path:
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise UnsafePathError("an item path would leave the package folder")
+    return target
+
+
+def _fetch(client: HubClient, package_id: str, item: Item, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    with open(target, "xb") as handle:
+        for chunk in client.download_item(package_id, item.id):
+            digest.update(chunk)
+            size += len(chunk)
+            handle.write(chunk)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if size != item.size or digest.hexdigest() != item.sha256:
+        raise IntegrityError(
+            f"item {item.id} does not match the signed manifest (tampered or corrupted); "
+            "nothing was kept, ask the sender to send again"
+        )
+
+
+def receive_package(
+    package_id: str,
+    out_dir: Path,
+    *,
+    client: HubClient,
+    home: LocalHome,
+    parallel: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReceivedPackage:
+    """Download, verify and write a package to ``out_dir/<package-id>/``, then post a receipt.
+
+    :raises IntegrityError: signature, size or hash mismatch (nothing is left behind).
+    :raises ConflictError: the destination folder exists already (never overwritten).
+    """
+    signed = verified_manifest(client, home, package_id)
+    document = signed["document"]
+    items = [Item.from_dict(e) for e in document["items"]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / package_id
+    if final.exists():
+        raise ConflictError(f"{final} exists already; emix never overwrites a received package")
+    staging = out_dir / f".{package_id}.partial-{secrets.token_hex(4)}"
+    staging.mkdir(mode=0o700)
+    me = client.me()
+    try:
+        targets = [(item, _inside(staging, item_relative_path(item))) for item in items]
+        total = sum(i.size for i in items)
+        done = 0
+        with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+            futures = [pool.submit(_fetch, client, package_id, i, t) for i, t in targets]
+            for (item, _), future in zip(targets, futures, strict=True):
+                future.result()
+                done += item.size
+                if progress:
+                    progress(done, total)
+        (staging / MANIFEST_NAME).write_bytes(crypto.canonical_json(signed))
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    received = ReceivedPackage(
+        package_id, final, document["sender"],
+        [(item, final / path.relative_to(staging)) for item, path in targets],
+        document.get("studies", []),
+    )
+    home.register_key(client)
+    receipt = {
+        "format": RECEIPT_FORMAT,
+        "package": package_id,
+        "recipient": me["facility"],
+        "member": me["email"],
+        "received": utcnow().isoformat(),
+        "items": [{"id": i.id, "sha256": i.sha256} for i in items],
+    }
+    client.post_receipt(package_id, crypto.sign_document(home.signing_key, receipt))
+    home.audit(AuditEvent("instances-transferred", "C", 0, me["email"], "", package_id,
+                          {"studies": [s.get("study_uid") for s in received.studies]},
+                          f"received {len(items)} items from {received.sender}"))
+    package = received.package
+    package.recipients = [Recipient(me["facility"])]
+    home.pm.hook.emix_package_received(package=package, path=str(final))
+    return received

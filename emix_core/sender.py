@@ -1,0 +1,266 @@
+"""The sending side: turn files and folders into one signed, sealed package on the hub.
+
+DICOM is recognised by content and grouped by study; other documents (PDF, RTF, HL7,
+CDA, FHIR, text) travel as attachments. A file that cannot be sent is reported with a
+reason and the rest goes on. Files are streamed from disk; memory stays flat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emix_core import crypto
+from emix_core.client import HubClient
+from emix_core.dicom import DicomInstance
+from emix_core.documents import classify
+from emix_core.errors import EmixError, HubUnavailable, PolicyRejected
+from emix_core.home import LocalHome
+from emix_core.layout import DICOM_MEDIA_TYPE
+from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
+
+MANIFEST_FORMAT = "emix-manifest/1"
+SKIPPED_NAMES = frozenset({"DICOMDIR", ".DS_Store", "Thumbs.db", "desktop.ini"})
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FailedInput:
+    """A file that was not sent, and why (no PHI in ``error``)."""
+
+    path: Path
+    error: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "error": self.error}
+
+
+@dataclass
+class PreparedFile:
+    path: Path
+    media_type: str
+    size: int
+    sha256: str
+    instance: DicomInstance | None = None
+
+
+@dataclass
+class SendResult:
+    """What ``send_paths`` did."""
+
+    package_id: str | None = None
+    items: int = 0
+    studies: int = 0
+    bytes: int = 0
+    sent: list[Path] = field(default_factory=list)
+    failed: list[FailedInput] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "package": self.package_id,
+            "items": self.items,
+            "studies": self.studies,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "failed": [f.to_dict() for f in self.failed],
+        }
+
+
+def iter_files(paths: Iterable[Path], skipped: list[Path]) -> Iterable[Path]:
+    """Regular files under the given paths, sorted; links are not followed into folders."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and not child.is_symlink():
+                    if child.name in SKIPPED_NAMES:
+                        skipped.append(child)
+                    else:
+                        yield child
+        elif path.name in SKIPPED_NAMES:
+            skipped.append(path)
+        else:
+            yield path
+
+
+def prepare_file(path: Path) -> PreparedFile:
+    """Classify (DICOM by content, or a known document) and hash one file."""
+    if path.is_symlink() or not path.is_file():
+        raise EmixError(f"{path.name}: not a regular file (links and devices are not sent)")
+    media_type, instance = classify(path)
+    return PreparedFile(path, media_type, path.stat().st_size, crypto.sha256_file(path), instance)
+
+
+def summarize_studies(prepared: Sequence[PreparedFile]) -> list[dict[str, Any]]:
+    """Per-study summary for the manifest (PHI: only ever stored encrypted on the hub)."""
+    studies: dict[str, dict[str, Any]] = {}
+    for p in prepared:
+        inst = p.instance
+        if inst is None:
+            continue
+        study = studies.setdefault(inst.study_uid, {
+            "study_uid": inst.study_uid,
+            "patient_name": inst.patient_name,
+            "patient_id": inst.patient_id,
+            "accession_number": inst.accession_number,
+            "study_date": inst.study_date,
+            "study_description": inst.study_description,
+            "modalities": [],
+            "series": set(),
+            "instances": 0,
+        })
+        study["instances"] += 1
+        study["series"].add(inst.series_uid)
+        if inst.modality and inst.modality not in study["modalities"]:
+            study["modalities"].append(inst.modality)
+    for study in studies.values():
+        study["series"] = len(study["series"])
+    return list(studies.values())
+
+
+def _item(item_id: int, p: PreparedFile) -> Item:
+    inst = p.instance
+    return Item(
+        id=item_id,
+        name=p.path.name,
+        media_type=p.media_type,
+        size=p.size,
+        sha256=p.sha256,
+        study_uid=inst.study_uid if inst else None,
+        series_uid=inst.series_uid if inst else None,
+        sop_instance_uid=inst.sop_instance_uid if inst else None,
+        sop_class_uid=inst.sop_class_uid if inst else None,
+        transfer_syntax_uid=inst.transfer_syntax_uid if inst else None,
+    )
+
+
+def _with_retry(action: Callable[[], Any], attempts: int = 4) -> Any:
+    for attempt in range(attempts):
+        try:
+            return action()
+        except HubUnavailable:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    return None
+
+
+def send_paths(
+    paths: Sequence[Path],
+    to: Sequence[str],
+    *,
+    client: HubClient,
+    home: LocalHome,
+    expires_days: int | None = None,
+    parallel: int = 4,
+    progress: Progress | None = None,
+) -> SendResult:
+    """Send every DICOM file and document under ``paths`` as one package to ``to``.
+
+    :raises EmixError: the package could not be created or sealed (nothing was sent).
+        Individual bad files do not raise: they are listed in ``result.failed``.
+    """
+    started = time.monotonic()
+    result = SendResult()
+    files = list(iter_files([Path(p) for p in paths], result.skipped))
+    prepared: list[PreparedFile] = []
+    seen_sops: set[str] = set()
+    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+        futures = {pool.submit(prepare_file, path): path for path in files}
+        for future in as_completed(futures):
+            path = futures[future]
+            try:
+                p = future.result()
+            except EmixError as exc:
+                result.failed.append(FailedInput(path, exc.message))
+                continue
+            except OSError as exc:
+                result.failed.append(FailedInput(path, f"cannot read the file ({exc.strerror})"))
+                continue
+            if p.instance is not None:
+                if p.instance.sop_instance_uid in seen_sops:
+                    result.skipped.append(path)
+                    continue
+                seen_sops.add(p.instance.sop_instance_uid)
+            prepared.append(p)
+    prepared.sort(key=lambda p: str(p.path))
+    if not prepared:
+        result.seconds = time.monotonic() - started
+        return result
+
+    sender = client.me()["facility"]
+    items = [_item(i, p) for i, p in enumerate(prepared, start=1)]
+    draft = Package(id="", sender=sender, recipients=[Recipient(t) for t in to], items=items,
+                    studies=summarize_studies(prepared))
+    home.pm.hook.emix_before_send(package=draft)
+    home.register_key(client)
+    package_id = _with_retry(lambda: client.create_package(list(to), expires_days=expires_days))
+    draft.id = package_id
+    home.audit(AuditEvent("begin-transferring", "R", 0, sender, "", package_id,
+                          {"studies": [s["study_uid"] for s in draft.studies]},
+                          f"sending {len(items)} items"))
+
+    uploaded: list[Item] = []
+    total = sum(i.size for i in items)
+    done = 0
+
+    def upload(item: Item, p: PreparedFile) -> Item:
+        def attempt() -> None:
+            with open(p.path, "rb") as handle:
+                client.upload_item(package_id, item.id, handle, size=item.size,
+                                   sha256=item.sha256, media_type=item.media_type)
+        _with_retry(attempt)
+        return item
+
+    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+        futures = {pool.submit(upload, item, p): p for item, p in zip(items, prepared, strict=True)}
+        for future in as_completed(futures):
+            p = futures[future]
+            try:
+                uploaded.append(future.result())
+                result.sent.append(p.path)
+            except EmixError as exc:
+                result.failed.append(FailedInput(p.path, exc.message))
+            except OSError as exc:
+                result.failed.append(FailedInput(p.path, f"cannot read the file ({exc.strerror})"))
+            done += p.size
+            if progress:
+                progress(done, total)
+    if not uploaded:
+        return result
+    uploaded.sort(key=lambda i: i.id)
+    sent_sops = {i.sop_instance_uid for i in uploaded}
+    studies = summarize_studies([p for p in prepared if p.instance is None
+                                 or p.instance.sop_instance_uid in sent_sops])
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "package": package_id,
+        "sender": sender,
+        "recipients": list(to),
+        "created": utcnow().isoformat(),
+        "items": [i.to_dict() for i in uploaded],
+        "studies": studies,
+    }
+    signed = crypto.sign_document(home.signing_key, manifest)
+    answer = _with_retry(lambda: client.seal(package_id, signed))
+    if answer.get("checkpoint"):
+        home.keep_hub_checkpoint(client, answer["checkpoint"])
+    home.audit(AuditEvent("instances-transferred", "R", 0, sender, "", package_id,
+                          {"studies": [s["study_uid"] for s in studies],
+                           "patients": sorted({s["patient_id"] or "" for s in studies})},
+                          f"sent {len(uploaded)} items to {', '.join(to)}"))
+    result.package_id = package_id
+    result.items = len(uploaded)
+    result.studies = len(studies)
+    result.bytes = sum(i.size for i in uploaded)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+__all__ = ["send_paths", "SendResult", "FailedInput", "PolicyRejected", "DICOM_MEDIA_TYPE"]

@@ -1,0 +1,1 @@
+"""Storage: the metadata database and blob stores."""

@@ -1,0 +1,202 @@
+"""Fixtures that start real peers: a hub process (gunicorn) and an SMTP server (aiosmtpd)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def emix(*args: str, env: dict[str, str] | None = None, check: bool = True,
+         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real ``emix`` command line in a child process."""
+    result = subprocess.run(
+        [sys.executable, "-m", "emix_core", *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"emix {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def emix_json(*args: str, env: dict[str, str] | None = None) -> dict:
+    return json.loads(emix(*args, "--json", env=env).stdout)
+
+
+@dataclass
+class SmtpServer:
+    """A real SMTP server on loopback that keeps every message it receives."""
+
+    port: int
+    messages: list = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def wait_for(self, count: int, timeout: float = 10) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.messages
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    from email import message_from_bytes
+
+    from aiosmtpd.controller import Controller
+
+    server = SmtpServer(port=free_port())
+
+    class Handler:
+        async def handle_DATA(self, _server, _session, envelope):  # noqa: N802
+            server.messages.append(message_from_bytes(envelope.content))
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=server.port)
+    controller.start()
+    try:
+        yield server
+    finally:
+        controller.stop()
+
+
+@dataclass
+class HubProcess:
+    """A hub served by gunicorn in a child process, as `emix hub serve` runs it."""
+
+    home: Path
+    port: int
+    process: subprocess.Popen | None = None
+    facilities: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        self.log = open(self.home / "hub-test.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "emix_core", "hub", "serve", "--home", str(self.home),
+             "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.home / "hub-test.log").read_text()
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise AssertionError("hub did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def add_facility(self, name: str, email: str, address: str, fmt: str = "pdf") -> dict:
+        info = emix_json("hub", "facility", "add", name, "--email", email, "--address", address,
+                         "--report-format", fmt, "--home", str(self.home))
+        self.facilities[address] = info
+        return info
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-g", str(self.process.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(p) for p in out.split()]
+
+
+def make_hub(tmp_path: Path, hub_settings: str = "", env: dict[str, str] | None = None):
+    """Initialise a hub home (``hub_settings``: extra TOML lines for ``[hub]``) and start it."""
+    home = tmp_path / "hub"
+    port = free_port()
+    emix("hub", "init", "--home", str(home), "--port", str(port))
+    if hub_settings:
+        config = home / "emix.toml"
+        config.write_text(config.read_text().replace("[hub]\n", f"[hub]\n{hub_settings}\n", 1))
+    hub = HubProcess(home=home, port=port)
+    hub.start(env)
+    return hub
+
+
+@pytest.fixture
+def hub(tmp_path: Path, smtp_server: SmtpServer) -> Iterator[HubProcess]:
+    """A running hub with two facilities, ``mercy`` (sender) and ``lakeside`` (recipient)."""
+    hub = make_hub(tmp_path, env={"EMIX_SMTP_URL": smtp_server.url})
+    try:
+        hub.add_facility("Mercy General", "admin@mercy.example.org", "mercy", "pdf")
+        hub.add_facility("Lakeside Imaging", "it@lakeside.example.org", "lakeside", "hl7")
+        yield hub
+    finally:
+        hub.stop()
+
+
+@dataclass
+class Side:
+    """A facility's own home and the environment its CLI runs with."""
+
+    home: Path
+    env: dict[str, str]
+    token: str
+
+
+def side(tmp_path: Path, hub: HubProcess, address: str) -> Side:
+    home = tmp_path / f"home-{address}"
+    token = hub.facilities[address]["token"]
+    return Side(home, {"EMIX_HOME": str(home), "EMIX_HUB_URL": hub.url, "EMIX_TOKEN": token},
+                token)
+
+
+@pytest.fixture
+def mercy(tmp_path: Path, hub: HubProcess) -> Side:
+    return side(tmp_path, hub, "mercy")
+
+
+@pytest.fixture
+def lakeside(tmp_path: Path, hub: HubProcess) -> Side:
+    return side(tmp_path, hub, "lakeside")
+
+
+PATIENT_NAME = "MUSTERMANN^ERIKA"
+PATIENT_ID = "PID-7734-XQ"
+
+
+@pytest.fixture(scope="session")
+def study_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated multi-series CT study: 200 slices of 512x512 16-bit, plus a PDF report."""
+    from emix_core.samples import generate_study, write_sample_report_pdf
+
+    folder = tmp_path_factory.mktemp("study200")
+    generate_study(folder, slices=200, series=3, patient_name=PATIENT_NAME,
+                   patient_id=PATIENT_ID, accession_number="ACC-99120")
+    write_sample_report_pdf(folder / "report.pdf", facility="Mercy General",
+                            accession_number="ACC-99120", patient_name=PATIENT_NAME,
+                            findings="No acute abnormality.", impression="Normal study.")
+    return folder
