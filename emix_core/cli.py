@@ -60,17 +60,33 @@ def _local_home(home: str | None):  # type: ignore[no-untyped-def]
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--to", "to", multiple=True, required=True,
-              help="Recipient facility address or member email (repeat for several).")
-@click.option("--expires-days", type=click.IntRange(1, 3650), default=None,
-              help="Days the package stays available (default: the hub's, 30).")
+@click.option(
+    "--to",
+    "to",
+    multiple=True,
+    required=True,
+    help="Recipient facility address or member email (repeat for several).",
+)
+@click.option(
+    "--expires-days",
+    type=click.IntRange(1, 3650),
+    default=None,
+    help="Days the package stays available (default: the hub's, 30).",
+)
 @hub_option
 @token_option
 @home_option
 @json_option
 @handle_errors
-def send(paths: tuple[Path, ...], to: tuple[str, ...], expires_days: int | None,
-         hub_url: str | None, token: str | None, home: str | None, as_json: bool) -> None:
+def send(
+    paths: tuple[Path, ...],
+    to: tuple[str, ...],
+    expires_days: int | None,
+    hub_url: str | None,
+    token: str | None,
+    home: str | None,
+    as_json: bool,
+) -> None:
     """Send files and folders (DICOM and reports) as one sealed package.
 
     DICOM is recognised by content and grouped by study; PDF, RTF, HL7, CDA, FHIR
@@ -82,9 +98,15 @@ def send(paths: tuple[Path, ...], to: tuple[str, ...], expires_days: int | None,
     local = _local_home(home)
     client = local.client(hub_url, token)
     with transfer_progress("sending", not as_json) as progress:
-        result = send_paths(list(paths), list(to), client=client, home=local,
-                            expires_days=expires_days, parallel=local.config.client.parallel,
-                            progress=progress)
+        result = send_paths(
+            list(paths),
+            list(to),
+            client=client,
+            home=local,
+            expires_days=expires_days,
+            parallel=local.config.client.parallel,
+            progress=progress,
+        )
     if as_json:
         emit_json(result.to_dict())
     else:
@@ -92,8 +114,10 @@ def send(paths: tuple[Path, ...], to: tuple[str, ...], expires_days: int | None,
             click.secho(f"not sent: {failure.path}: {failure.error}", fg="yellow", err=True)
         if result.package_id:
             mb = result.bytes / 1e6
-            click.echo(f"package {result.package_id}: {result.items} items, {result.studies} "
-                       f"studies, {mb:.1f} MB in {result.seconds:.1f} s to {', '.join(to)}")
+            click.echo(
+                f"package {result.package_id}: {result.items} items, {result.studies} "
+                f"studies, {mb:.1f} MB in {result.seconds:.1f} s to {', '.join(to)}"
+            )
         else:
             click.secho("nothing was sent", fg="red", err=True)
     sys.exit(0 if result.package_id and not result.failed else 1)
@@ -116,41 +140,58 @@ def inbox(hub_url: str | None, token: str | None, home: str | None, as_json: boo
         click.echo("inbox is empty")
     for p in packages:
         state = "received" if p.get("delivered") else "new"
-        click.echo(f"{p['id']}  from {p['from']:<20} {p['items']:>5} items "
-                   f"{p['size'] / 1e6:>9.1f} MB  expires {p['expires'][:10]}  [{state}]")
+        click.echo(
+            f"{p['id']}  from {p['from']:<20} {p['items']:>5} items "
+            f"{p['size'] / 1e6:>9.1f} MB  expires {p['expires'][:10]}  [{state}]"
+        )
 
 
 @cli.command()
 @click.argument("package")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder to write the package into (as OUT/PACKAGE/).")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write the package into (as OUT/PACKAGE/).",
+)
 @hub_option
 @token_option
 @home_option
 @json_option
 @handle_errors
-def receive(package: str, out: Path, hub_url: str | None, token: str | None,
-            home: str | None, as_json: bool) -> None:
+def receive(
+    package: str, out: Path, hub_url: str | None, token: str | None, home: str | None, as_json: bool
+) -> None:
     """Download a package, verify its signature and every hash, and post a receipt."""
     from emix_core.receiver import receive_package
 
     local = _local_home(home)
     client = local.client(hub_url, token)
     with transfer_progress("receiving", not as_json) as progress:
-        received = receive_package(package, out, client=client, home=local,
-                                   parallel=local.config.client.parallel, progress=progress)
+        received = receive_package(
+            package,
+            out,
+            client=client,
+            home=local,
+            parallel=local.config.client.parallel,
+            progress=progress,
+        )
     if as_json:
         emit_json(received.to_dict())
     else:
-        click.echo(f"received {len(received.items)} items from {received.sender} into "
-                   f"{received.path} (signature and hashes verified, receipt sent)")
+        click.echo(
+            f"received {len(received.items)} items from {received.sender} into "
+            f"{received.path} (signature and hashes verified, receipt sent)"
+        )
 
 
 def _register_core_groups() -> None:
     from emix_core.cli_admin import audit, hub, keys, member, retention
+    from emix_core.cli_gateway import gateway
     from emix_core.demo import demo
 
-    for command in (hub, audit, retention, member, keys, demo):
+    for command in (hub, audit, retention, member, keys, demo, gateway):
         cli.add_command(command)
     try:
         from emix_core.reports.cli import report

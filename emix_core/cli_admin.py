@@ -10,8 +10,14 @@ from pathlib import Path
 
 import click
 
-from emix_core.cli_util import emit_json, handle_errors, home_option, hub_option, json_option
-from emix_core.cli_util import token_option
+from emix_core.cli_util import (
+    emit_json,
+    handle_errors,
+    home_option,
+    hub_option,
+    json_option,
+    token_option,
+)
 from emix_core.config import resolve_home
 from emix_core.errors import InvalidInput
 
@@ -30,8 +36,9 @@ def hub() -> None:
 
 @hub.command("init")
 @home_option
-@click.option("--public-url", default=None,
-              help="URL recipients reach the hub at (used in email links).")
+@click.option(
+    "--public-url", default=None, help="URL recipients reach the hub at (used in email links)."
+)
 @click.option("--port", type=int, default=8480, show_default=True)
 @json_option
 @handle_errors
@@ -43,9 +50,11 @@ def hub_init(home: str | None, public_url: str | None, port: int, as_json: bool)
     if as_json:
         emit_json({"home": str(config.home), "public_url": config.hub.public_url})
     else:
-        click.echo(f"hub home ready at {config.home}\n"
-                   f"next: emix hub facility add 'Facility Name' --email admin@example.org "
-                   f"--home {config.home}\n      emix hub serve --home {config.home}")
+        click.echo(
+            f"hub home ready at {config.home}\n"
+            f"next: emix hub facility add 'Facility Name' --email admin@example.org "
+            f"--home {config.home}\n      emix hub serve --home {config.home}"
+        )
 
 
 @hub.command("serve")
@@ -54,22 +63,38 @@ def hub_init(home: str | None, public_url: str | None, port: int, as_json: bool)
 @click.option("--port", type=int, default=None, help="Port (default from config).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--behind-proxy", is_flag=True,
-              help="A TLS-terminating proxy is in front: allow plain HTTP on a non-loopback "
-                   "address.")
+@click.option(
+    "--behind-proxy",
+    is_flag=True,
+    help="A TLS-terminating proxy is in front: allow plain HTTP on a non-loopback address.",
+)
 @click.option("--workers", type=int, default=None, help="gunicorn worker processes.")
 @handle_errors
-def hub_serve(home: str | None, host: str | None, port: int | None, tls_cert: str | None,
-              tls_key: str | None, behind_proxy: bool, workers: int | None) -> None:
+def hub_serve(
+    home: str | None,
+    host: str | None,
+    port: int | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    behind_proxy: bool,
+    workers: int | None,
+) -> None:
     """Serve the hub (gunicorn; HTTPS with --tls-cert/--tls-key)."""
     from emix_core.hub.serve import serve
 
     hub_ = _hub(home)
     settings = hub_.config.hub
-    serve(hub_.config.home, host=host or settings.host, port=port or settings.port,
-          workers=workers or settings.workers, threads=settings.threads,
-          tls_cert=tls_cert, tls_key=tls_key, behind_proxy=behind_proxy,
-          purge_interval=settings.purge_interval_seconds)
+    serve(
+        hub_.config.home,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers or settings.workers,
+        threads=settings.threads,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        behind_proxy=behind_proxy,
+        purge_interval=settings.purge_interval_seconds,
+    )
 
 
 @hub.group("facility")
@@ -81,24 +106,43 @@ def facility() -> None:
 @click.argument("name")
 @click.option("--email", required=True, help="The facility administrator's email.")
 @click.option("--address", default=None, help="Address slug (default: made from NAME).")
-@click.option("--report-format", default="pdf", show_default=True,
-              type=click.Choice(["hl7", "cda", "fhir", "pdf", "rtf", "txt"]))
+@click.option(
+    "--report-format",
+    default="pdf",
+    show_default=True,
+    type=click.Choice(["hl7", "cda", "fhir", "pdf", "rtf", "txt"]),
+)
 @click.option("--max-retention-days", type=click.IntRange(1, 3650), default=None)
 @home_option
 @json_option
 @handle_errors
-def facility_add(name: str, email: str, address: str | None, report_format: str,
-                 max_retention_days: int | None, home: str | None, as_json: bool) -> None:
+def facility_add(
+    name: str,
+    email: str,
+    address: str | None,
+    report_format: str,
+    max_retention_days: int | None,
+    home: str | None,
+    as_json: bool,
+) -> None:
     """Add a facility and its admin; prints the admin's API token once."""
     from emix_core.facilities import add_facility
 
-    result = add_facility(_hub(home), name, email, address=address,
-                          report_format=report_format, max_retention_days=max_retention_days)
+    result = add_facility(
+        _hub(home),
+        name,
+        email,
+        address=address,
+        report_format=report_format,
+        max_retention_days=max_retention_days,
+    )
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"facility {result['address']} added (id {result['id']})\n"
-                   f"admin token (shown once, keep it secret): {result['token']}")
+        click.echo(
+            f"facility {result['address']} added (id {result['id']})\n"
+            f"admin token (shown once, keep it secret): {result['token']}"
+        )
 
 
 @facility.command("list")
@@ -162,9 +206,13 @@ def _audit_log(home: str | None):  # type: ignore[no-untyped-def]
 
 @audit.command("verify")
 @home_option
-@click.option("--checkpoints", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="JSON file of signed checkpoints kept by another party (from "
-                   "`emix audit checkpoints` on a sending side).")
+@click.option(
+    "--checkpoints",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="JSON file of signed checkpoints kept by another party (from "
+    "`emix audit checkpoints` on a sending side).",
+)
 @json_option
 @handle_errors
 def audit_verify(home: str | None, checkpoints: str | None, as_json: bool) -> None:
@@ -173,43 +221,57 @@ def audit_verify(home: str | None, checkpoints: str | None, as_json: bool) -> No
     external = json.loads(Path(checkpoints).read_text()) if checkpoints else []
     if isinstance(external, dict):
         external = external.get("checkpoints", [])
-    result = log.verify(external_checkpoints=external,
-                        public_key_b64=log.signing_key.public_key_b64 if log.signing_key else None)
-    data = {"ok": result.ok, "rows": result.rows, "first_bad_row": result.first_bad_seq,
-            "reason": result.reason}
+    result = log.verify(
+        external_checkpoints=external,
+        public_key_b64=log.signing_key.public_key_b64 if log.signing_key else None,
+    )
+    data = {
+        "ok": result.ok,
+        "rows": result.rows,
+        "first_bad_row": result.first_bad_seq,
+        "reason": result.reason,
+    }
     if as_json:
         emit_json(data)
     elif result.ok:
         click.echo(f"audit log intact: {result.rows} rows verified")
     else:
-        click.secho(f"AUDIT LOG TAMPERED: first bad row {result.first_bad_seq}: {result.reason}",
-                    fg="red", err=True)
+        click.secho(
+            f"AUDIT LOG TAMPERED: first bad row {result.first_bad_seq}: {result.reason}",
+            fg="red",
+            err=True,
+        )
     sys.exit(0 if result.ok else 1)
 
 
 @audit.command("checkpoints")
 @home_option
+@json_option
 @handle_errors
-def audit_checkpoints(home: str | None) -> None:
-    """Print the signed checkpoints kept in this home's log (JSON)."""
+def audit_checkpoints(home: str | None, as_json: bool) -> None:
+    """Print the signed checkpoints kept in this home's log (always JSON)."""
     emit_json({"checkpoints": _audit_log(home).checkpoints()})
 
 
 @audit.command("export")
 @home_option
-@click.option("--format", "fmt", type=click.Choice(["dicom", "fhir"]), default="fhir",
-              show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["dicom", "fhir"]), default="fhir", show_default=True
+)
 @click.option("--package", default=None, help="Only events about this package.")
 @click.option("--limit", type=int, default=1000, show_default=True)
 @handle_errors
 def audit_export(home: str | None, fmt: str, package: str | None, limit: int) -> None:
-    """Export events as DICOM PS3.15 audit messages (XML) or FHIR AuditEvent (JSON lines)."""
+    """Export events as DICOM PS3.15 audit messages or FHIR AuditEvents, one per line."""
+    from lxml import etree
+
     from emix_core import audit as audit_mod
 
     log = _audit_log(home)
     for row in log.events(package_id=package, limit=limit, include_phi=True):
-        if fmt == "dicom":
-            click.echo(audit_mod.to_dicom_audit_message(row))
+        if fmt == "dicom":  # one message a line, as syslog (RFC 5425) carries them
+            xml = etree.fromstring(audit_mod.to_dicom_audit_message(row).encode("utf-8"))
+            click.echo(etree.tostring(xml, encoding="unicode"))
         else:
             click.echo(json.dumps(audit_mod.to_fhir_audit_event(row), ensure_ascii=False))
 
@@ -222,8 +284,12 @@ def retention() -> None:
 
 @retention.command("purge")
 @home_option
-@click.option("--now", "now", default=None,
-              help="Run as of this ISO-8601 time (for drills), e.g. 2030-01-01T00:00:00Z.")
+@click.option(
+    "--now",
+    "now",
+    default=None,
+    help="Run as of this ISO-8601 time (for drills), e.g. 2030-01-01T00:00:00Z.",
+)
 @json_option
 @handle_errors
 def retention_purge(home: str | None, now: str | None, as_json: bool) -> None:
@@ -244,8 +310,9 @@ def retention_purge(home: str | None, now: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"purged {len(result['purged'])} packages; "
-                   f"{len(result['held'])} under legal hold kept")
+        click.echo(
+            f"purged {len(result['purged'])} packages; {len(result['held'])} under legal hold kept"
+        )
 
 
 # --------------------------------------------------------------------------- member
@@ -262,8 +329,9 @@ def member() -> None:
 @home_option
 @json_option
 @handle_errors
-def member_add(email: str, role: str, hub_url: str | None, token: str | None,
-               home: str | None, as_json: bool) -> None:
+def member_add(
+    email: str, role: str, hub_url: str | None, token: str | None, home: str | None, as_json: bool
+) -> None:
     """Add (and verify) a member of your facility; they get a confirmation code by mail."""
     from emix_core.home import LocalHome
 
@@ -288,8 +356,9 @@ def member_confirm(code: str, hub_url: str | None, home: str | None, as_json: bo
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"confirmed {result['email']}; your API token (keep it secret): "
-                   f"{result['token']}")
+        click.echo(
+            f"confirmed {result['email']}; your API token (keep it secret): {result['token']}"
+        )
 
 
 # --------------------------------------------------------------------------- keys

@@ -49,10 +49,19 @@ home_option = click.option(
     default=None,
     help="Home folder (default: $EMIX_HOME, else ~/.emix).",
 )
-hub_option = click.option("--hub", "hub_url", envvar="EMIX_HUB_URL", default=None,
-                          help="Hub URL (env EMIX_HUB_URL; else the home's config).")
-token_option = click.option("--token", envvar="EMIX_TOKEN", default=None,
-                            help="API token (env EMIX_TOKEN; else the home's config).")
+hub_option = click.option(
+    "--hub",
+    "hub_url",
+    envvar="EMIX_HUB_URL",
+    default=None,
+    help="Hub URL (env EMIX_HUB_URL; else the home's config).",
+)
+token_option = click.option(
+    "--token",
+    envvar="EMIX_TOKEN",
+    default=None,
+    help="API token (env EMIX_TOKEN; else the home's config).",
+)
 
 
 @contextmanager

@@ -19,9 +19,15 @@ CHUNK = 1024 * 1024
 _BY_CODE = {
     cls.code: cls
     for cls in (
-        errors.InvalidInput, errors.IntegrityError, errors.AuthenticationError,
-        errors.NotFoundError, errors.ConflictError, errors.PayloadTooLarge,
-        errors.PolicyRejected, errors.UnsafePathError, errors.NotDicomError,
+        errors.InvalidInput,
+        errors.IntegrityError,
+        errors.AuthenticationError,
+        errors.NotFoundError,
+        errors.ConflictError,
+        errors.PayloadTooLarge,
+        errors.PolicyRejected,
+        errors.UnsafePathError,
+        errors.NotDicomError,
     )
 }
 
@@ -78,11 +84,14 @@ class HubClient:
         if response.status_code >= 500 or response.status_code == 429:
             return HubUnavailable(f"hub answered {response.status_code}: {message}")
         if response.status_code == 401:
-            return errors.AuthenticationError("the hub refused the token (missing, wrong, "
-                                              "expired or revoked)")
+            return errors.AuthenticationError(
+                "the hub refused the token (missing, wrong, expired or revoked)"
+            )
         if response.status_code == 413:
             return errors.PayloadTooLarge(message or "too large for the hub")
         cls = _BY_CODE.get(code, EmixError)
+        if cls is errors.IntegrityError:
+            message = f"integrity check failed: {message}"
         return cls(message or f"hub answered {response.status_code}")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -152,9 +161,7 @@ class HubClient:
         return json.loads(self._request("GET", f"/packages/{package_id}/manifest").content)
 
     def download_item(self, package_id: str, item_id: int) -> Iterator[bytes]:
-        response = self._request(
-            "GET", f"/packages/{package_id}/items/{item_id}", stream=True
-        )
+        response = self._request("GET", f"/packages/{package_id}/items/{item_id}", stream=True)
         try:
             yield from response.iter_content(CHUNK)
         except requests.RequestException as exc:

@@ -54,7 +54,9 @@ def setup_demo_home(root: Path, port: int) -> dict[str, Path]:
             config.write_text(
                 "# Facility-side configuration (CLI and gateway).\n[client]\n"
                 f'hub_url = "http://127.0.0.1:{port}"\n'
-                f'token = "{result["token"]}"\n', "utf-8")
+                f'token = "{result["token"]}"\n',
+                "utf-8",
+            )
             config.chmod(0o600)
         homes[address] = home
     return homes
@@ -66,9 +68,22 @@ def start_hub(hub_home: Path, port: int, log_file: Path) -> subprocess.Popen[byt
         raise ConfigError(f"port {port} is in use; pass --port with a free one")
     log = open(log_file, "ab")  # noqa: SIM115 - handed to the child process
     process = subprocess.Popen(
-        [sys.executable, "-m", "emix_core", "hub", "serve", "--home", str(hub_home),
-         "--port", str(port), "--host", "127.0.0.1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "emix_core",
+            "hub",
+            "serve",
+            "--home",
+            str(hub_home),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -93,13 +108,27 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @click.command()
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("emix-demo"), show_default=True, help="Folder for the whole demo.")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("emix-demo"),
+    show_default=True,
+    help="Folder for the whole demo.",
+)
 @click.option("--port", type=int, default=8480, show_default=True, help="Hub port (127.0.0.1).")
-@click.option("--slices", type=click.IntRange(1, 5000), default=200, show_default=True,
-              help="Slices in the generated sample study (512x512, 16-bit).")
-@click.option("--exit", "exit_after", is_flag=True,
-              help="Stop after the sample exchange instead of running until Ctrl-C.")
+@click.option(
+    "--slices",
+    type=click.IntRange(1, 5000),
+    default=200,
+    show_default=True,
+    help="Slices in the generated sample study (512x512, 16-bit).",
+)
+@click.option(
+    "--exit",
+    "exit_after",
+    is_flag=True,
+    help="Stop after the sample exchange instead of running until Ctrl-C.",
+)
 @handle_errors
 def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
     """Run a hub and two facilities on this machine and send a sample study between them."""
@@ -122,22 +151,36 @@ def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
         click.echo(f"generating a sample CT study: {slices} slices of 512x512 in 2 series...")
         generate_study(study, slices=slices, series=2)
         write_sample_report_pdf(
-            study / "report.pdf", facility=FACILITIES[0][0], accession_number="A0001",
-            patient_name="DEMO^PATIENT", findings="No acute intracranial abnormality.",
-            impression="Normal CT of the head.")
+            study / "report.pdf",
+            facility=FACILITIES[0][0],
+            accession_number="A0001",
+            patient_name="DEMO^PATIENT",
+            findings="No acute intracranial abnormality.",
+            impression="Normal CT of the head.",
+        )
         sender = LocalHome(homes[sender_addr])
         with transfer_progress("sending", True) as progress:
-            sent = send_paths([study], [recipient_addr], client=sender.client(), home=sender,
-                              progress=progress)
-        click.echo(f"{sender_addr} sent package {sent.package_id}: {sent.items} items, "
-                   f"{sent.bytes / 1e6:.1f} MB in {sent.seconds:.1f} s")
+            sent = send_paths(
+                [study], [recipient_addr], client=sender.client(), home=sender, progress=progress
+            )
+        click.echo(
+            f"{sender_addr} sent package {sent.package_id}: {sent.items} items, "
+            f"{sent.bytes / 1e6:.1f} MB in {sent.seconds:.1f} s"
+        )
         recipient = LocalHome(homes[recipient_addr])
         inbox_dir = homes[recipient_addr] / "inbox" / sender_addr
         with transfer_progress("receiving", True) as progress:
-            got = receive_package(sent.package_id, inbox_dir, client=recipient.client(),
-                                  home=recipient, progress=progress)
-        click.echo(f"{recipient_addr} received it into {got.path}\n"
-                   "  signature verified, every SHA-256 checked, signed receipt sent")
+            got = receive_package(
+                sent.package_id,
+                inbox_dir,
+                client=recipient.client(),
+                home=recipient,
+                progress=progress,
+            )
+        click.echo(
+            f"{recipient_addr} received it into {got.path}\n"
+            "  signature verified, every SHA-256 checked, signed receipt sent"
+        )
         _next_steps(root, port, homes, recipient_addr)
         if exit_after:
             return
@@ -153,8 +196,10 @@ def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
 def _next_steps(root: Path, port: int, homes: dict[str, Path], recipient: str) -> None:
     r = homes[recipient]
     click.secho("\nTry it yourself:", bold=True)
-    click.echo(f"  emix inbox --home {r}\n"
-               f"  emix send PATH... --to {recipient} --home {homes[FACILITIES[0][1]]}\n"
-               f"  emix receive PACKAGE --out ./received --home {r}\n"
-               f"  emix audit verify --home {root / 'hub'}\n"
-               f"  emix plugins")
+    click.echo(
+        f"  emix inbox --home {r}\n"
+        f"  emix send PATH... --to {recipient} --home {homes[FACILITIES[0][1]]}\n"
+        f"  emix receive PACKAGE --out ./received --home {r}\n"
+        f"  emix audit verify --home {root / 'hub'}\n"
+        f"  emix plugins"
+    )

@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import select
 
 from emix_core.errors import ConflictError, InvalidInput, NotFoundError
+from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.hub.auth import issue_token
 from emix_core.hub.context import Hub
-from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.model import AuditEvent, is_valid_address, utcnow
 from emix_core.store.db import Facility, Member
 
@@ -38,8 +38,7 @@ def add_facility(
     address = address or slugify(name)
     if not is_valid_address(address):
         raise InvalidInput(
-            "facility address must be a lowercase slug (a-z, 0-9, -), not 'hub'; "
-            "pass --address"
+            "facility address must be a lowercase slug (a-z, 0-9, -), not 'hub'; pass --address"
         )
     email = admin_email.strip().lower()
     if not EMAIL_RE.match(email):
@@ -60,22 +59,32 @@ def add_facility(
         )
         session.add(facility)
         session.flush()
-        admin = Member(facility_id=facility.id, email=email, role="admin", verified=True,
-                       confirmed_at=utcnow())
+        admin = Member(
+            facility_id=facility.id, email=email, role="admin", verified=True, confirmed_at=utcnow()
+        )
         session.add(admin)
         session.flush()
         token = issue_token(session, admin, days=hub.config.hub.token_days, label="admin")
         facility_id = facility.id
-    hub.audit(AuditEvent("security-alert", "C", 0, "hub-operator", "local", None, {},
-                         f"facility {address} added"))
+    hub.audit(
+        AuditEvent(
+            "security-alert", "C", 0, "hub-operator", "local", None, {}, f"facility {address} added"
+        )
+    )
     return {"id": facility_id, "address": address, "token": token}
 
 
 def list_facilities(hub: Hub) -> list[dict[str, Any]]:
     with hub.db.session() as session:
         return [
-            {"id": f.id, "address": f.address, "name": f.name, "admin_email": f.admin_email,
-             "report_format": f.report_format, "key_registered": bool(f.signing_key)}
+            {
+                "id": f.id,
+                "address": f.address,
+                "name": f.name,
+                "admin_email": f.admin_email,
+                "report_format": f.report_format,
+                "key_registered": bool(f.signing_key),
+            }
             for f in session.scalars(select(Facility).order_by(Facility.address))
         ]
 
@@ -87,5 +96,15 @@ def reset_key(hub: Hub, address: str) -> None:
         if facility is None:
             raise NotFoundError(f"no facility with address {address!r}")
         facility.signing_key = None
-    hub.audit(AuditEvent("security-alert", "U", 0, "hub-operator", "local", None, {},
-                         f"signing key of facility {address} reset"))
+    hub.audit(
+        AuditEvent(
+            "security-alert",
+            "U",
+            0,
+            "hub-operator",
+            "local",
+            None,
+            {},
+            f"signing key of facility {address} reset",
+        )
+    )

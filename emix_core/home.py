@@ -96,8 +96,18 @@ class LocalHome:
             pins[name] = fingerprint
             self._save_pins(pins)
         elif known != fingerprint:
-            self.audit(AuditEvent("security-alert", "E", 8, "system", "", None, {},
-                                  f"signing key of {name} changed"))
+            self.audit(
+                AuditEvent(
+                    "security-alert",
+                    "E",
+                    8,
+                    "system",
+                    "",
+                    None,
+                    {},
+                    f"signing key of {name} changed",
+                )
+            )
             raise IntegrityError(
                 f"the signing key of {name!r} changed (pinned {known}, hub now lists "
                 f"{fingerprint}). This can mean an attack. Confirm the change with that "

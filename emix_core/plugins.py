@@ -98,6 +98,13 @@ def plugin_info(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
             continue
         hooks = sorted(h.name for h in (pm.get_hookcallers(plugin) or []))
         dist, version = versions.get(name, ("emix-core", __version__))
-        rows.append({"name": name, "distribution": dist, "version": version, "hooks": hooks,
-                     "builtin": name.startswith("emix.")})
+        rows.append(
+            {
+                "name": name,
+                "distribution": dist,
+                "version": version,
+                "hooks": hooks,
+                "builtin": name.startswith("emix."),
+            }
+        )
     return rows

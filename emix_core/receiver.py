@@ -41,13 +41,22 @@ class ReceivedPackage:
 
     @property
     def package(self) -> Package:
-        return Package(id=self.package_id, sender=self.sender,
-                       items=[i for i, _ in self.items], state="delivered",
-                       studies=self.studies)
+        return Package(
+            id=self.package_id,
+            sender=self.sender,
+            items=[i for i, _ in self.items],
+            state="delivered",
+            studies=self.studies,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"package": self.package_id, "path": str(self.path), "from": self.sender,
-                "items": len(self.items), "bytes": sum(i.size for i, _ in self.items)}
+        return {
+            "package": self.package_id,
+            "path": str(self.path),
+            "from": self.sender,
+            "items": len(self.items),
+            "bytes": sum(i.size for i, _ in self.items),
+        }
 
 
 def verified_manifest(client: HubClient, home: LocalHome, package_id: str) -> dict[str, Any]:
@@ -127,7 +136,9 @@ def receive_package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     received = ReceivedPackage(
-        package_id, final, document["sender"],
+        package_id,
+        final,
+        document["sender"],
         [(item, final / path.relative_to(staging)) for item, path in targets],
         document.get("studies", []),
     )
@@ -141,9 +152,18 @@ def receive_package(
         "items": [{"id": i.id, "sha256": i.sha256} for i in items],
     }
     client.post_receipt(package_id, crypto.sign_document(home.signing_key, receipt))
-    home.audit(AuditEvent("instances-transferred", "C", 0, me["email"], "", package_id,
-                          {"studies": [s.get("study_uid") for s in received.studies]},
-                          f"received {len(items)} items from {received.sender}"))
+    home.audit(
+        AuditEvent(
+            "instances-transferred",
+            "C",
+            0,
+            me["email"],
+            "",
+            package_id,
+            {"studies": [s.get("study_uid") for s in received.studies]},
+            f"received {len(items)} items from {received.sender}",
+        )
+    )
     package = received.package
     package.recipients = [Recipient(me["facility"])]
     home.pm.hook.emix_package_received(package=package, path=str(final))

@@ -43,8 +43,18 @@ def purge_expired(hub: Hub, now: datetime | None = None) -> dict[str, list[str]]
             row.summary = None
             row.state = "purged"
             row.purged_at = now
-        hub.audit(AuditEvent("study-deleted", "D", 0, "retention", "local", package_id, {},
-                             "package expired: blobs deleted, data key destroyed"))
+        hub.audit(
+            AuditEvent(
+                "study-deleted",
+                "D",
+                0,
+                "retention",
+                "local",
+                package_id,
+                {},
+                "package expired: blobs deleted, data key destroyed",
+            )
+        )
         purged.append(package_id)
     if purged:
         hub.db.checkpoint()
@@ -59,5 +69,15 @@ def set_legal_hold(hub: Hub, package_id: str, hold: bool) -> None:
 
             raise NotFoundError("no such package")
         row.legal_hold = hold
-    hub.audit(AuditEvent("security-alert", "U", 0, "hub-operator", "local", package_id, {},
-                         f"legal hold {'set' if hold else 'released'}"))
+    hub.audit(
+        AuditEvent(
+            "security-alert",
+            "U",
+            0,
+            "hub-operator",
+            "local",
+            package_id,
+            {},
+            f"legal hold {'set' if hold else 'released'}",
+        )
+    )

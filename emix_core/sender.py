@@ -104,17 +104,20 @@ def summarize_studies(prepared: Sequence[PreparedFile]) -> list[dict[str, Any]]:
         inst = p.instance
         if inst is None:
             continue
-        study = studies.setdefault(inst.study_uid, {
-            "study_uid": inst.study_uid,
-            "patient_name": inst.patient_name,
-            "patient_id": inst.patient_id,
-            "accession_number": inst.accession_number,
-            "study_date": inst.study_date,
-            "study_description": inst.study_description,
-            "modalities": [],
-            "series": set(),
-            "instances": 0,
-        })
+        study = studies.setdefault(
+            inst.study_uid,
+            {
+                "study_uid": inst.study_uid,
+                "patient_name": inst.patient_name,
+                "patient_id": inst.patient_id,
+                "accession_number": inst.accession_number,
+                "study_date": inst.study_date,
+                "study_description": inst.study_description,
+                "modalities": [],
+                "series": set(),
+                "instances": 0,
+            },
+        )
         study["instances"] += 1
         study["series"].add(inst.series_uid)
         if inst.modality and inst.modality not in study["modalities"]:
@@ -196,15 +199,29 @@ def send_paths(
 
     sender = client.me()["facility"]
     items = [_item(i, p) for i, p in enumerate(prepared, start=1)]
-    draft = Package(id="", sender=sender, recipients=[Recipient(t) for t in to], items=items,
-                    studies=summarize_studies(prepared))
+    draft = Package(
+        id="",
+        sender=sender,
+        recipients=[Recipient(t) for t in to],
+        items=items,
+        studies=summarize_studies(prepared),
+    )
     home.pm.hook.emix_before_send(package=draft)
     home.register_key(client)
     package_id = _with_retry(lambda: client.create_package(list(to), expires_days=expires_days))
     draft.id = package_id
-    home.audit(AuditEvent("begin-transferring", "R", 0, sender, "", package_id,
-                          {"studies": [s["study_uid"] for s in draft.studies]},
-                          f"sending {len(items)} items"))
+    home.audit(
+        AuditEvent(
+            "begin-transferring",
+            "R",
+            0,
+            sender,
+            "",
+            package_id,
+            {"studies": [s["study_uid"] for s in draft.studies]},
+            f"sending {len(items)} items",
+        )
+    )
 
     uploaded: list[Item] = []
     total = sum(i.size for i in items)
@@ -213,8 +230,15 @@ def send_paths(
     def upload(item: Item, p: PreparedFile) -> Item:
         def attempt() -> None:
             with open(p.path, "rb") as handle:
-                client.upload_item(package_id, item.id, handle, size=item.size,
-                                   sha256=item.sha256, media_type=item.media_type)
+                client.upload_item(
+                    package_id,
+                    item.id,
+                    handle,
+                    size=item.size,
+                    sha256=item.sha256,
+                    media_type=item.media_type,
+                )
+
         _with_retry(attempt)
         return item
 
@@ -236,8 +260,9 @@ def send_paths(
         return result
     uploaded.sort(key=lambda i: i.id)
     sent_sops = {i.sop_instance_uid for i in uploaded}
-    studies = summarize_studies([p for p in prepared if p.instance is None
-                                 or p.instance.sop_instance_uid in sent_sops])
+    studies = summarize_studies(
+        [p for p in prepared if p.instance is None or p.instance.sop_instance_uid in sent_sops]
+    )
     manifest = {
         "format": MANIFEST_FORMAT,
         "package": package_id,
@@ -251,10 +276,21 @@ def send_paths(
     answer = _with_retry(lambda: client.seal(package_id, signed))
     if answer.get("checkpoint"):
         home.keep_hub_checkpoint(client, answer["checkpoint"])
-    home.audit(AuditEvent("instances-transferred", "R", 0, sender, "", package_id,
-                          {"studies": [s["study_uid"] for s in studies],
-                           "patients": sorted({s["patient_id"] or "" for s in studies})},
-                          f"sent {len(uploaded)} items to {', '.join(to)}"))
+    home.audit(
+        AuditEvent(
+            "instances-transferred",
+            "R",
+            0,
+            sender,
+            "",
+            package_id,
+            {
+                "studies": [s["study_uid"] for s in studies],
+                "patients": sorted({s["patient_id"] or "" for s in studies}),
+            },
+            f"sent {len(uploaded)} items to {', '.join(to)}",
+        )
+    )
     result.package_id = package_id
     result.items = len(uploaded)
     result.studies = len(studies)

@@ -25,16 +25,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def emix(*args: str, env: dict[str, str] | None = None, check: bool = True,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def emix(
+    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``emix`` command line in a child process."""
     result = subprocess.run(
         [sys.executable, "-m", "emix_core", *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"emix {' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"emix {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -97,9 +102,20 @@ class HubProcess:
     def start(self, env: dict[str, str] | None = None) -> None:
         self.log = open(self.home / "hub-test.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "emix_core", "hub", "serve", "--home", str(self.home),
-             "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "emix_core",
+                "hub",
+                "serve",
+                "--home",
+                str(self.home),
+                "--port",
+                str(self.port),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 30
@@ -122,14 +138,27 @@ class HubProcess:
                 self.process.wait()
 
     def add_facility(self, name: str, email: str, address: str, fmt: str = "pdf") -> dict:
-        info = emix_json("hub", "facility", "add", name, "--email", email, "--address", address,
-                         "--report-format", fmt, "--home", str(self.home))
+        info = emix_json(
+            "hub",
+            "facility",
+            "add",
+            name,
+            "--email",
+            email,
+            "--address",
+            address,
+            "--report-format",
+            fmt,
+            "--home",
+            str(self.home),
+        )
         self.facilities[address] = info
         return info
 
     def worker_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-g", str(self.process.pid)], capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            ["pgrep", "-g", str(self.process.pid)], capture_output=True, text=True
+        ).stdout
         return [int(p) for p in out.split()]
 
 
@@ -170,8 +199,7 @@ class Side:
 def side(tmp_path: Path, hub: HubProcess, address: str) -> Side:
     home = tmp_path / f"home-{address}"
     token = hub.facilities[address]["token"]
-    return Side(home, {"EMIX_HOME": str(home), "EMIX_HUB_URL": hub.url, "EMIX_TOKEN": token},
-                token)
+    return Side(home, {"EMIX_HOME": str(home), "EMIX_HUB_URL": hub.url, "EMIX_TOKEN": token}, token)
 
 
 @pytest.fixture
@@ -194,9 +222,20 @@ def study_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from emix_core.samples import generate_study, write_sample_report_pdf
 
     folder = tmp_path_factory.mktemp("study200")
-    generate_study(folder, slices=200, series=3, patient_name=PATIENT_NAME,
-                   patient_id=PATIENT_ID, accession_number="ACC-99120")
-    write_sample_report_pdf(folder / "report.pdf", facility="Mercy General",
-                            accession_number="ACC-99120", patient_name=PATIENT_NAME,
-                            findings="No acute abnormality.", impression="Normal study.")
+    generate_study(
+        folder,
+        slices=200,
+        series=3,
+        patient_name=PATIENT_NAME,
+        patient_id=PATIENT_ID,
+        accession_number="ACC-99120",
+    )
+    write_sample_report_pdf(
+        folder / "report.pdf",
+        facility="Mercy General",
+        accession_number="ACC-99120",
+        patient_name=PATIENT_NAME,
+        findings="No acute abnormality.",
+        impression="Normal study.",
+    )
     return folder

@@ -15,12 +15,14 @@ from tests.conftest import PATIENT_ID, PATIENT_NAME, emix, emix_json
 def digest_tree(root: Path) -> dict[str, str]:
     return {
         hashlib.sha256(p.read_bytes()).hexdigest(): p.name
-        for p in root.rglob("*") if p.is_file() and p.name != "emix-manifest.json"
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "emix-manifest.json"
     }
 
 
-def test_study_sent_listed_and_received_byte_identical(hub, mercy, lakeside, study_200, tmp_path,
-                                                       smtp_server):
+def test_study_sent_listed_and_received_byte_identical(
+    hub, mercy, lakeside, study_200, tmp_path, smtp_server
+):
     sent = emix_json("send", str(study_200), "--to", "lakeside", env=mercy.env)
     assert sent["failed"] == []
     assert sent["items"] == 201  # 200 slices + the PDF report
@@ -39,8 +41,9 @@ def test_study_sent_listed_and_received_byte_identical(hub, mercy, lakeside, stu
     assert len(dicoms) == 200
 
     # the sender sees the signed receipt
-    status = requests.get(f"{hub.url}/api/v1/packages/{package}",
-                          headers={"Authorization": f"Bearer {mercy.token}"}).json()
+    status = requests.get(
+        f"{hub.url}/api/v1/packages/{package}", headers={"Authorization": f"Bearer {mercy.token}"}
+    ).json()
     assert status["recipients"][0]["delivered"] is not None
 
     # receiving twice never overwrites
@@ -48,11 +51,13 @@ def test_study_sent_listed_and_received_byte_identical(hub, mercy, lakeside, stu
     assert again.returncode == 1 and "never overwrites" in again.stderr
 
 
-def test_zip_download_has_every_item_stored_not_deflated(hub, mercy, lakeside, study_200,
-                                                         tmp_path):
+def test_zip_download_has_every_item_stored_not_deflated(hub, mercy, lakeside, study_200, tmp_path):
     package = emix_json("send", str(study_200), "--to", "lakeside", env=mercy.env)["package"]
-    response = requests.get(f"{hub.url}/api/v1/packages/{package}/zip",
-                            headers={"Authorization": f"Bearer {lakeside.token}"}, stream=True)
+    response = requests.get(
+        f"{hub.url}/api/v1/packages/{package}/zip",
+        headers={"Authorization": f"Bearer {lakeside.token}"},
+        stream=True,
+    )
     assert response.status_code == 200
     path = tmp_path / "p.zip"
     with open(path, "wb") as handle:
@@ -67,13 +72,17 @@ def test_zip_download_has_every_item_stored_not_deflated(hub, mercy, lakeside, s
         assert "emix-manifest.json" in names
         assert sum(n.endswith(".dcm") for n in names) == 200
         manifest = json.loads(archive.read("emix-manifest.json"))
-        zipped = {hashlib.sha256(archive.read(i)).hexdigest() for i in infos
-                  if i.filename != "emix-manifest.json"}
+        zipped = {
+            hashlib.sha256(archive.read(i)).hexdigest()
+            for i in infos
+            if i.filename != "emix-manifest.json"
+        }
     assert zipped == {i["sha256"] for i in manifest["document"]["items"]}
 
 
-def test_bad_files_are_reported_by_name_and_the_rest_is_sent(hub, mercy, lakeside, study_200,
-                                                             tmp_path):
+def test_bad_files_are_reported_by_name_and_the_rest_is_sent(
+    hub, mercy, lakeside, study_200, tmp_path
+):
     folder = tmp_path / "mixed"
     folder.mkdir()
     good = sorted(study_200.rglob("*.dcm"))[:5]
@@ -92,8 +101,7 @@ def test_bad_files_are_reported_by_name_and_the_rest_is_sent(hub, mercy, lakesid
     assert PATIENT_NAME not in result.stdout + result.stderr
 
 
-def test_notification_mail_has_link_from_public_url_and_no_phi(hub, mercy, study_200,
-                                                               smtp_server):
+def test_notification_mail_has_link_from_public_url_and_no_phi(hub, mercy, study_200, smtp_server):
     package = emix_json("send", str(study_200), "--to", "lakeside", env=mercy.env)["package"]
     messages = smtp_server.wait_for(1)
     assert len(messages) == 1
@@ -108,17 +116,22 @@ def test_notification_mail_has_link_from_public_url_and_no_phi(hub, mercy, study
     assert page.status_code == 200 and "emix receive" in page.text
 
 
-def test_no_phi_in_plaintext_anywhere_under_the_hub_home(hub, mercy, lakeside, study_200,
-                                                        tmp_path):
+def test_no_phi_in_plaintext_anywhere_under_the_hub_home(hub, mercy, lakeside, study_200, tmp_path):
     package = emix_json("send", str(study_200), "--to", "lakeside", env=mercy.env)["package"]
     emix_json("receive", package, "--out", str(tmp_path / "r"), env=lakeside.env)
     emix_json("inbox", env=lakeside.env)
     import pydicom
 
     ds = pydicom.dcmread(next(study_200.rglob("*.dcm")), stop_before_pixels=True)
-    needles = [PATIENT_NAME.encode(), PATIENT_ID.encode(), b"ACC-99120",
-               ds.StudyInstanceUID.encode(), ds.SOPInstanceUID.encode(), b"report.pdf",
-               b"MUSTERMANN"]
+    needles = [
+        PATIENT_NAME.encode(),
+        PATIENT_ID.encode(),
+        b"ACC-99120",
+        ds.StudyInstanceUID.encode(),
+        ds.SOPInstanceUID.encode(),
+        b"report.pdf",
+        b"MUSTERMANN",
+    ]
     pixel_sample = pydicom.dcmread(next(study_200.rglob("*.dcm"))).PixelData[1000:1064]
     needles.append(pixel_sample)
     for path in hub.home.rglob("*"):

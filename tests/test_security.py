@@ -42,8 +42,10 @@ def test_missing_or_wrong_token_gets_401_without_detail(hub, mercy):
 
 
 def test_repeated_failed_sign_ins_are_throttled_and_raise_an_alert(hub):
-    codes = [requests.get(f"{hub.url}/api/v1/inbox", headers=auth("emx_bad")).status_code
-             for _ in range(12)]
+    codes = [
+        requests.get(f"{hub.url}/api/v1/inbox", headers=auth("emx_bad")).status_code
+        for _ in range(12)
+    ]
     assert codes[:10] == [401] * 10 and codes[-1] == 429
     db = sqlite3.connect(hub.home / "audit.db")
     types = [row[0] for row in db.execute("select event_type from audit_events")]
@@ -51,12 +53,19 @@ def test_repeated_failed_sign_ins_are_throttled_and_raise_an_alert(hub):
 
 
 def test_upload_not_matching_its_sha256_is_rejected_and_nothing_stored(hub, mercy):
-    package = requests.post(f"{hub.url}/api/v1/packages", json={"to": ["lakeside"]},
-                            headers=auth(mercy.token)).json()["id"]
+    package = requests.post(
+        f"{hub.url}/api/v1/packages", json={"to": ["lakeside"]}, headers=auth(mercy.token)
+    ).json()["id"]
     body = b"%PDF-1.4 not what was declared" * 100
-    r = requests.put(f"{hub.url}/api/v1/packages/{package}/items/1", data=body,
-                     headers={**auth(mercy.token), "Content-Type": "application/pdf",
-                              "X-Emix-SHA256": hashlib.sha256(b"other").hexdigest()})
+    r = requests.put(
+        f"{hub.url}/api/v1/packages/{package}/items/1",
+        data=body,
+        headers={
+            **auth(mercy.token),
+            "Content-Type": "application/pdf",
+            "X-Emix-SHA256": hashlib.sha256(b"other").hexdigest(),
+        },
+    )
     assert r.status_code == 422 and "SHA-256" in r.json()["message"]
     blob_dir = hub.home / "blobs" / package
     assert not blob_dir.exists() or not any(blob_dir.iterdir())
@@ -70,23 +79,30 @@ def test_oversize_item_gets_413(tmp_path, smtp_server):
         hub.add_facility("Mercy", "a@m.example.org", "mercy")
         hub.add_facility("Lake", "b@l.example.org", "lakeside")
         token = hub.facilities["mercy"]["token"]
-        package = requests.post(f"{hub.url}/api/v1/packages", json={"to": ["lakeside"]},
-                                headers=auth(token)).json()["id"]
+        package = requests.post(
+            f"{hub.url}/api/v1/packages", json={"to": ["lakeside"]}, headers=auth(token)
+        ).json()["id"]
         body = b"x" * 200_000
-        r = requests.put(f"{hub.url}/api/v1/packages/{package}/items/1", data=body,
-                         headers={**auth(token), "X-Emix-SHA256": hashlib.sha256(body).hexdigest()})
+        r = requests.put(
+            f"{hub.url}/api/v1/packages/{package}/items/1",
+            data=body,
+            headers={**auth(token), "X-Emix-SHA256": hashlib.sha256(body).hexdigest()},
+        )
         assert r.status_code == 413 and "limit" in r.json()["message"]
-        r = requests.post(f"{hub.url}/api/v1/packages", data=b"{" + b" " * 5_000_000 + b"}",
-                          headers={**auth(token), "Content-Type": "application/json"})
+        r = requests.post(
+            f"{hub.url}/api/v1/packages",
+            data=b"{" + b" " * 5_000_000 + b"}",
+            headers={**auth(token), "Content-Type": "application/json"},
+        )
         assert r.status_code == 413
     finally:
         hub.stop()
 
 
-def test_tampered_ciphertext_never_returns_altered_bytes(hub, mercy, lakeside, study_200,
-                                                         tmp_path):
-    package = emix_json("send", str(small_study(study_200, tmp_path)), "--to", "lakeside",
-                        env=mercy.env)["package"]
+def test_tampered_ciphertext_never_returns_altered_bytes(hub, mercy, lakeside, study_200, tmp_path):
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
     blob = hub.home / "blobs" / package / "2"
     data = bytearray(blob.read_bytes())
     data[5000] ^= 0x01
@@ -101,20 +117,21 @@ def test_tampered_ciphertext_never_returns_altered_bytes(hub, mercy, lakeside, s
 
 
 def test_tampered_manifest_blob_is_refused(hub, mercy, lakeside, study_200, tmp_path):
-    package = emix_json("send", str(small_study(study_200, tmp_path)), "--to", "lakeside",
-                        env=mercy.env)["package"]
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
     blob = hub.home / "blobs" / package / "manifest"
     data = bytearray(blob.read_bytes())
     data[-20] ^= 0x80
     blob.write_bytes(bytes(data))
-    r = requests.get(f"{hub.url}/api/v1/packages/{package}/manifest",
-                     headers=auth(lakeside.token))
+    r = requests.get(f"{hub.url}/api/v1/packages/{package}/manifest", headers=auth(lakeside.token))
     assert r.status_code == 422
 
 
 def test_swapped_blobs_between_items_are_detected(hub, mercy, lakeside, study_200, tmp_path):
-    package = emix_json("send", str(small_study(study_200, tmp_path)), "--to", "lakeside",
-                        env=mercy.env)["package"]
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
     a, b = hub.home / "blobs" / package / "1", hub.home / "blobs" / package / "2"
     da, db_ = a.read_bytes(), b.read_bytes()
     a.write_bytes(db_)
@@ -125,27 +142,37 @@ def test_swapped_blobs_between_items_are_detected(hub, mercy, lakeside, study_20
 
 def test_other_facilities_get_404_never_403(hub, mercy, study_200, tmp_path):
     other = hub.add_facility("Elsewhere Clinic", "x@else.example.org", "elsewhere")
-    package = emix_json("send", str(small_study(study_200, tmp_path)), "--to", "lakeside",
-                        env=mercy.env)["package"]
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
     for path in ("", "/manifest", "/items/1", "/zip"):
         r = requests.get(f"{hub.url}/api/v1/packages/{package}{path}", headers=auth(other["token"]))
         assert r.status_code == 404, path
     missing = "0" * 32
     r = requests.get(f"{hub.url}/api/v1/packages/{missing}/manifest", headers=auth(other["token"]))
-    assert r.status_code == 404 and r.json() == requests.get(
-        f"{hub.url}/api/v1/packages/{package}/manifest", headers=auth(other["token"])).json()
-    assert requests.get(f"{hub.url}/api/v1/inbox",
-                        headers=auth(other["token"])).json()["packages"] == []
+    assert (
+        r.status_code == 404
+        and r.json()
+        == requests.get(
+            f"{hub.url}/api/v1/packages/{package}/manifest", headers=auth(other["token"])
+        ).json()
+    )
+    assert (
+        requests.get(f"{hub.url}/api/v1/inbox", headers=auth(other["token"])).json()["packages"]
+        == []
+    )
     # the sender may follow its package but cannot download the recipient's copy
     r = requests.get(f"{hub.url}/api/v1/packages/{package}/items/1", headers=auth(mercy.token))
     assert r.status_code == 404
 
 
-def test_package_for_one_member_is_hidden_from_other_members(hub, mercy, lakeside, study_200,
-                                                             tmp_path, smtp_server):
+def test_package_for_one_member_is_hidden_from_other_members(
+    hub, mercy, lakeside, study_200, tmp_path, smtp_server
+):
     for email in ("dr.who@lakeside.example.org", "dr.no@lakeside.example.org"):
-        requests.post(f"{hub.url}/api/v1/members", json={"email": email},
-                      headers=auth(lakeside.token)).raise_for_status()
+        requests.post(
+            f"{hub.url}/api/v1/members", json={"email": email}, headers=auth(lakeside.token)
+        ).raise_for_status()
     codes = {}
     for mail in smtp_server.wait_for(2):
         body = mail.get_payload(decode=True).decode()
@@ -155,15 +182,25 @@ def test_package_for_one_member_is_hidden_from_other_members(hub, mercy, lakesid
     for email, code in codes.items():
         tokens[email] = emix_json("member", "confirm", code, "--hub", hub.url)["token"]
     # a code works once
-    again = requests.post(f"{hub.url}/api/v1/members/confirm",
-                          json={"code": codes["dr.who@lakeside.example.org"]})
+    again = requests.post(
+        f"{hub.url}/api/v1/members/confirm", json={"code": codes["dr.who@lakeside.example.org"]}
+    )
     assert again.status_code == 404
-    package = emix_json("send", str(small_study(study_200, tmp_path)), "--to",
-                        "dr.who@lakeside.example.org", env=mercy.env)["package"]
+    package = emix_json(
+        "send",
+        str(small_study(study_200, tmp_path)),
+        "--to",
+        "dr.who@lakeside.example.org",
+        env=mercy.env,
+    )["package"]
 
     def visible(token: str) -> bool:
-        return requests.get(f"{hub.url}/api/v1/packages/{package}/manifest",
-                            headers=auth(token)).status_code == 200
+        return (
+            requests.get(
+                f"{hub.url}/api/v1/packages/{package}/manifest", headers=auth(token)
+            ).status_code
+            == 200
+        )
 
     assert visible(tokens["dr.who@lakeside.example.org"])
     assert visible(lakeside.token)  # the facility's admin
@@ -171,8 +208,11 @@ def test_package_for_one_member_is_hidden_from_other_members(hub, mercy, lakesid
 
 
 def test_unconfirmed_member_cannot_download(hub, lakeside, smtp_server):
-    r = requests.post(f"{hub.url}/api/v1/members", json={"email": "new@lakeside.example.org"},
-                      headers=auth(lakeside.token))
+    r = requests.post(
+        f"{hub.url}/api/v1/members",
+        json={"email": "new@lakeside.example.org"},
+        headers=auth(lakeside.token),
+    )
     assert r.status_code == 201 and r.json()["confirmed"] is False
     assert "token" not in r.json()
 
@@ -185,8 +225,7 @@ def test_changed_sender_key_is_refused_loudly(hub, mercy, lakeside, study_200, t
     emix("hub", "facility", "reset-key", "mercy", "--home", str(hub.home))
     impostor = {**mercy.env, "EMIX_HOME": str(tmp_path / "impostor")}
     second = emix_json("send", str(small), "--to", "lakeside", env=impostor)["package"]
-    result = emix("receive", second, "--out", str(tmp_path / "r2"), env=lakeside.env,
-                  check=False)
+    result = emix("receive", second, "--out", str(tmp_path / "r2"), env=lakeside.env, check=False)
     assert result.returncode == 1
     assert "signing key of 'facility:mercy' changed" in result.stderr
     assert not (tmp_path / "r2" / second).exists()
@@ -202,28 +241,55 @@ def test_hostile_names_and_uids_never_become_paths(hub, mercy, lakeside, tmp_pat
     import io
 
     for item_id in (1, 2):
-        client.upload_item(package, item_id, io.BytesIO(body), size=len(body), sha256=sha,
-                           media_type="application/pdf")
-    hostile = {"id": 1, "name": "../../../../tmp/evil\x00.pdf", "media_type": "application/pdf",
-               "size": len(body), "sha256": sha}
-    hostile_dicom = {"id": 2, "name": "x" * 10_000, "media_type": "application/dicom",
-                     "size": len(body), "sha256": sha, "study_uid": "../../etc",
-                     "series_uid": "1.2", "sop_instance_uid": "1.2.3"}
-    manifest = {"format": "emix-manifest/1", "package": package, "sender": "mercy",
-                "recipients": ["lakeside"], "created": "2026-01-01T00:00:00+00:00",
-                "items": [hostile, hostile_dicom], "studies": []}
+        client.upload_item(
+            package,
+            item_id,
+            io.BytesIO(body),
+            size=len(body),
+            sha256=sha,
+            media_type="application/pdf",
+        )
+    hostile = {
+        "id": 1,
+        "name": "../../../../tmp/evil\x00.pdf",
+        "media_type": "application/pdf",
+        "size": len(body),
+        "sha256": sha,
+    }
+    hostile_dicom = {
+        "id": 2,
+        "name": "x" * 10_000,
+        "media_type": "application/dicom",
+        "size": len(body),
+        "sha256": sha,
+        "study_uid": "../../etc",
+        "series_uid": "1.2",
+        "sop_instance_uid": "1.2.3",
+    }
+    manifest = {
+        "format": "emix-manifest/1",
+        "package": package,
+        "sender": "mercy",
+        "recipients": ["lakeside"],
+        "created": "2026-01-01T00:00:00+00:00",
+        "items": [hostile, hostile_dicom],
+        "studies": [],
+    }
     client.seal(package, crypto.sign_document(sender.signing_key, manifest))
     out = tmp_path / "inbox"
-    got = receive_package(package, out, client=HubClient(hub.url, lakeside.token),
-                          home=LocalHome(tmp_path / "lake-home"))
+    got = receive_package(
+        package,
+        out,
+        client=HubClient(hub.url, lakeside.token),
+        home=LocalHome(tmp_path / "lake-home"),
+    )
     for _item, path in got.items:
         assert path.resolve().is_relative_to((out / package).resolve())
         assert len(path.name) <= 130
     assert not Path("/tmp/evil.pdf").exists()
 
 
-def test_hostile_uid_in_a_dicom_file_is_refused_without_echoing_it(hub, mercy, study_200,
-                                                                   tmp_path):
+def test_hostile_uid_in_a_dicom_file_is_refused_without_echoing_it(hub, mercy, study_200, tmp_path):
     folder = tmp_path / "hostile"
     folder.mkdir()
     ds = pydicom.dcmread(next(study_200.rglob("*.dcm")))
@@ -237,8 +303,7 @@ def test_hostile_uid_in_a_dicom_file_is_refused_without_echoing_it(hub, mercy, s
 def test_hub_refuses_a_public_address_without_tls(tmp_path):
     home = tmp_path / "hub"
     emix("hub", "init", "--home", str(home))
-    result = emix("hub", "serve", "--home", str(home), "--host", "0.0.0.0", check=False,
-                  timeout=30)
+    result = emix("hub", "serve", "--home", str(home), "--host", "0.0.0.0", check=False, timeout=30)
     assert result.returncode == 1 and "without TLS" in result.stderr
 
 
@@ -260,25 +325,51 @@ def test_tls_listener_serves_https(tmp_path):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     import ipaddress
 
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
-            .not_valid_after(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+        .not_valid_after(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "hub.crt", tmp_path / "hub.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     home = tmp_path / "hub"
     emix("hub", "init", "--home", str(home))
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "emix_core", "hub", "serve", "--home",
-                                str(home), "--port", str(port), "--tls-cert", str(cert_path),
-                                "--tls-key", str(key_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "emix_core",
+            "hub",
+            "serve",
+            "--home",
+            str(home),
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(cert_path),
+            "--tls-key",
+            str(key_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             try:
@@ -294,14 +385,20 @@ def test_tls_listener_serves_https(tmp_path):
         process.wait(timeout=15)
 
 
-def test_integrity_error_is_raised_in_process_for_a_cut_download(hub, mercy, lakeside,
-                                                                 study_200, tmp_path):
+def test_integrity_error_is_raised_in_process_for_a_cut_download(
+    hub, mercy, lakeside, study_200, tmp_path
+):
     """A blob cut short on disk (lost tail) is refused, never delivered short."""
-    package = emix_json("send", str(small_study(study_200, tmp_path)), "--to", "lakeside",
-                        env=mercy.env)["package"]
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
     blob = hub.home / "blobs" / package / "1"
     blob.write_bytes(blob.read_bytes()[:-100])
     with pytest.raises(IntegrityError):
-        receive_package(package, tmp_path / "cut", client=HubClient(hub.url, lakeside.token),
-                        home=LocalHome(tmp_path / "lh"))
+        receive_package(
+            package,
+            tmp_path / "cut",
+            client=HubClient(hub.url, lakeside.token),
+            home=LocalHome(tmp_path / "lh"),
+        )
     assert side  # fixture helper imported for other tests

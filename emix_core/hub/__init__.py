@@ -1,59 +1,19 @@
-"""The hub: a Flask app factory with one blueprint per feature, served by gunicorn."""
+"""The hub: a Flask app factory with one blueprint per feature, served by gunicorn.
+
+``create_app`` lives in :mod:`emix_core.hub.app`; it is re-exported lazily so that
+importing a hub module (the built-in token plugin, say) stays cheap.
+"""
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from typing import Any
 
-import pluggy
-from flask import Flask, Response, jsonify
-from werkzeug.exceptions import HTTPException
-
-from emix_core.errors import EmixError
-from emix_core.hub.context import Hub, open_hub
-
-log = logging.getLogger("emix.hub")
+__all__ = ["create_app"]
 
 
-def create_app(home: str | Path | None = None, pm: pluggy.PluginManager | None = None) -> Flask:
-    """Build the hub's WSGI app for an initialised home."""
-    hub = open_hub(home, pm)
-    app = Flask("emix_core.hub")
-    app.extensions["emix"] = hub
-    # Item uploads are streamed by our own code; Flask's form parsing never sees them.
-    app.config["MAX_FORM_MEMORY_SIZE"] = hub.config.hub.max_json_bytes
-    _register_blueprints(app, hub)
-    _register_error_handlers(app)
-    return app
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from emix_core.hub.app import create_app
 
-
-def _register_blueprints(app: Flask, hub: Hub) -> None:
-    from emix_core.hub import api_audit, api_facilities, api_packages, web
-
-    for bp in (api_packages.bp, api_facilities.bp, api_audit.bp, web.bp):
-        app.register_blueprint(bp)
-
-    def register(blueprint, url_prefix: str | None = None) -> None:  # type: ignore[no-untyped-def]
-        app.register_blueprint(blueprint, url_prefix=url_prefix)
-
-    hub.pm.hook.emix_register_blueprints(register=register)
-
-
-def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(EmixError)
-    def emix_error(exc: EmixError) -> tuple[Response, int]:
-        headers = {"WWW-Authenticate": 'Bearer realm="emix"'} if exc.http_status == 401 else {}
-        return jsonify({"error": exc.code, "message": exc.message}), exc.http_status, headers
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[Response, int]:
-        return jsonify({"error": exc.name.lower().replace(" ", "_"),
-                        "message": exc.description}), exc.code or 500
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> tuple[Response, int]:
-        log.exception("unexpected error")
-        return jsonify({"error": "internal", "message": "internal error; see the hub log"}), 500
-
-
-__all__ = ["create_app", "Hub", "open_hub"]
+        return create_app
+    raise AttributeError(name)

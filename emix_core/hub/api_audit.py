@@ -35,5 +35,6 @@ def latest_checkpoint() -> Response:
     """A freshly signed head of the hub's audit chain, for the caller to keep."""
     current_principal()
     hub = current_app.extensions["emix"]
-    return jsonify({"checkpoint": hub.audit_log.checkpoint(),
-                    "public_key": hub.signing_key.public_key_b64})
+    return jsonify(
+        {"checkpoint": hub.audit_log.checkpoint(), "public_key": hub.signing_key.public_key_b64}
+    )

@@ -40,10 +40,12 @@ def me() -> Response:
 def hub_info() -> Response:
     """Public facts about the hub: its audit-signing key, for checkpoint verification."""
     hub = _hub()
-    return jsonify({
-        "audit_public_key": hub.signing_key.public_key_b64,
-        "audit_key_fingerprint": hub.signing_key.fingerprint,
-    })
+    return jsonify(
+        {
+            "audit_public_key": hub.signing_key.public_key_b64,
+            "audit_key_fingerprint": hub.signing_key.fingerprint,
+        }
+    )
 
 
 @bp.get("/facilities")
@@ -51,10 +53,14 @@ def list_facilities() -> Response:
     current_principal()
     with _hub().db.session() as session:
         rows = session.scalars(select(Facility).order_by(Facility.address)).all()
-        return jsonify({"facilities": [
-            {"address": f.address, "name": f.name, "report_format": f.report_format}
-            for f in rows
-        ]})
+        return jsonify(
+            {
+                "facilities": [
+                    {"address": f.address, "name": f.name, "report_format": f.report_format}
+                    for f in rows
+                ]
+            }
+        )
 
 
 @bp.get("/facilities/<address>/key")
@@ -64,11 +70,13 @@ def facility_key(address: str) -> Response:
         facility = session.scalar(select(Facility).where(Facility.address == address[:63]))
         if facility is None or not facility.signing_key:
             raise NotFoundError("that facility has no registered signing key")
-        return jsonify({
-            "address": facility.address,
-            "public_key": facility.signing_key,
-            "fingerprint": crypto.fingerprint_of(facility.signing_key),
-        })
+        return jsonify(
+            {
+                "address": facility.address,
+                "public_key": facility.signing_key,
+                "fingerprint": crypto.fingerprint_of(facility.signing_key),
+            }
+        )
 
 
 @bp.put("/facilities/me/key")
@@ -90,8 +98,18 @@ def register_key() -> tuple[Response, int]:
         created = facility.signing_key is None
         facility.signing_key = public_key
     if created:
-        hub.audit(AuditEvent("security-alert", "U", 0, principal.email, _source(), None, {},
-                             f"signing key registered for facility {principal_facility}"))
+        hub.audit(
+            AuditEvent(
+                "security-alert",
+                "U",
+                0,
+                principal.email,
+                _source(),
+                None,
+                {},
+                f"signing key registered for facility {principal_facility}",
+            )
+        )
     return jsonify({"fingerprint": crypto.fingerprint_of(public_key)}), 201 if created else 200
 
 
@@ -110,16 +128,31 @@ def add_member() -> tuple[Response, int]:
         facility = session.scalar(select(Facility).where(Facility.address == principal.facility))
         if session.scalar(select(Member).where(Member.email == email)):
             raise ConflictError("a member with that email already exists on this hub")
-        member = Member(facility_id=facility.id, email=email, role=role, verified=True,
-                        confirm_code_hash=hash_secret(code))
+        member = Member(
+            facility_id=facility.id,
+            email=email,
+            role=role,
+            verified=True,
+            confirm_code_hash=hash_secret(code),
+        )
         session.add(member)
         session.flush()
         member_id = member.id
     from emix_core.notify import send_confirmation
 
     send_confirmation(hub, email, code)
-    hub.audit(AuditEvent("security-alert", "C", 0, principal.email, _source(), None, {},
-                         f"member added to facility {principal.facility}"))
+    hub.audit(
+        AuditEvent(
+            "security-alert",
+            "C",
+            0,
+            principal.email,
+            _source(),
+            None,
+            {},
+            f"member added to facility {principal.facility}",
+        )
+    )
     return jsonify({"id": member_id, "email": email, "role": role, "confirmed": False}), 201
 
 
@@ -129,8 +162,9 @@ def confirm_member() -> Response:
     hub = _hub()
     source = _source()
     with hub.db.session() as session:
-        recent = len(session.scalars(select(LoginFailure).where(
-            LoginFailure.source == source)).all())
+        recent = len(
+            session.scalars(select(LoginFailure).where(LoginFailure.source == source)).all()
+        )
     if recent >= hub.config.hub.max_failed_logins:
         raise TooManyAttempts("too many failed confirmations from this address; wait a minute")
     code = str(json_body().get("code", ""))[:100]
@@ -146,8 +180,18 @@ def confirm_member() -> Response:
     if member is None:
         _record_failure(source)
         raise NotFoundError("unknown or already used confirmation code")
-    hub.audit(AuditEvent("user-authentication", "E", 0, email, source, None, {},
-                         "new recipient confirmed identity"))
+    hub.audit(
+        AuditEvent(
+            "user-authentication",
+            "E",
+            0,
+            email,
+            source,
+            None,
+            {},
+            "new recipient confirmed identity",
+        )
+    )
     return jsonify({"token": token, "email": email})
 
 
@@ -163,8 +207,18 @@ def remove_member(member_id: int) -> Response:
         member.verified = False
         for token in session.scalars(select(Token).where(Token.member_id == member.id)):
             token.revoked_at = utcnow()
-    hub.audit(AuditEvent("security-alert", "D", 0, principal.email, _source(), None, {},
-                         "member removed; tokens revoked"))
+    hub.audit(
+        AuditEvent(
+            "security-alert",
+            "D",
+            0,
+            principal.email,
+            _source(),
+            None,
+            {},
+            "member removed; tokens revoked",
+        )
+    )
     return jsonify({"id": member_id, "removed": True})
 
 
@@ -178,6 +232,9 @@ def revoke_current() -> Response:
     with _hub().db.session() as session:
         row = session.scalar(select(Token).where(Token.token_hash == hash_secret(token)))
         row.revoked_at = utcnow()
-    _hub().audit(AuditEvent("user-authentication", "E", 0, principal.email, _source(), None, {},
-                            "token revoked"))
+    _hub().audit(
+        AuditEvent(
+            "user-authentication", "E", 0, principal.email, _source(), None, {}, "token revoked"
+        )
+    )
     return jsonify({"revoked": True})

@@ -13,7 +13,7 @@ from emix_core import crypto
 from emix_core.errors import ConflictError, IntegrityError, InvalidInput, PayloadTooLarge
 from emix_core.hub import packages as svc
 from emix_core.hub.auth import current_principal, require
-from emix_core.model import AuditEvent, Package, utcnow
+from emix_core.model import AuditEvent, utcnow
 from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
 
 bp = Blueprint("packages", __name__, url_prefix="/api/v1")
@@ -55,6 +55,18 @@ def create() -> tuple[Response, int]:
         member = session.get(Member, principal.member_id)
         row = svc.create_package(hub, session, member, to, expires_days)
         body = {"id": row.id, "state": row.state, "expires": row.expires.isoformat()}
+    hub.audit(
+        AuditEvent(
+            "begin-transferring",
+            "C",
+            0,
+            principal.email,
+            _source(),
+            row.id,
+            {},
+            f"package opened for {len(to)} recipient(s)",
+        )
+    )
     return jsonify(body), 201
 
 
@@ -123,8 +135,18 @@ def seal(package_id: str) -> Response:
         package.studies = studies
         recipients = _notify_addresses(session, row.id)
     phi = {"studies": [s.get("study_uid") for s in studies]}
-    hub.audit(AuditEvent("begin-transferring", "C", 0, principal.email, _source(), row.id, phi,
-                         f"package sealed with {len(items)} items"))
+    hub.audit(
+        AuditEvent(
+            "instances-transferred",
+            "C",
+            0,
+            principal.email,
+            _source(),
+            row.id,
+            phi,
+            f"package sealed: {len(items)} items stored",
+        )
+    )
     hub.pm.hook.emix_package_sealed(package=package)
     link = f"{hub.config.hub.public_url.rstrip('/')}/packages/{row.id}"
     for recipient, email in recipients:
@@ -180,20 +202,32 @@ def inbox() -> Response:
                     PackageRecipient.facility_id == facility.id,
                 )
             )
-            listing.append({
-                "id": row.id,
-                "from": package.sender,
-                "to": [str(r) for r in package.recipients],
-                "created": row.created.isoformat(),
-                "sealed": row.sealed_at.isoformat() if row.sealed_at else None,
-                "expires": row.expires.isoformat(),
-                "items": row.item_count,
-                "size": row.total_size,
-                "delivered": delivered.isoformat() if delivered else None,
-                "studies": svc.open_summary(hub, row).get("studies", []),
-            })
-    hub.audit(AuditEvent("query", "E", 0, principal.email, _source(), None, {},
-                         f"inbox listed ({len(listing)} packages)"))
+            listing.append(
+                {
+                    "id": row.id,
+                    "from": package.sender,
+                    "to": [str(r) for r in package.recipients],
+                    "created": row.created.isoformat(),
+                    "sealed": row.sealed_at.isoformat() if row.sealed_at else None,
+                    "expires": row.expires.isoformat(),
+                    "items": row.item_count,
+                    "size": row.total_size,
+                    "delivered": delivered.isoformat() if delivered else None,
+                    "studies": svc.open_summary(hub, row).get("studies", []),
+                }
+            )
+    hub.audit(
+        AuditEvent(
+            "query",
+            "E",
+            0,
+            principal.email,
+            _source(),
+            None,
+            {},
+            f"inbox listed ({len(listing)} packages)",
+        )
+    )
     return jsonify({"packages": listing})
 
 
@@ -218,11 +252,18 @@ def status(package_id: str) -> Response:
                 select(PackageRecipient).where(PackageRecipient.package_id == row.id)
             )
         ]
-    return jsonify({
-        "id": row.id, "from": package.sender, "state": row.state, "items": row.item_count,
-        "size": row.total_size, "created": row.created.isoformat(),
-        "expires": row.expires.isoformat(), "recipients": recipients,
-    })
+    return jsonify(
+        {
+            "id": row.id,
+            "from": package.sender,
+            "state": row.state,
+            "items": row.item_count,
+            "size": row.total_size,
+            "created": row.created.isoformat(),
+            "expires": row.expires.isoformat(),
+            "recipients": recipients,
+        }
+    )
 
 
 def _readable(package_id: str, action: str = "package:read"):  # type: ignore[no-untyped-def]
@@ -241,8 +282,11 @@ def _readable(package_id: str, action: str = "package:read"):  # type: ignore[no
 def manifest(package_id: str) -> Response:
     hub, row, _package, principal = _readable(package_id)
     data = b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB))
-    hub.audit(AuditEvent("instances-accessed", "R", 0, principal.email, _source(), row.id, {},
-                         "manifest read"))
+    hub.audit(
+        AuditEvent(
+            "instances-accessed", "R", 0, principal.email, _source(), row.id, {}, "manifest read"
+        )
+    )
     return Response(data, mimetype="application/json")
 
 
@@ -268,8 +312,18 @@ def download_item(package_id: str, item_id: int) -> Response:
 
         raise NotFoundError("not found")
     body = _item_stream(hub, row, item_id)
-    hub.audit(AuditEvent("instances-transferred", "R", 0, principal.email, _source(), row.id,
-                         {}, f"item {item_id} downloaded"))
+    hub.audit(
+        AuditEvent(
+            "instances-transferred",
+            "R",
+            0,
+            principal.email,
+            _source(),
+            row.id,
+            {},
+            f"item {item_id} downloaded",
+        )
+    )
     response = Response(stream_with_context(body), mimetype=item.media_type)
     response.headers["Content-Length"] = str(item.size)
     response.headers["X-Emix-SHA256"] = item.sha256
@@ -288,11 +342,19 @@ def download_zip(package_id: str) -> Response:
     from emix_core.layout import item_relative_path
 
     for item in items:
-        archive.add(
-            _lazy(hub, row, item.id), item_relative_path(item), size=item.size
+        archive.add(_lazy(hub, row, item.id), item_relative_path(item), size=item.size)
+    hub.audit(
+        AuditEvent(
+            "instances-transferred",
+            "R",
+            0,
+            principal.email,
+            _source(),
+            row.id,
+            {},
+            f"zip of {len(items)} items downloaded",
         )
-    hub.audit(AuditEvent("instances-transferred", "R", 0, principal.email, _source(), row.id,
-                         {}, f"zip of {len(items)} items downloaded"))
+    )
     response = Response(stream_with_context(archive), mimetype="application/zip")
     response.headers["Content-Length"] = str(len(archive))
     response.headers["Content-Disposition"] = f'attachment; filename="emix-{row.id}.zip"'
@@ -328,7 +390,16 @@ def receipt(package_id: str) -> Response:
         ):
             rec.delivered_at = utcnow()
             rec.receipt = json.dumps(signed)
-    hub.audit(AuditEvent("instances-transferred", "R", 0 if complete else 4, principal.email,
-                         _source(), row.id, {},
-                         "receipt: complete" if complete else "receipt: items differ"))
+    hub.audit(
+        AuditEvent(
+            "instances-transferred",
+            "R",
+            0 if complete else 4,
+            principal.email,
+            _source(),
+            row.id,
+            {},
+            "receipt: complete" if complete else "receipt: items differ",
+        )
+    )
     return jsonify({"id": row.id, "receipt": "stored", "complete": complete})

@@ -160,8 +160,9 @@ def _record_failure(source: str) -> None:
         count = session.scalar(
             select(func.count())
             .select_from(LoginFailure)
-            .where(LoginFailure.source == source,
-                   LoginFailure.time > utcnow() - timedelta(minutes=1))
+            .where(
+                LoginFailure.source == source, LoginFailure.time > utcnow() - timedelta(minutes=1)
+            )
         )
     outcome = 4
     if count and count >= hub.config.hub.max_failed_logins:

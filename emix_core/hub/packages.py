@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from emix_core import crypto
 from emix_core.errors import (
-    ConflictError,
     IntegrityError,
     InvalidInput,
     NotFoundError,
@@ -93,7 +92,9 @@ def load_package(session: Session, package_id: str) -> tuple[PackageRow, Package
     ):
         facility = session.get(Facility, rec.facility_id)
         member = session.get(Member, rec.member_id) if rec.member_id else None
-        recipients.append(Recipient(facility=facility.address, email=member.email if member else None))
+        recipients.append(
+            Recipient(facility=facility.address, email=member.email if member else None)
+        )
     package = Package(
         id=row.id,
         sender=sender.address if sender else "",
@@ -238,8 +239,7 @@ def check_manifest(
     except (TypeError, AttributeError) as exc:
         raise InvalidInput("manifest items are malformed") from exc
     stored = {
-        r.item_id: r
-        for r in session.scalars(select(ItemRow).where(ItemRow.package_id == row.id))
+        r.item_id: r for r in session.scalars(select(ItemRow).where(ItemRow.package_id == row.id))
     }
     if not items:
         raise InvalidInput("a package needs at least one item")

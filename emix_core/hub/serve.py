@@ -24,7 +24,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_listener(host: str, tls_cert: str | None, tls_key: str | None, behind_proxy: bool) -> None:
+def check_listener(
+    host: str, tls_cert: str | None, tls_key: str | None, behind_proxy: bool
+) -> None:
     """Refuse to listen beyond loopback without TLS, unless a TLS proxy is in front."""
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("give both --tls-cert and --tls-key")

@@ -42,8 +42,9 @@ def index() -> str:
 
 @bp.get("/packages/<package_id>")
 def package_page(package_id: str) -> str:
-    return render_template_string(PAGE, package_id=check_package_id(package_id),
-                                  version=__version__)
+    return render_template_string(
+        PAGE, package_id=check_package_id(package_id), version=__version__
+    )
 
 
 @bp.get("/healthz")

@@ -1,0 +1,33 @@
+# emix — two commands for a newcomer:
+#   make demo    install into .venv and run the demo (hub + two facilities on this machine)
+#   make test    install everything (Debian packages too, when run as root) and run the tests
+
+PYTHON ?= python3
+VENV   := .venv
+PIP    := $(VENV)/bin/pip
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+
+.PHONY: install demo test system-deps lint bench
+
+$(VENV)/.installed: pyproject.toml $(PLUGINS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/emix demo
+
+system-deps:
+	bash .ci/system-deps
+
+test: system-deps install
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: system-deps install
+	$(VENV)/bin/python benchmarks/run.py
