@@ -10,17 +10,18 @@ from sqlalchemy import select
 
 from emix_core import crypto
 from emix_core.errors import ConflictError, InvalidInput, NotFoundError
-from emix_core.hub.api_packages import _source, json_body
+from emix_core.hub.api_packages import json_body
 from emix_core.hub.auth import (
-    TooManyAttempts,
-    _record_failure,
+    check_throttle,
+    client_source,
     current_principal,
     hash_secret,
     issue_token,
+    record_failed_sign_in,
     require,
 )
 from emix_core.model import AuditEvent, utcnow
-from emix_core.store.db import Facility, LoginFailure, Member, Token
+from emix_core.store.db import Facility, Member, Token
 
 bp = Blueprint("facilities", __name__, url_prefix="/api/v1")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
@@ -104,7 +105,7 @@ def register_key() -> tuple[Response, int]:
                 "U",
                 0,
                 principal.email,
-                _source(),
+                client_source(),
                 None,
                 {},
                 f"signing key registered for facility {principal_facility}",
@@ -147,7 +148,7 @@ def add_member() -> tuple[Response, int]:
             "C",
             0,
             principal.email,
-            _source(),
+            client_source(),
             None,
             {},
             f"member added to facility {principal.facility}",
@@ -160,13 +161,8 @@ def add_member() -> tuple[Response, int]:
 def confirm_member() -> Response:
     """New-recipient confirmation: the emailed code is exchanged for an API token once."""
     hub = _hub()
-    source = _source()
-    with hub.db.session() as session:
-        recent = len(
-            session.scalars(select(LoginFailure).where(LoginFailure.source == source)).all()
-        )
-    if recent >= hub.config.hub.max_failed_logins:
-        raise TooManyAttempts("too many failed confirmations from this address; wait a minute")
+    source = client_source()
+    check_throttle(source)
     code = str(json_body().get("code", ""))[:100]
     with hub.db.session() as session:
         member = session.scalar(select(Member).where(Member.confirm_code_hash == hash_secret(code)))
@@ -178,7 +174,7 @@ def confirm_member() -> Response:
             token = issue_token(session, member, days=hub.config.hub.token_days, label="confirmed")
             email = member.email
     if member is None:
-        _record_failure(source)
+        record_failed_sign_in(source)
         raise NotFoundError("unknown or already used confirmation code")
     hub.audit(
         AuditEvent(
@@ -213,7 +209,7 @@ def remove_member(member_id: int) -> Response:
             "D",
             0,
             principal.email,
-            _source(),
+            client_source(),
             None,
             {},
             "member removed; tokens revoked",
@@ -234,7 +230,14 @@ def revoke_current() -> Response:
         row.revoked_at = utcnow()
     _hub().audit(
         AuditEvent(
-            "user-authentication", "E", 0, principal.email, _source(), None, {}, "token revoked"
+            "user-authentication",
+            "E",
+            0,
+            principal.email,
+            client_source(),
+            None,
+            {},
+            "token revoked",
         )
     )
     return jsonify({"revoked": True})

@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import zipstream
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from emix_core import crypto
-from emix_core.errors import ConflictError, IntegrityError, InvalidInput, PayloadTooLarge
+from emix_core.archive import package_zip
+from emix_core.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInput,
+    NotFoundError,
+    PayloadTooLarge,
+)
 from emix_core.hub import packages as svc
-from emix_core.hub.auth import current_principal, require
-from emix_core.model import AuditEvent, utcnow
+from emix_core.hub.auth import client_source, current_principal, is_allowed, require
+from emix_core.model import AuditEvent, Recipient, utcnow
 from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
 
 bp = Blueprint("packages", __name__, url_prefix="/api/v1")
@@ -32,10 +39,6 @@ def json_body() -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
     return data
-
-
-def _source() -> str:
-    return (request.remote_addr or "")[:64]
 
 
 @bp.post("/packages")
@@ -61,7 +64,7 @@ def create() -> tuple[Response, int]:
             "C",
             0,
             principal.email,
-            _source(),
+            client_source(),
             row.id,
             {},
             f"package opened for {len(to)} recipient(s)",
@@ -141,7 +144,7 @@ def seal(package_id: str) -> Response:
             "C",
             0,
             principal.email,
-            _source(),
+            client_source(),
             row.id,
             phi,
             f"package sealed: {len(items)} items stored",
@@ -158,9 +161,8 @@ def seal(package_id: str) -> Response:
     return jsonify({"id": row.id, "state": "sealed", "checkpoint": checkpoint})
 
 
-def _notify_addresses(session, package_id: str):  # type: ignore[no-untyped-def]
-    from emix_core.model import Recipient
-
+def _notify_addresses(session: Session, package_id: str) -> list[tuple[Recipient, str]]:
+    """Who to mail: the addressed member, or the admin of an addressed facility."""
     out = []
     for rec in session.scalars(
         select(PackageRecipient).where(PackageRecipient.package_id == package_id)
@@ -194,7 +196,7 @@ def inbox() -> Response:
             expires = row.expires if row.expires.tzinfo else row.expires.replace(tzinfo=now.tzinfo)
             if expires < now:
                 continue
-            if not _allowed(principal, "package:read", package):
+            if not is_allowed(principal, "package:read", package):
                 continue
             delivered = session.scalar(
                 select(PackageRecipient.delivered_at).where(
@@ -222,19 +224,13 @@ def inbox() -> Response:
             "E",
             0,
             principal.email,
-            _source(),
+            client_source(),
             None,
             {},
             f"inbox listed ({len(listing)} packages)",
         )
     )
     return jsonify({"packages": listing})
-
-
-def _allowed(principal, action, resource) -> bool:  # type: ignore[no-untyped-def]
-    from emix_core.hub.auth import is_allowed
-
-    return is_allowed(principal, action, resource)
 
 
 @bp.get("/packages/<package_id>")
@@ -272,8 +268,6 @@ def _readable(package_id: str, action: str = "package:read"):  # type: ignore[no
         row, package = svc.load_package(session, package_id)
     principal = require(action, package)
     if row.state != "sealed":
-        from emix_core.errors import NotFoundError
-
         raise NotFoundError("not found")
     return hub, row, package, principal
 
@@ -284,7 +278,14 @@ def manifest(package_id: str) -> Response:
     data = b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB))
     hub.audit(
         AuditEvent(
-            "instances-accessed", "R", 0, principal.email, _source(), row.id, {}, "manifest read"
+            "instances-accessed",
+            "R",
+            0,
+            principal.email,
+            client_source(),
+            row.id,
+            {},
+            "manifest read",
         )
     )
     return Response(data, mimetype="application/json")
@@ -308,8 +309,6 @@ def download_item(package_id: str, item_id: int) -> Response:
     with hub.db.session() as session:
         item = session.get(ItemRow, (row.id, item_id))
     if item is None:
-        from emix_core.errors import NotFoundError
-
         raise NotFoundError("not found")
     body = _item_stream(hub, row, item_id)
     hub.audit(
@@ -318,7 +317,7 @@ def download_item(package_id: str, item_id: int) -> Response:
             "R",
             0,
             principal.email,
-            _source(),
+            client_source(),
             row.id,
             {},
             f"item {item_id} downloaded",
@@ -335,21 +334,15 @@ def download_zip(package_id: str) -> Response:
     """The whole package as one zip (entries stored, Zip64), streamed."""
     hub, row, _package, principal = _readable(package_id)
     signed = json.loads(b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB)))
-    items = [svc.Item.from_dict(e) for e in signed["document"]["items"]]
-    archive = zipstream.ZipStream(compress_type=zipstream.ZIP_STORED, sized=True)
-    manifest_bytes = crypto.canonical_json(signed)
-    archive.add([manifest_bytes], "emix-manifest.json", size=len(manifest_bytes))
-    from emix_core.layout import item_relative_path
-
-    for item in items:
-        archive.add(_lazy(hub, row, item.id), item_relative_path(item), size=item.size)
+    archive = package_zip(signed, lambda item: svc.read_item(hub, row, item.id))
+    items = signed["document"]["items"]
     hub.audit(
         AuditEvent(
             "instances-transferred",
             "R",
             0,
             principal.email,
-            _source(),
+            client_source(),
             row.id,
             {},
             f"zip of {len(items)} items downloaded",
@@ -359,10 +352,6 @@ def download_zip(package_id: str) -> Response:
     response.headers["Content-Length"] = str(len(archive))
     response.headers["Content-Disposition"] = f'attachment; filename="emix-{row.id}.zip"'
     return response
-
-
-def _lazy(hub, row, item_id):  # type: ignore[no-untyped-def]
-    yield from svc.read_item(hub, row, item_id)
 
 
 @bp.post("/packages/<package_id>/receipt")
@@ -396,7 +385,7 @@ def receipt(package_id: str) -> Response:
             "R",
             0 if complete else 4,
             principal.email,
-            _source(),
+            client_source(),
             row.id,
             {},
             "receipt: complete" if complete else "receipt: items differ",

@@ -123,16 +123,13 @@ def require(action: str, resource: Any) -> Principal:
     return principal
 
 
-def _client_source() -> str:
+def client_source() -> str:
     return (request.remote_addr or "unknown")[:64]
 
 
-def current_principal() -> Principal:
-    """The authenticated caller of this request (401 if there is none)."""
-    if "principal" in g:
-        return g.principal
+def check_throttle(source: str) -> None:
+    """Refuse an address that failed to sign in too often in the last minute (429)."""
     hub = _hub()
-    source = _client_source()
     window = utcnow() - timedelta(minutes=1)
     with hub.db.session() as session:
         failures = session.scalar(
@@ -142,15 +139,24 @@ def current_principal() -> Principal:
         )
     if failures and failures >= hub.config.hub.max_failed_logins:
         raise TooManyAttempts("too many failed sign-ins from this address; wait a minute")
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of this request (401 if there is none)."""
+    if "principal" in g:
+        return g.principal
+    hub = _hub()
+    source = client_source()
+    check_throttle(source)
     principal = hub.pm.hook.emix_authenticate(request=request)
     if principal is None:
-        _record_failure(source)
+        record_failed_sign_in(source)
         raise AuthenticationError("authentication required")
     g.principal = principal
     return principal
 
 
-def _record_failure(source: str) -> None:
+def record_failed_sign_in(source: str) -> None:
     hub = _hub()
     with hub.db.session() as session:
         session.add(LoginFailure(source=source))
