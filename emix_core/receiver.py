@@ -9,6 +9,7 @@ what arrived.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -20,10 +21,13 @@ from typing import Any
 
 from emix_core import crypto
 from emix_core.client import HubClient
-from emix_core.errors import ConflictError, IntegrityError, UnsafePathError
+from emix_core.errors import ConflictError, EmixError, IntegrityError, UnsafePathError
 from emix_core.home import LocalHome
-from emix_core.layout import item_relative_path
+from emix_core.layout import DICOM_MEDIA_TYPE, item_relative_path
 from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
+from emix_core.reports.convert import context_from_studies, deliver_in_preferred_format
+
+log = logging.getLogger("emix.receive")
 
 RECEIPT_FORMAT = "emix-receipt/1"
 MANIFEST_NAME = "emix-manifest.json"
@@ -38,6 +42,8 @@ class ReceivedPackage:
     sender: str
     items: list[tuple[Item, Path]] = field(default_factory=list)
     studies: list[dict[str, Any]] = field(default_factory=list)
+    #: reports converted into the recipient's preferred format (originals kept beside)
+    converted: list[Path] = field(default_factory=list)
 
     @property
     def package(self) -> Package:
@@ -56,6 +62,7 @@ class ReceivedPackage:
             "from": self.sender,
             "items": len(self.items),
             "bytes": sum(i.size for i, _ in self.items),
+            "converted": [str(p) for p in self.converted],
         }
 
 
@@ -95,6 +102,35 @@ def _fetch(client: HubClient, package_id: str, item: Item, target: Path) -> None
         )
 
 
+def _reports_in_preferred_format(
+    home: LocalHome,
+    targets: list[tuple[Item, Path]],
+    studies: list[dict[str, Any]],
+    preferred: str,
+) -> list[Path]:
+    """Write each report's copy in the recipient's format beside the original.
+
+    A report that cannot be converted is kept as it came (never lost) and logged.
+    """
+    if not preferred:
+        return []
+    context = context_from_studies(studies)
+    converted = []
+    for item, path in targets:
+        if item.media_type == DICOM_MEDIA_TYPE:
+            continue
+        try:
+            copy = deliver_in_preferred_format(home.pm, path, preferred, context=context)
+        except EmixError as exc:
+            log.warning(
+                "item %s kept as sent; not converted to %s: %s", item.id, preferred, exc.message
+            )
+            continue
+        if copy is not None:
+            converted.append(copy)
+    return converted
+
+
 def receive_package(
     package_id: str,
     out_dir: Path,
@@ -131,6 +167,9 @@ def receive_package(
                 if progress:
                     progress(done, total)
         (staging / MANIFEST_NAME).write_bytes(crypto.canonical_json(signed))
+        converted = _reports_in_preferred_format(
+            home, targets, document.get("studies", []), me.get("report_format", "")
+        )
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,6 +180,7 @@ def receive_package(
         document["sender"],
         [(item, final / path.relative_to(staging)) for item, path in targets],
         document.get("studies", []),
+        [final / path.relative_to(staging) for path in converted],
     )
     home.register_key(client)
     receipt = {

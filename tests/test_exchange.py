@@ -139,3 +139,33 @@ def test_no_phi_in_plaintext_anywhere_under_the_hub_home(hub, mercy, lakeside, s
             data = path.read_bytes()
             for needle in needles:
                 assert needle not in data, f"PHI found in {path.relative_to(hub.home)}"
+
+
+def test_report_arrives_in_the_recipients_preferred_format_with_the_original_kept(
+    hub, mercy, lakeside, study_200, tmp_path
+):
+    from emix_core.samples import write_sample_report_txt
+
+    folder = tmp_path / "with-report"
+    folder.mkdir()
+    for p in sorted(study_200.rglob("*.dcm"))[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    write_sample_report_txt(folder / "report.txt", facility="Mercy General",
+                            accession_number="ACC-99120", patient_name="Müller^Hans",
+                            findings="Kein Nachweis einer Blutung.", impression="Unauffällig.")
+    package = emix_json("send", str(folder), "--to", "lakeside", env=mercy.env)["package"]
+    got = emix_json("receive", package, "--out", str(tmp_path / "in"), env=lakeside.env)
+    # lakeside prefers HL7 v2: the copy sits beside the untouched original
+    assert len(got["converted"]) == 1 and got["converted"][0].endswith(".hl7")
+    docs = tmp_path / "in" / package / "documents"
+    original = next(docs.glob("*report.txt"))
+    assert original.read_bytes() == (folder / "report.txt").read_bytes()
+    from hl7apy.parser import parse_message
+
+    message = parse_message(
+        (docs / got["converted"][0].rsplit("/", 1)[1]).read_bytes().decode("utf-8")
+        .replace("\n", "\r"),
+        find_groups=False,
+    )
+    assert message.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+    assert "Unauffällig." in message.to_er7()

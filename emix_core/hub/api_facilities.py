@@ -34,7 +34,12 @@ def _hub():  # type: ignore[no-untyped-def]
 @bp.get("/me")
 def me() -> Response:
     p = current_principal()
-    return jsonify({"facility": p.facility, "email": p.email, "role": p.role})
+    with _hub().db.session() as session:
+        facility = session.scalar(select(Facility).where(Facility.address == p.facility))
+        report_format = facility.report_format if facility else "pdf"
+    return jsonify(
+        {"facility": p.facility, "email": p.email, "role": p.role, "report_format": report_format}
+    )
 
 
 @bp.get("/hub")
