@@ -209,3 +209,14 @@ def test_error_messages_hold_no_phi(pm):
     assert "UID" in message
     for phi in ("SECRET", "DOE", "PID-7734", "ACC-1"):
         assert phi not in message
+
+
+def test_cda_attachment_over_the_xml_text_limit_is_a_clear_error_both_ways(pm):
+    from emix_core.reports.model import Attachment, Report
+
+    big = Report(findings="x", attachments=[Attachment("application/pdf", b"%" * 8_000_000)])
+    with pytest.raises(ReportFormatError, match="larger than 7 MB"):
+        render_report(pm, big, "cda")
+    xml = CDA_BODY.format(title="t", text="A" * 11_000_000)
+    with pytest.raises(ReportFormatError, match="10 MB limit"):
+        parse_cda(pm, xml)
