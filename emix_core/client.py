@@ -7,12 +7,12 @@ as the same typed errors the hub raised, with its message.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import requests
 
-from emix_core import errors
+from emix_core import errors, frames
 from emix_core.errors import ConfigError, EmixError, HubUnavailable
 
 CHUNK = 1024 * 1024
@@ -30,6 +30,14 @@ _BY_CODE = {
         errors.NotDicomError,
     )
 }
+
+
+class _BulkAdapter(requests.adapters.HTTPAdapter):
+    """Sends request bodies in 1 MiB blocks instead of urllib3's 16 KiB."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["blocksize"] = CHUNK
+        super().init_poolmanager(*args, **kwargs)
 
 
 class HubClient:
@@ -55,7 +63,7 @@ class HubClient:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self.session.headers["User-Agent"] = "emix"
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+        adapter = _BulkAdapter(pool_connections=4, pool_maxsize=16)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.timeout = timeout
@@ -148,6 +156,26 @@ class HubClient:
             },
         )
 
+    def upload_batch(
+        self,
+        package_id: str,
+        items: Sequence[frames.OutgoingItem],
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[dict[int, str], dict[int, str]]:
+        """Stream many files in one request, each file read once.
+
+        :return: ``({id: sha256}, {id: error})`` for the stored and the refused items.
+        """
+        body = frames.BatchReader(items, progress)
+        answer = self._json(
+            "POST",
+            f"/packages/{package_id}/items",
+            data=body,
+            headers={"Content-Type": frames.MEDIA_TYPE},
+        )
+        stored, failed = frames.results(answer)
+        return {i: body.digests[i] for i in stored}, failed
+
     def seal(self, package_id: str, signed_manifest: dict[str, Any]) -> dict[str, Any]:
         return self._json("POST", f"/packages/{package_id}/seal", json=signed_manifest)
 
@@ -156,6 +184,10 @@ class HubClient:
 
     def inbox(self) -> list[dict[str, Any]]:
         return self._json("GET", "/inbox")["packages"]
+
+    def inbox_cursor(self) -> str:
+        """A fingerprint of the inbox that changes when a package arrives (cheap to poll)."""
+        return str(self._json("GET", "/inbox/cursor")["cursor"])
 
     def manifest(self, package_id: str) -> dict[str, Any]:
         return json.loads(self._request("GET", f"/packages/{package_id}/manifest").content)

@@ -7,6 +7,7 @@ reason and the rest goes on. Files are streamed from disk; memory stays flat.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emix_core import crypto
+from emix_core import crypto, frames
 from emix_core.client import HubClient
 from emix_core.dicom import DicomInstance
 from emix_core.documents import classify
@@ -24,6 +25,9 @@ from emix_core.layout import DICOM_MEDIA_TYPE
 from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
 
 MANIFEST_FORMAT = "emix-manifest/1"
+#: Upload batches: up to this many bytes or items per request.
+BATCH_BYTES = 32 * 1024 * 1024
+BATCH_ITEMS = 512
 SKIPPED_NAMES = frozenset({"DICOMDIR", ".DS_Store", "Thumbs.db", "desktop.ini"})
 
 Progress = Callable[[int, int], None]
@@ -45,7 +49,6 @@ class PreparedFile:
     path: Path
     media_type: str
     size: int
-    sha256: str
     instance: DicomInstance | None = None
 
 
@@ -90,11 +93,11 @@ def iter_files(paths: Iterable[Path], skipped: list[Path]) -> Iterable[Path]:
 
 
 def prepare_file(path: Path) -> PreparedFile:
-    """Classify (DICOM by content, or a known document) and hash one file."""
+    """Classify one file (DICOM by content, or a known document); its hash comes later."""
     if path.is_symlink() or not path.is_file():
         raise EmixError(f"{path.name}: not a regular file (links and devices are not sent)")
     media_type, instance = classify(path)
-    return PreparedFile(path, media_type, path.stat().st_size, crypto.sha256_file(path), instance)
+    return PreparedFile(path, media_type, path.stat().st_size, instance)
 
 
 def summarize_studies(prepared: Sequence[PreparedFile]) -> list[dict[str, Any]]:
@@ -134,7 +137,7 @@ def _item(item_id: int, p: PreparedFile) -> Item:
         name=p.path.name,
         media_type=p.media_type,
         size=p.size,
-        sha256=p.sha256,
+        sha256="",  # known once uploaded: the file is hashed as it streams
         study_uid=inst.study_uid if inst else None,
         series_uid=inst.series_uid if inst else None,
         sop_instance_uid=inst.sop_instance_uid if inst else None,
@@ -223,39 +226,8 @@ def send_paths(
         )
     )
 
-    uploaded: list[Item] = []
-    total = sum(i.size for i in items)
-    done = 0
-
-    def upload(item: Item, p: PreparedFile) -> Item:
-        def attempt() -> None:
-            with open(p.path, "rb") as handle:
-                client.upload_item(
-                    package_id,
-                    item.id,
-                    handle,
-                    size=item.size,
-                    sha256=item.sha256,
-                    media_type=item.media_type,
-                )
-
-        _with_retry(attempt)
-        return item
-
-    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-        futures = {pool.submit(upload, item, p): p for item, p in zip(items, prepared, strict=True)}
-        for future in as_completed(futures):
-            p = futures[future]
-            try:
-                uploaded.append(future.result())
-                result.sent.append(p.path)
-            except EmixError as exc:
-                result.failed.append(FailedInput(p.path, exc.message))
-            except OSError as exc:
-                result.failed.append(FailedInput(p.path, f"cannot read the file ({exc.strerror})"))
-            done += p.size
-            if progress:
-                progress(done, total)
+    by_id = {item.id: (item, p) for item, p in zip(items, prepared, strict=True)}
+    uploaded = _upload(client, package_id, by_id, result, parallel, progress)
     if not uploaded:
         return result
     uploaded.sort(key=lambda i: i.id)
@@ -297,6 +269,84 @@ def send_paths(
     result.bytes = sum(i.size for i in uploaded)
     result.seconds = time.monotonic() - started
     return result
+
+
+def batches(items: Sequence[Item], max_bytes: int = BATCH_BYTES) -> list[list[Item]]:
+    """Group items into upload batches of at most ``max_bytes`` (or one large item)."""
+    groups: list[list[Item]] = []
+    size = 0
+    for item in items:
+        if not groups or size + item.size > max_bytes or len(groups[-1]) >= BATCH_ITEMS:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.size
+    return groups
+
+
+def _upload(
+    client: HubClient,
+    package_id: str,
+    by_id: dict[int, tuple[Item, PreparedFile]],
+    result: SendResult,
+    parallel: int,
+    progress: Progress | None,
+) -> list[Item]:
+    """Upload every item in parallel batches; a failing batch is retried item by item."""
+    total = sum(item.size for item, _ in by_id.values())
+    done = 0
+    lock = threading.Lock()
+
+    def advance(count: int) -> None:
+        nonlocal done
+        with lock:
+            done += count
+            if progress:
+                progress(done, total)
+
+    def send_batch(batch: list[Item]) -> tuple[dict[int, str], dict[int, str]]:
+        outgoing = [
+            frames.OutgoingItem(i.id, by_id[i.id][1].path, i.size, i.media_type) for i in batch
+        ]
+        try:
+            return _with_retry(lambda: client.upload_batch(package_id, outgoing, advance))
+        except (EmixError, OSError):
+            return _one_by_one(batch)
+
+    def _one_by_one(batch: list[Item]) -> tuple[dict[int, str], dict[int, str]]:
+        stored: dict[int, str] = {}
+        failed: dict[int, str] = {}
+        for item in batch:
+            path = by_id[item.id][1].path
+            try:
+                sha256 = crypto.sha256_file(path)
+                with open(path, "rb") as handle:
+                    client.upload_item(
+                        package_id,
+                        item.id,
+                        handle,
+                        size=item.size,
+                        sha256=sha256,
+                        media_type=item.media_type,
+                    )
+                stored[item.id] = sha256
+            except EmixError as exc:
+                failed[item.id] = exc.message
+            except OSError as exc:
+                failed[item.id] = f"cannot read the file ({exc.strerror or exc})"
+        return stored, failed
+
+    uploaded: list[Item] = []
+    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+        for stored, failed in pool.map(send_batch, batches([i for i, _ in by_id.values()])):
+            for item_id, sha256 in stored.items():
+                item, prepared = by_id[item_id]
+                item.sha256 = sha256
+                uploaded.append(item)
+                result.sent.append(prepared.path)
+            for item_id, error in failed.items():
+                result.failed.append(FailedInput(by_id[item_id][1].path, error))
+    return uploaded
 
 
 __all__ = ["send_paths", "SendResult", "FailedInput", "PolicyRejected", "DICOM_MEDIA_TYPE"]

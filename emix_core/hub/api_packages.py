@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from emix_core import crypto
+from emix_core import crypto, frames
 from emix_core.archive import package_zip
 from emix_core.errors import (
     ConflictError,
@@ -73,41 +73,93 @@ def create() -> tuple[Response, int]:
     return jsonify(body), 201
 
 
-@bp.put("/packages/<package_id>/items/<int:item_id>")
-def upload_item(package_id: str, item_id: int) -> tuple[Response, int]:
+def _writable(package_id: str) -> PackageRow:
     hub = _hub()
     with hub.db.session() as session:
         row, package = svc.load_package(session, package_id)
     require("package:write", package)
     if row.state != "open":
         raise ConflictError("package is already sealed; create a new package")
-    if request.content_length is None:
+    return row
+
+
+@bp.put("/packages/<package_id>/items/<int:item_id>")
+def upload_item(package_id: str, item_id: int) -> tuple[Response, int]:
+    """One item, streamed; ``X-Emix-SHA256`` declares its digest."""
+    hub = _hub()
+    row = _writable(package_id)
+    size = request.content_length
+    if size is None:
         raise InvalidInput("Content-Length is required for item uploads")
-    media_type = (request.content_type or "application/octet-stream").split(";")[0][:100]
-    svc.store_item(
-        hub,
-        row,
-        item_id,
-        request.stream,
-        size=request.content_length,
-        sha256=request.headers.get("X-Emix-SHA256", "").lower(),
-        media_type=media_type,
-    )
     with hub.db.session() as session:
-        existing = session.get(ItemRow, (row.id, item_id))
-        if existing is not None:
-            session.delete(existing)
-            session.flush()
-        session.add(
-            ItemRow(
-                package_id=row.id,
-                item_id=item_id,
-                size=request.content_length,
-                sha256=request.headers["X-Emix-SHA256"].lower(),
-                media_type=media_type,
-            )
+        svc.check_item_size(hub, size, svc.stored_bytes(session, row.id))
+    sha256 = request.headers.get("X-Emix-SHA256", "").lower()
+    media_type = (request.content_type or "application/octet-stream").split(";")[0][:100]
+    svc.store_item(hub, row, item_id, request.stream, size=size, sha256=sha256)
+    with hub.db.session() as session:
+        svc.record_items(
+            session,
+            row.id,
+            [
+                ItemRow(
+                    package_id=row.id,
+                    item_id=item_id,
+                    size=size,
+                    sha256=sha256,
+                    media_type=media_type,
+                )
+            ],
         )
     return jsonify({"package": row.id, "item": item_id, "stored": True}), 201
+
+
+@bp.post("/packages/<package_id>/items")
+def upload_batch(package_id: str) -> tuple[Response, int]:
+    """Many items in one streamed body (:mod:`emix_core.frames`); each digest follows its bytes.
+
+    Items whose bytes do not match their digest are listed as failed and not stored;
+    the rest of the batch is.
+    """
+    hub = _hub()
+    row = _writable(package_id)
+    if (request.content_type or "").split(";")[0] != frames.MEDIA_TYPE:
+        raise InvalidInput(f"batch uploads must be sent as {frames.MEDIA_TYPE}")
+    stream = request.stream
+    stored: list[ItemRow] = []
+    failed: list[dict[str, Any]] = []
+    with hub.db.session() as session:
+        package_bytes = svc.stored_bytes(session, row.id)
+    try:
+        while (header := frames.read_header(stream)) is not None:
+            svc.check_item_size(hub, header.size, package_bytes)
+            digest, writer = svc.write_item(hub, row, header.id, stream, size=header.size)
+            declared = frames.read_exactly(stream, frames.DIGEST_SIZE)
+            if declared.hex() != digest:
+                writer.abort()
+                failed.append(
+                    {
+                        "id": header.id,
+                        "error": "bytes do not match their SHA-256; "
+                        "not stored, send the item again",
+                    }
+                )
+                continue
+            writer.commit()
+            package_bytes += header.size
+            stored.append(
+                ItemRow(
+                    package_id=row.id,
+                    item_id=header.id,
+                    size=header.size,
+                    sha256=digest,
+                    media_type=header.media_type,
+                )
+            )
+    finally:  # what was stored before an error stays recorded, durably
+        hub.blobs.sync(row.id)
+        with hub.db.session() as session:
+            svc.record_items(session, row.id, stored)
+    return jsonify({"stored": [i.item_id for i in stored], "failed": failed}), 201
 
 
 @bp.post("/packages/<package_id>/seal")

@@ -28,9 +28,9 @@ def create_app(home: str | Path | None = None, pm: pluggy.PluginManager | None =
 
 
 def _register_blueprints(app: Flask, hub: Hub) -> None:
-    from emix_core.hub import api_audit, api_facilities, api_packages, web
+    from emix_core.hub import api_audit, api_facilities, api_inbox_cursor, api_packages, web
 
-    for bp in (api_packages.bp, api_facilities.bp, api_audit.bp, web.bp):
+    for bp in (api_packages.bp, api_inbox_cursor.bp, api_facilities.bp, api_audit.bp, web.bp):
         app.register_blueprint(bp)
 
     def register(blueprint, url_prefix: str | None = None) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any, BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from emix_core import crypto
@@ -140,27 +140,35 @@ def create_package(
     return row
 
 
-def store_item(
-    hub: Hub,
-    row: PackageRow,
-    item_id: int,
-    body: BinaryIO,
-    *,
-    size: int,
-    sha256: str,
-    media_type: str,
-) -> None:
-    """Stream one item into the blob store, encrypted; commit only if the SHA-256 matches."""
+def stored_bytes(session: Session, package_id: str) -> int:
+    """Bytes of the items stored so far for a package."""
+    return session.scalar(
+        select(func.coalesce(func.sum(ItemRow.size), 0)).where(ItemRow.package_id == package_id)
+    )
+
+
+def check_item_size(hub: Hub, size: int, package_bytes: int) -> None:
+    """413 when an item, or the package with it, would exceed the hub's limits.
+
+    :param package_bytes: bytes the package already holds.
+    """
+    limits = hub.config.hub
+    if size > limits.max_item_bytes:
+        raise PayloadTooLarge(
+            f"item of {size} bytes exceeds the hub's limit of {limits.max_item_bytes}"
+        )
+    if package_bytes + size > limits.max_package_bytes:
+        raise PayloadTooLarge("package exceeds the hub's size limit; split it")
+
+
+def write_item(hub: Hub, row: PackageRow, item_id: int, body: BinaryIO, *, size: int):  # type: ignore[no-untyped-def]
+    """Stream ``size`` bytes of one item into the blob store, encrypted, not yet committed.
+
+    :return: the plaintext's SHA-256 (hex) and the blob writer; the caller commits it
+        only if the digest is the expected one, and aborts it otherwise.
+    """
     if not 1 <= item_id <= MAX_ITEMS:
         raise InvalidInput("item id out of range")
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise InvalidInput("X-Emix-SHA256 must be the lowercase hex SHA-256 of the item")
-    if size > hub.config.hub.max_item_bytes:
-        raise PayloadTooLarge(
-            f"item of {size} bytes exceeds the hub's limit of {hub.config.hub.max_item_bytes}"
-        )
-    if row.total_size + size > hub.config.hub.max_package_bytes:
-        raise PayloadTooLarge("package exceeds the hub's size limit; split it")
     key = crypto.derive_item_key(data_key(hub, row), row.id, item_id)
     encryptor = crypto.StreamEncryptor(key, crypto.item_associated_data(row.id, item_id))
     digest = hashlib.sha256()
@@ -178,14 +186,34 @@ def store_item(
         writer.write(encryptor.finalize())
         if received != size:
             raise IntegrityError("upload ended early; nothing was stored, send the item again")
-        if digest.hexdigest() != sha256:
-            raise IntegrityError(
-                "uploaded bytes do not match the declared SHA-256; nothing was stored"
-            )
     except BaseException:
         writer.abort()
         raise
+    return digest.hexdigest(), writer
+
+
+def store_item(
+    hub: Hub, row: PackageRow, item_id: int, body: BinaryIO, *, size: int, sha256: str
+) -> None:
+    """Store one item; commit only if its bytes match the declared SHA-256."""
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise InvalidInput("X-Emix-SHA256 must be the lowercase hex SHA-256 of the item")
+    digest, writer = write_item(hub, row, item_id, body, size=size)
+    if digest != sha256:
+        writer.abort()
+        raise IntegrityError("uploaded bytes do not match the declared SHA-256; nothing was stored")
     writer.commit()
+    hub.blobs.sync(row.id)
+
+
+def record_items(session: Session, package_id: str, rows: list[ItemRow]) -> None:
+    """Record stored items (replacing an earlier upload of the same item id)."""
+    for item in rows:
+        existing = session.get(ItemRow, (package_id, item.item_id))
+        if existing is not None:
+            session.delete(existing)
+    session.flush()
+    session.add_all(rows)
 
 
 def read_item(hub: Hub, row: PackageRow, item_id: int | str) -> Iterator[bytes]:
@@ -205,6 +233,7 @@ def put_small_blob(hub: Hub, row: PackageRow, name: str, data: bytes) -> None:
         writer.abort()
         raise
     writer.commit()
+    hub.blobs.sync(row.id)
 
 
 def seal_summary(hub: Hub, row: PackageRow, summary: dict[str, Any]) -> bytes:

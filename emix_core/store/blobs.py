@@ -35,6 +35,7 @@ class BlobStore(Protocol):
     def read(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
     def size(self, key: str) -> int: ...
     def exists(self, key: str) -> bool: ...
+    def sync(self, prefix: str) -> None: ...
     def delete_prefix(self, prefix: str) -> int: ...
 
 
@@ -63,11 +64,12 @@ class _FileWriter:
         self.file.write(data)
 
     def commit(self) -> None:
+        """Make the blob durable and visible; :meth:`FilesystemBlobStore.sync` then
+        makes the rename itself durable (once for many blobs)."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.temp, self.final)
-        _fsync_dir(self.final.parent)
 
     def abort(self) -> None:
         self.file.close()
@@ -102,6 +104,12 @@ class FilesystemBlobStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    def sync(self, prefix: str) -> None:
+        """Make committed blobs under a prefix durable (their renames included)."""
+        folder = self._path(prefix)
+        if folder.is_dir():
+            _fsync_dir(folder)
 
     def delete_prefix(self, prefix: str) -> int:
         folder = self._path(prefix)
