@@ -423,3 +423,16 @@ def test_batch_upload_refuses_a_frame_whose_bytes_do_not_match_and_keeps_the_res
     junk = requests.post(f"{hub.url}/api/v1/packages/{package}/items", data=b"GARBAGE" * 10,
                          headers={**auth(mercy.token), "Content-Type": frames.MEDIA_TYPE})
     assert junk.status_code == 400 and "malformed" in junk.json()["message"]
+
+
+def test_revoked_and_expired_tokens_are_refused(hub, mercy, lakeside):
+    assert requests.get(f"{hub.url}/api/v1/me", headers=auth(mercy.token)).status_code == 200
+    r = requests.delete(f"{hub.url}/api/v1/tokens/current", headers=auth(mercy.token))
+    assert r.status_code == 200
+    assert requests.get(f"{hub.url}/api/v1/me", headers=auth(mercy.token)).status_code == 401
+    db = sqlite3.connect(hub.home / "metadata.db")
+    stored = [row[0] for row in db.execute("select token_hash from tokens")]
+    assert lakeside.token not in stored  # only hashes are kept
+    db.execute("update tokens set expires = '2001-01-01 00:00:00.000000'")
+    db.commit()
+    assert requests.get(f"{hub.url}/api/v1/me", headers=auth(lakeside.token)).status_code == 401
