@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import requests
+import urllib3
 
 from emix_core import errors, frames
 from emix_core.errors import ConfigError, EmixError, HubUnavailable
@@ -197,6 +198,34 @@ class HubClient:
         try:
             yield from response.iter_content(CHUNK)
         except requests.RequestException as exc:
+            raise errors.IntegrityError(
+                "the download was cut off by the hub (integrity check failed or connection "
+                "lost); nothing was written"
+            ) from exc
+        finally:
+            response.close()
+
+    def download_batch(
+        self,
+        package_id: str,
+        first: int,
+        last: int,
+        open_target: Callable[[frames.FrameHeader], BinaryIO],
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[int, str]:
+        """Fetch items ``first``..``last`` in one stream, each written where ``open_target`` says.
+
+        :return: ``{id: sha256}`` of what arrived.
+        """
+        response = self._request(
+            "GET",
+            f"/packages/{package_id}/stream",
+            params={"first": first, "last": last},
+            stream=True,
+        )
+        try:
+            return frames.receive_frames(response.raw, open_target, progress)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise errors.IntegrityError(
                 "the download was cut off by the hub (integrity check failed or connection "
                 "lost); nothing was written"

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from emix_core.errors import InvalidInput
 
@@ -28,6 +28,9 @@ FRAME_MAGIC = b"EMXI"
 END_MAGIC = b"EMXE"
 MAX_HEADER = 4096
 DIGEST_SIZE = 32
+#: Batches carry up to this many bytes or items per request.
+BATCH_BYTES = 32 * 1024 * 1024
+BATCH_ITEMS = 512
 
 
 @dataclass
@@ -40,6 +43,11 @@ class FrameHeader:
 def encode_header(item_id: int, size: int, media_type: str) -> bytes:
     header = json.dumps({"id": item_id, "size": size, "media_type": media_type}).encode()
     return FRAME_MAGIC + struct.pack(">I", len(header)) + header
+
+
+def frame_size(item_id: int, size: int, media_type: str) -> int:
+    """Bytes one frame takes: header, item bytes, digest."""
+    return len(encode_header(item_id, size, media_type)) + size + DIGEST_SIZE
 
 
 def read_exactly(stream: BinaryIO, size: int) -> bytes:
@@ -74,6 +82,26 @@ def read_header(stream: BinaryIO) -> FrameHeader | None:
     return header
 
 
+class Sized(Protocol):
+    size: int
+
+
+T = TypeVar("T", bound=Sized)
+
+
+def batches(items: Sequence[T], max_bytes: int = BATCH_BYTES) -> list[list[T]]:
+    """Group items, in order, into batches of at most ``max_bytes`` (or one large item)."""
+    groups: list[list[T]] = []
+    size = 0
+    for item in items:
+        if not groups or size + item.size > max_bytes or len(groups[-1]) >= BATCH_ITEMS:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.size
+    return groups
+
+
 @dataclass
 class OutgoingItem:
     """One file to send in a batch."""
@@ -101,10 +129,9 @@ class BatchReader:
         self._parts = self._generate()
         self._buffer = b""
         self._offset = 0
-        self._length = sum(
-            len(encode_header(i.id, i.size, i.media_type)) + i.size + DIGEST_SIZE
-            for i in self.items
-        ) + len(END_MAGIC)
+        self._length = sum(frame_size(i.id, i.size, i.media_type) for i in self.items) + len(
+            END_MAGIC
+        )
 
     def __len__(self) -> int:
         return self._length
@@ -143,6 +170,51 @@ class BatchReader:
             wanted -= len(take)
             out.append(take)
         return b"".join(out)
+
+
+def receive_frames(
+    stream: BinaryIO,
+    open_target: Callable[[FrameHeader], BinaryIO],
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, str]:
+    """Write each frame of a batch stream to the file ``open_target`` gives for it.
+
+    :return: ``{id: sha256}`` of the bytes actually received (compare them with the
+        signed manifest; the digest the sender put after each frame is checked too).
+    :raises IntegrityError: the stream ended early or a frame's digest does not match.
+    """
+    from emix_core.errors import IntegrityError
+
+    digests: dict[int, str] = {}
+    while (header := _next_header(stream)) is not None:
+        digest = hashlib.sha256()
+        remaining = header.size
+        target = open_target(header)
+        while remaining:
+            chunk = stream.read(min(1024 * 1024, remaining))
+            if not chunk:
+                raise IntegrityError(
+                    "the download was cut off (integrity check failed on the "
+                    "hub, or the connection was lost); nothing was kept"
+                )
+            remaining -= len(chunk)
+            digest.update(chunk)
+            target.write(chunk)
+            if progress:
+                progress(len(chunk))
+        if read_exactly(stream, DIGEST_SIZE) != digest.digest():
+            raise IntegrityError("a downloaded item does not match its digest; nothing was kept")
+        digests[header.id] = digest.hexdigest()
+    return digests
+
+
+def _next_header(stream: BinaryIO) -> FrameHeader | None:
+    from emix_core.errors import IntegrityError
+
+    try:
+        return read_header(stream)
+    except InvalidInput as exc:
+        raise IntegrityError("the download was cut off or garbled; nothing was kept") from exc
 
 
 def results(body: dict[str, Any]) -> tuple[list[int], dict[int, str]]:

@@ -8,18 +8,18 @@ what arrived.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emix_core import crypto
+from emix_core import crypto, frames
 from emix_core.client import HubClient
 from emix_core.errors import ConflictError, EmixError, IntegrityError, UnsafePathError
 from emix_core.home import LocalHome
@@ -84,22 +84,42 @@ def _inside(root: Path, relative: str) -> Path:
     return target
 
 
-def _fetch(client: HubClient, package_id: str, item: Item, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    size = 0
-    with open(target, "xb") as handle:
-        for chunk in client.download_item(package_id, item.id):
-            digest.update(chunk)
-            size += len(chunk)
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if size != item.size or digest.hexdigest() != item.sha256:
-        raise IntegrityError(
-            f"item {item.id} does not match the signed manifest (tampered or corrupted); "
-            "nothing was kept, ask the sender to send again"
+def _fetch_batch(
+    client: HubClient,
+    package_id: str,
+    batch: list[Item],
+    targets: dict[int, Path],
+    progress: Callable[[int], None],
+) -> None:
+    """Fetch a run of items in one request; check each against the signed manifest."""
+    expected = {item.id: item for item in batch}
+    handles = []
+
+    def open_target(header: frames.FrameHeader):  # type: ignore[no-untyped-def]
+        if header.id not in expected:
+            raise IntegrityError("the hub sent an item the manifest does not list")
+        target = targets[header.id]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(target, "xb")  # noqa: SIM115 - closed below, after fsync
+        handles.append(handle)
+        return handle
+
+    try:
+        digests = client.download_batch(
+            package_id, batch[0].id, batch[-1].id, open_target, progress
         )
+        for handle in handles:
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        for handle in handles:
+            handle.close()
+    for item in batch:
+        if digests.get(item.id) != item.sha256 or targets[item.id].stat().st_size != item.size:
+            raise IntegrityError(
+                f"item {item.id} does not match the signed manifest (tampered or corrupted); "
+                "nothing was kept, ask the sender to send again"
+            )
 
 
 def _reports_in_preferred_format(
@@ -157,15 +177,25 @@ def receive_package(
     me = client.me()
     try:
         targets = [(item, _inside(staging, item_relative_path(item))) for item in items]
+        paths = {item.id: path for item, path in targets}
         total = sum(i.size for i in items)
         done = 0
-        with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-            futures = [pool.submit(_fetch, client, package_id, i, t) for i, t in targets]
-            for (item, _), future in zip(targets, futures, strict=True):
-                future.result()
-                done += item.size
+        lock = threading.Lock()
+
+        def advance(count: int) -> None:
+            nonlocal done
+            with lock:
+                done += count
                 if progress:
                     progress(done, total)
+
+        with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+            jobs = [
+                pool.submit(_fetch_batch, client, package_id, batch, paths, advance)
+                for batch in frames.batches(sorted(items, key=lambda i: i.id))
+            ]
+            for job in jobs:
+                job.result()
         (staging / MANIFEST_NAME).write_bytes(crypto.canonical_json(signed))
         converted = _reports_in_preferred_format(
             home, targets, document.get("studies", []), me.get("report_format", "")

@@ -25,9 +25,6 @@ from emix_core.layout import DICOM_MEDIA_TYPE
 from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
 
 MANIFEST_FORMAT = "emix-manifest/1"
-#: Upload batches: up to this many bytes or items per request.
-BATCH_BYTES = 32 * 1024 * 1024
-BATCH_ITEMS = 512
 SKIPPED_NAMES = frozenset({"DICOMDIR", ".DS_Store", "Thumbs.db", "desktop.ini"})
 
 Progress = Callable[[int, int], None]
@@ -271,19 +268,6 @@ def send_paths(
     return result
 
 
-def batches(items: Sequence[Item], max_bytes: int = BATCH_BYTES) -> list[list[Item]]:
-    """Group items into upload batches of at most ``max_bytes`` (or one large item)."""
-    groups: list[list[Item]] = []
-    size = 0
-    for item in items:
-        if not groups or size + item.size > max_bytes or len(groups[-1]) >= BATCH_ITEMS:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += item.size
-    return groups
-
-
 def _upload(
     client: HubClient,
     package_id: str,
@@ -338,7 +322,7 @@ def _upload(
 
     uploaded: list[Item] = []
     with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-        for stored, failed in pool.map(send_batch, batches([i for i, _ in by_id.values()])):
+        for stored, failed in pool.map(send_batch, frames.batches([i for i, _ in by_id.values()])):
             for item_id, sha256 in stored.items():
                 item, prepared = by_id[item_id]
                 item.sha256 = sha256

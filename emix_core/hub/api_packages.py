@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
@@ -378,6 +380,55 @@ def download_item(package_id: str, item_id: int) -> Response:
     response = Response(stream_with_context(body), mimetype=item.media_type)
     response.headers["Content-Length"] = str(item.size)
     response.headers["X-Emix-SHA256"] = item.sha256
+    return response
+
+
+@bp.get("/packages/<package_id>/stream")
+def download_batch(package_id: str) -> Response:
+    """Items ``first``..``last`` (by id) in one stream of frames (:mod:`emix_core.frames`).
+
+    One request for many items, as uploads do; each item's SHA-256 follows its bytes.
+    A stored item that fails authentication cuts the stream: nothing altered is sent.
+    """
+    hub, row, _package, principal = _readable(package_id)
+    first = request.args.get("first", type=int)
+    last = request.args.get("last", type=int)
+    if first is None or last is None or not 1 <= first <= last:
+        raise InvalidInput("give ?first=N&last=M, the range of item ids to fetch")
+    with hub.db.session() as session:
+        items = session.scalars(
+            select(ItemRow)
+            .where(ItemRow.package_id == row.id, ItemRow.item_id.between(first, last))
+            .order_by(ItemRow.item_id)
+        ).all()
+
+    def generate() -> Iterator[bytes]:
+        for item in items:
+            yield frames.encode_header(item.item_id, item.size, item.media_type)
+            digest = hashlib.sha256()
+            for chunk in svc.read_item(hub, row, item.item_id):
+                digest.update(chunk)
+                yield chunk
+            yield digest.digest()
+        yield frames.END_MAGIC
+
+    hub.audit(
+        AuditEvent(
+            "instances-transferred",
+            "R",
+            0,
+            principal.email,
+            client_source(),
+            row.id,
+            {},
+            f"items {first}-{last} downloaded ({len(items)} items)",
+        )
+    )
+    response = Response(stream_with_context(generate()), mimetype=frames.MEDIA_TYPE)
+    response.headers["Content-Length"] = str(
+        sum(frames.frame_size(i.item_id, i.size, i.media_type) for i in items)
+        + len(frames.END_MAGIC)
+    )
     return response
 
 
