@@ -1,7 +1,9 @@
 """``emix demo``: a hub and two facilities on this machine, and a study sent between them.
 
 Everything lives under one folder (default ``./emix-demo``): ``hub/`` is the hub's home,
-and each facility has its own home with ``outbox/``, ``inbox/``, ``sent/`` and ``failed/``.
+and each facility has its own home ``<address>/`` with ``outbox/<recipient-address>/``,
+``inbox/``, ``sent/``, ``failed/``, its ``gateway.toml`` and the gateway's state
+(``gateway/``). One gateway per facility runs while the demo runs.
 """
 
 from __future__ import annotations
@@ -131,74 +133,218 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 )
 @handle_errors
 def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
-    """Run a hub and two facilities on this machine and send a sample study between them."""
-    from emix_core.home import LocalHome
-    from emix_core.receiver import receive_package
-    from emix_core.samples import generate_study, write_sample_report_pdf
-    from emix_core.sender import send_paths
+    """Run a hub and two facilities with their gateways, and send a sample study between them.
 
+    Each facility gets a gateway watching its ``outbox/<recipient>/`` folders and writing
+    arrivals into ``inbox/<sender>/``; the sample study is dropped into the first
+    facility's outbox and shows up, verified, in the second facility's inbox.
+    """
     root = home.resolve()
     root.mkdir(parents=True, exist_ok=True)
     click.secho(f"emix demo in {root}", bold=True)
     homes = setup_demo_home(root, port)
     (sender_addr, recipient_addr) = (FACILITIES[0][1], FACILITIES[1][1])
-    hub_process = start_hub(root / "hub", port, root / "hub" / "hub.log")
+    with_gateways = folder_plugin_installed()
+    if with_gateways:
+        write_gateway_configs(homes)
+    processes = [start_hub(root / "hub", port, root / "hub" / "hub.log")]
     try:
         click.echo(f"hub running at http://127.0.0.1:{port} (log: {root / 'hub' / 'hub.log'})")
-        study = root / "sample-study"
-        if study.exists():
-            shutil.rmtree(study)
-        click.echo(f"generating a sample CT study: {slices} slices of 512x512 in 2 series...")
-        generate_study(study, slices=slices, series=2)
-        write_sample_report_pdf(
-            study / "report.pdf",
-            facility=FACILITIES[0][0],
-            accession_number="A0001",
-            patient_name="DEMO^PATIENT",
-            findings="No acute intracranial abnormality.",
-            impression="Normal CT of the head.",
-        )
-        sender = LocalHome(homes[sender_addr])
-        with transfer_progress("sending", True) as progress:
-            sent = send_paths(
-                [study], [recipient_addr], client=sender.client(), home=sender, progress=progress
+        if with_gateways:
+            for address, facility_home in homes.items():
+                processes.append(start_gateway(facility_home))
+                click.echo(f"gateway of {address} running (log: {facility_home / 'gateway.log'})")
+        study = _sample_study(root, slices)
+        if with_gateways:
+            _exchange_through_folders(study, homes, sender_addr, recipient_addr)
+        else:
+            click.secho(
+                "the emix-folder-watch plugin is not installed (pip install -e "
+                "plugins/folder_watch), so no gateway runs; sending directly instead",
+                fg="yellow",
             )
-        click.echo(
-            f"{sender_addr} sent package {sent.package_id}: {sent.items} items, "
-            f"{sent.bytes / 1e6:.1f} MB in {sent.seconds:.1f} s"
-        )
-        recipient = LocalHome(homes[recipient_addr])
-        inbox_dir = homes[recipient_addr] / "inbox" / sender_addr
-        with transfer_progress("receiving", True) as progress:
-            got = receive_package(
-                sent.package_id,
-                inbox_dir,
-                client=recipient.client(),
-                home=recipient,
-                progress=progress,
-            )
-        click.echo(
-            f"{recipient_addr} received it into {got.path}\n"
-            "  signature verified, every SHA-256 checked, signed receipt sent"
-        )
-        _next_steps(root, port, homes, recipient_addr)
+            _direct_exchange(study, homes, sender_addr, recipient_addr)
+        _next_steps(root, port, homes, recipient_addr, with_gateways)
         if exit_after:
             return
-        click.secho("\nThe hub keeps running; press Ctrl-C to stop.", bold=True)
+        click.secho("\nThe hub and the gateways keep running; press Ctrl-C to stop.", bold=True)
         try:
-            hub_process.wait()
+            while all(p.poll() is None for p in processes):
+                time.sleep(0.5)
+            raise ConfigError(f"a demo process stopped unexpectedly; see the logs under {root}")
         except KeyboardInterrupt:
             click.echo("\nstopping")
     finally:
-        stop(hub_process)
+        for process in reversed(processes):
+            stop(process)
 
 
-def _next_steps(root: Path, port: int, homes: dict[str, Path], recipient: str) -> None:
+def _sample_study(root: Path, slices: int) -> Path:
+    """A freshly generated CT study (new UIDs every run) with its PDF report."""
+    from emix_core.samples import generate_study, write_sample_report_pdf
+
+    study = root / "sample-study"
+    if study.exists():
+        shutil.rmtree(study)
+    click.echo(f"generating a sample CT study: {slices} slices of 512x512 in 2 series...")
+    generate_study(study, slices=slices, series=2)
+    write_sample_report_pdf(
+        study / "report.pdf",
+        facility=FACILITIES[0][0],
+        accession_number="A0001",
+        patient_name="DEMO^PATIENT",
+        findings="No acute intracranial abnormality.",
+        impression="Normal CT of the head.",
+    )
+    return study
+
+
+# --------------------------------------------------------------------------- gateways
+
+GATEWAY_CONFIG = """\
+# Gateway of {name} (emix demo). Run it with: emix gateway run --config {path}
+# Drop a study into outbox/<recipient-address>/; arrivals appear in inbox/<sender-address>/.
+[gateway]
+home = "."            # this folder: signing key, pinned keys, audit log, emix.toml
+poll_seconds = 0.5    # how often the hub is asked for arrived packages
+
+[[sources]]
+kind = "folder"
+name = "outbox"
+path = "outbox"       # sent files move to sent/, refused ones to failed/ (+ .error.txt)
+settle_seconds = 2    # a study is sealed when no new file arrived for 2 s
+file_settle_seconds = 1
+
+[[destinations]]
+kind = "folder"
+name = "inbox"
+path = "inbox"
+"""
+
+
+def folder_plugin_installed() -> bool:
+    """True when a plugin provides the ``folder`` source and destination kinds."""
+    from emix_core.gateway import registered_kinds
+    from emix_core.plugins import get_plugin_manager
+
+    sources, destinations = registered_kinds(get_plugin_manager())
+    return "folder" in sources and "folder" in destinations
+
+
+def write_gateway_configs(homes: dict[str, Path]) -> None:
+    """``gateway.toml`` and ``outbox/<other facility>/`` for every demo facility."""
+    names = {address: name for name, address, _, _ in FACILITIES}
+    for address, home in homes.items():
+        for other in homes:
+            if other != address:
+                (home / "outbox" / other).mkdir(parents=True, exist_ok=True)
+        config = home / "gateway.toml"
+        if not config.exists():
+            config.write_text(GATEWAY_CONFIG.format(name=names[address], path=config), "utf-8")
+
+
+def start_gateway(home: Path) -> subprocess.Popen[bytes]:
+    """Start ``emix gateway run`` for one facility in the background."""
+    log = open(home / "gateway.log", "ab")  # noqa: SIM115 - handed to the child process
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "emix_core",
+            "gateway",
+            "run",
+            "--config",
+            str(home / "gateway.toml"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    time.sleep(0.2)
+    if process.poll() is not None:
+        raise ConfigError(f"the gateway did not start; see {home / 'gateway.log'}")
+    return process
+
+
+def _exchange_through_folders(
+    study: Path, homes: dict[str, Path], sender: str, recipient: str
+) -> None:
+    """Drop the study into the sender's outbox and wait until it is in the recipient's inbox."""
+    inbox = homes[recipient] / "inbox" / sender
+    before = set(inbox.iterdir()) if inbox.exists() else set()
+    drop = homes[sender] / "outbox" / recipient / f"{study.name}-{time.strftime('%H%M%S')}"
+    files = sorted(p for p in study.rglob("*") if p.is_file())
+    click.echo(f"copying {len(files)} files into {drop} ...")
+    shutil.copytree(study, drop)
+    landed = time.monotonic()
+    click.echo(
+        f"waiting for {sender}'s gateway to send it and {recipient}'s gateway to deliver it "
+        "(a study is sent once no new file arrived for 2 s)..."
+    )
+    deadline = landed + 120 + sum(p.stat().st_size for p in files) / 20e6
+    while time.monotonic() < deadline:
+        arrived = [p for p in inbox.glob("*") if p not in before and not p.name.startswith(".")]
+        if arrived:
+            count = sum(1 for p in arrived[0].rglob("*") if p.is_file())
+            click.echo(
+                f"{recipient} has it in {arrived[0]} ({count} files) "
+                f"{time.monotonic() - landed:.1f} s after the copy ended:\n"
+                "  signature verified, every SHA-256 checked, signed receipt sent; "
+                f"the originals go to {homes[sender] / 'sent'}"
+            )
+            return
+        time.sleep(0.1)
+    raise ConfigError(
+        f"the study did not reach {inbox} in time; see {homes[sender] / 'gateway.log'} and "
+        f"{homes[recipient] / 'gateway.log'}, and run emix gateway status --config "
+        f"{homes[sender] / 'gateway.toml'}"
+    )
+
+
+def _direct_exchange(
+    study: Path, homes: dict[str, Path], sender_addr: str, recipient_addr: str
+) -> None:
+    """Send and receive with the CLI's building blocks (when no gateway can run)."""
+    from emix_core.home import LocalHome
+    from emix_core.receiver import receive_package
+    from emix_core.sender import send_paths
+
+    sender = LocalHome(homes[sender_addr])
+    with transfer_progress("sending", True) as progress:
+        sent = send_paths(
+            [study], [recipient_addr], client=sender.client(), home=sender, progress=progress
+        )
+    click.echo(
+        f"{sender_addr} sent package {sent.package_id}: {sent.items} items, "
+        f"{sent.bytes / 1e6:.1f} MB in {sent.seconds:.1f} s"
+    )
+    recipient = LocalHome(homes[recipient_addr])
+    inbox_dir = homes[recipient_addr] / "inbox" / sender_addr
+    with transfer_progress("receiving", True) as progress:
+        got = receive_package(
+            sent.package_id, inbox_dir, client=recipient.client(), home=recipient, progress=progress
+        )
+    click.echo(
+        f"{recipient_addr} received it into {got.path}\n"
+        "  signature verified, every SHA-256 checked, signed receipt sent"
+    )
+
+
+def _next_steps(
+    root: Path, port: int, homes: dict[str, Path], recipient: str, with_gateways: bool
+) -> None:
     r = homes[recipient]
+    sender = homes[FACILITIES[0][1]]
     click.secho("\nTry it yourself:", bold=True)
+    if with_gateways:
+        click.echo(
+            f"  cp -r YOUR-STUDY {sender / 'outbox' / recipient}/   "
+            f"# then look in {r / 'inbox'}\n"
+            f"  emix gateway status --config {sender / 'gateway.toml'}"
+        )
     click.echo(
         f"  emix inbox --home {r}\n"
-        f"  emix send PATH... --to {recipient} --home {homes[FACILITIES[0][1]]}\n"
+        f"  emix send PATH... --to {recipient} --home {sender}\n"
         f"  emix receive PACKAGE --out ./received --home {r}\n"
         f"  emix audit verify --home {root / 'hub'}\n"
         f"  emix plugins"
