@@ -65,7 +65,10 @@ def run(config: Path | None, log_format: str, verbose: bool) -> None:
 @json_option
 @handle_errors
 def status(config: Path | None, as_json: bool) -> None:
-    """What is pending, sent and failed (read from the gateway's journals)."""
+    """Show what is pending, sent and failed.
+
+    Read from the gateway's journals: works whether it runs or not, without the hub.
+    """
     from emix_core.gateway import find_config, load_gateway
 
     report = load_gateway(find_config(config)).status()
