@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,22 @@ def read_header(stream: BinaryIO) -> FrameHeader | None:
     if header.size < 0:
         raise InvalidInput("malformed batch upload: negative size")
     return header
+
+
+class ByteCounter:
+    """Thread-safe running total of bytes moved, reported as ``progress(done, total)``."""
+
+    def __init__(self, total: int, progress: Callable[[int, int], None] | None) -> None:
+        self.total = total
+        self.done = 0
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def __call__(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            if self._progress:
+                self._progress(self.done, self.total)
 
 
 class Sized(Protocol):

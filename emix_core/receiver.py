@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import shutil
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -178,16 +177,7 @@ def receive_package(
     try:
         targets = [(item, _inside(staging, item_relative_path(item))) for item in items]
         paths = {item.id: path for item, path in targets}
-        total = sum(i.size for i in items)
-        done = 0
-        lock = threading.Lock()
-
-        def advance(count: int) -> None:
-            nonlocal done
-            with lock:
-                done += count
-                if progress:
-                    progress(done, total)
+        advance = frames.ByteCounter(sum(i.size for i in items), progress)
 
         with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
             jobs = [

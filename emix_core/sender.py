@@ -7,7 +7,6 @@ reason and the rest goes on. Files are streamed from disk; memory stays flat.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -277,16 +276,7 @@ def _upload(
     progress: Progress | None,
 ) -> list[Item]:
     """Upload every item in parallel batches; a failing batch is retried item by item."""
-    total = sum(item.size for item, _ in by_id.values())
-    done = 0
-    lock = threading.Lock()
-
-    def advance(count: int) -> None:
-        nonlocal done
-        with lock:
-            done += count
-            if progress:
-                progress(done, total)
+    advance = frames.ByteCounter(sum(item.size for item, _ in by_id.values()), progress)
 
     def send_batch(batch: list[Item]) -> tuple[dict[int, str], dict[int, str]]:
         outgoing = [

@@ -1,6 +1,6 @@
 """PACS → hub → PACS through emix, against a direct STOW-RS of the same files into Orthanc.
 
-    .venv/bin/python plugins/dicomweb/bench.py --slices 200 1000
+    .venv/bin/python benchmarks/dicomweb_transfer.py --slices 200 1000
 
 For each size: a generated CT study (512x512, 16-bit, 3 series) is loaded into a first
 Orthanc; then (a) a plain STOW-RS client stores the same files into a fresh Orthanc
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,31 +23,14 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from emix_dicomweb.multipart import MultipartBody  # noqa: E402
 
+from benchmarks.run import run_emix  # noqa: E402
 from plugins.dicomweb.tests.pacs import Orthanc  # noqa: E402
 from tests.conftest import make_hub, side  # noqa: E402
-
-
-def run_measured(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """Run an emix command; (seconds, peak RSS in KiB, stdout)."""
-    started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "emix_core", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **env},
-    )
-    out = process.stdout.read().decode()  # type: ignore[union-attr]
-    err = process.stderr.read().decode()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"emix {' '.join(args)} failed:\n{out}\n{err}")
-    return seconds, usage.ru_maxrss, out
 
 
 def direct_stow(pacs: Orthanc, files: list[Path], parallel: int) -> float:
@@ -113,7 +94,7 @@ def bench(slices: int, work: Path) -> dict:
         hub.add_facility("Mercy", "a@mercy.example.org", "mercy")
         hub.add_facility("Lakeside", "a@lakeside.example.org", "lakeside")
         mercy, lakeside = side(work, hub, "mercy"), side(work, hub, "lakeside")
-        send_s, send_rss, out = run_measured(
+        send_s, send_rss, out = run_emix(
             [
                 "dicomweb",
                 "send",
@@ -130,7 +111,7 @@ def bench(slices: int, work: Path) -> dict:
         package = json.loads(out)["package"]
         target = Orthanc(work / f"pacs-emix-{slices}").start()
         targets.append(target)
-        deliver_s, deliver_rss, out = run_measured(
+        deliver_s, deliver_rss, out = run_emix(
             ["dicomweb", "deliver", package, "--pacs", target.url, "--json"], lakeside.env
         )
         delivered = json.loads(out)
@@ -146,8 +127,8 @@ def bench(slices: int, work: Path) -> dict:
             "ratio_vs_best_direct": round((send_s + deliver_s) / min(direct.values()), 2),
             "deliver_stow_s": delivered["seconds"],
             "peak_rss_mib": {
-                "send": round(send_rss / 1024, 1),
-                "deliver": round(deliver_rss / 1024, 1),
+                "send": round(send_rss, 1),
+                "deliver": round(deliver_rss, 1),
                 "hub_processes": sorted(round(v / 1024, 1) for v in hub_rss.values()),
             },
         }

@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from emix_core.samples import generate_study  # noqa: E402
@@ -61,7 +61,7 @@ def last_field(site: Site, event: str, name: str) -> object:
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="emix-fw-bench-", dir=ROOT))
+    work = Path(tempfile.mkdtemp(prefix="emix-fw-bench-", ))
     hub = make_hub(work)
     results: dict[str, object] = {"settings": SETTLE}
     sites: dict[str, Site] = {}
