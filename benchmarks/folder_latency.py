@@ -61,7 +61,11 @@ def last_field(site: Site, event: str, name: str) -> object:
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="emix-fw-bench-", ))
+    work = Path(
+        tempfile.mkdtemp(
+            prefix="emix-fw-bench-",
+        )
+    )
     hub = make_hub(work)
     results: dict[str, object] = {"settings": SETTLE}
     sites: dict[str, Site] = {}

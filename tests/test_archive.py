@@ -12,12 +12,20 @@ from emix_core.archive import MANIFEST_NAME, package_zip
 
 def _manifest(contents: list[bytes]) -> dict:
     items = [
-        {"id": i, "name": f"note-{i}.txt", "media_type": "text/plain", "size": len(data),
-         "sha256": hashlib.sha256(data).hexdigest()}
+        {
+            "id": i,
+            "name": f"note-{i}.txt",
+            "media_type": "text/plain",
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
         for i, data in enumerate(contents, start=1)
     ]
-    return {"document": {"format": "emix-manifest/1", "package": "p" * 32, "items": items},
-            "signature": "x", "key_fingerprint": "y"}
+    return {
+        "document": {"format": "emix-manifest/1", "package": "p" * 32, "items": items},
+        "signature": "x",
+        "key_fingerprint": "y",
+    }
 
 
 def test_zip_with_more_than_65535_entries_uses_zip64_and_opens():

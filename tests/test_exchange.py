@@ -152,9 +152,14 @@ def test_report_arrives_in_the_recipients_preferred_format_with_the_original_kep
     folder.mkdir()
     for p in sorted(study_200.rglob("*.dcm"))[:3]:
         (folder / p.name).write_bytes(p.read_bytes())
-    write_sample_report_txt(folder / "report.txt", facility="Mercy General",
-                            accession_number="ACC-99120", patient_name="Müller^Hans",
-                            findings="Kein Nachweis einer Blutung.", impression="Unauffällig.")
+    write_sample_report_txt(
+        folder / "report.txt",
+        facility="Mercy General",
+        accession_number="ACC-99120",
+        patient_name="Müller^Hans",
+        findings="Kein Nachweis einer Blutung.",
+        impression="Unauffällig.",
+    )
     package = emix_json("send", str(folder), "--to", "lakeside", env=mercy.env)["package"]
     got = emix_json("receive", package, "--out", str(tmp_path / "in"), env=lakeside.env)
     # lakeside prefers HL7 v2: the copy sits beside the untouched original
@@ -165,7 +170,9 @@ def test_report_arrives_in_the_recipients_preferred_format_with_the_original_kep
     from hl7apy.parser import parse_message
 
     message = parse_message(
-        (docs / got["converted"][0].rsplit("/", 1)[1]).read_bytes().decode("utf-8")
+        (docs / got["converted"][0].rsplit("/", 1)[1])
+        .read_bytes()
+        .decode("utf-8")
         .replace("\n", "\r"),
         find_groups=False,
     )

@@ -407,21 +407,33 @@ def test_integrity_error_is_raised_in_process_for_a_cut_download(
 def test_batch_upload_refuses_a_frame_whose_bytes_do_not_match_and_keeps_the_rest(hub, mercy):
     from emix_core import frames
 
-    package = requests.post(f"{hub.url}/api/v1/packages", json={"to": ["lakeside"]},
-                            headers=auth(mercy.token)).json()["id"]
+    package = requests.post(
+        f"{hub.url}/api/v1/packages", json={"to": ["lakeside"]}, headers=auth(mercy.token)
+    ).json()["id"]
     good, bad = b"%PDF-1.4 good" * 100, b"%PDF-1.4 bad" * 100
-    body = (frames.encode_header(1, len(good), "application/pdf") + good
-            + hashlib.sha256(good).digest()
-            + frames.encode_header(2, len(bad), "application/pdf") + bad
-            + hashlib.sha256(b"something else").digest() + frames.END_MAGIC)
-    r = requests.post(f"{hub.url}/api/v1/packages/{package}/items", data=body,
-                      headers={**auth(mercy.token), "Content-Type": frames.MEDIA_TYPE})
+    body = (
+        frames.encode_header(1, len(good), "application/pdf")
+        + good
+        + hashlib.sha256(good).digest()
+        + frames.encode_header(2, len(bad), "application/pdf")
+        + bad
+        + hashlib.sha256(b"something else").digest()
+        + frames.END_MAGIC
+    )
+    r = requests.post(
+        f"{hub.url}/api/v1/packages/{package}/items",
+        data=body,
+        headers={**auth(mercy.token), "Content-Type": frames.MEDIA_TYPE},
+    )
     assert r.status_code == 201
     assert r.json()["stored"] == [1]
     assert r.json()["failed"][0]["id"] == 2 and "SHA-256" in r.json()["failed"][0]["error"]
     assert not (hub.home / "blobs" / package / "2").exists()
-    junk = requests.post(f"{hub.url}/api/v1/packages/{package}/items", data=b"GARBAGE" * 10,
-                         headers={**auth(mercy.token), "Content-Type": frames.MEDIA_TYPE})
+    junk = requests.post(
+        f"{hub.url}/api/v1/packages/{package}/items",
+        data=b"GARBAGE" * 10,
+        headers={**auth(mercy.token), "Content-Type": frames.MEDIA_TYPE},
+    )
     assert junk.status_code == 400 and "malformed" in junk.json()["message"]
 
 

@@ -22,15 +22,17 @@ def emix_audit_event(event: AuditEvent) -> None:
     path = os.environ.get("EMIX_AUDIT_JSONL")
     if not path:
         return
-    line = json.dumps({
-        "time": event.time.isoformat(),
-        "type": event.event_type,
-        "action": event.action,
-        "outcome": event.outcome,
-        "actor": event.actor,
-        "source": event.source,
-        "package": event.package_id,
-        "detail": event.detail,
-    })
+    line = json.dumps(
+        {
+            "time": event.time.isoformat(),
+            "type": event.event_type,
+            "action": event.action,
+            "outcome": event.outcome,
+            "actor": event.actor,
+            "source": event.source,
+            "package": event.package_id,
+            "detail": event.detail,
+        }
+    )
     with _lock, open(path, "a", encoding="utf-8") as handle:
         handle.write(line + "\n")
