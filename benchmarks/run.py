@@ -80,22 +80,32 @@ def hwm_mib(pid: int) -> float:
     return 0.0
 
 
+#: Runs a command and prints its peak RSS. A small wrapper is needed: a child forked
+#: (or vforked) from this large process would report this process's peak as its own.
+_PEAK_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "sys.stderr.write(r.stderr)\n"
+    "sys.stdout.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) + '\\n')\n"
+    "sys.stdout.write(r.stdout)\n"
+    "sys.exit(r.returncode)\n"
+)
+
+
 def run_emix(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Run an emix command: (wall seconds, peak RSS MiB, stdout)."""
+    """Run an emix command: (wall seconds, its peak RSS in MiB, its stdout)."""
     started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "emix_core", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_WRAPPER, sys.executable, "-m", "emix_core", *args],
+        capture_output=True,
+        text=True,
         env={**os.environ, **env},
     )
-    out = process.stdout.read().decode()  # type: ignore[union-attr]
-    err = process.stderr.read().decode()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(process.pid, 0)
     seconds = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"emix {' '.join(args)} failed:\n{out}\n{err}")
-    return seconds, usage.ru_maxrss / 1024, out
+    if done.returncode != 0:
+        raise SystemExit(f"emix {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    peak, _, out = done.stdout.partition("\n")
+    return seconds, int(peak) / 1024, out
 
 
 def stream_to_null(response: requests.Response) -> int:
