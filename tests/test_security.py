@@ -17,7 +17,7 @@ from emix_core.client import HubClient
 from emix_core.errors import IntegrityError
 from emix_core.home import LocalHome
 from emix_core.receiver import receive_package
-from tests.conftest import emix, emix_json, make_hub, side
+from tests.conftest import emix, emix_json, make_hub
 
 
 def auth(token: str) -> dict[str, str]:
@@ -401,7 +401,6 @@ def test_integrity_error_is_raised_in_process_for_a_cut_download(
             client=HubClient(hub.url, lakeside.token),
             home=LocalHome(tmp_path / "lh"),
         )
-    assert side  # fixture helper imported for other tests
 
 
 def test_batch_upload_refuses_a_frame_whose_bytes_do_not_match_and_keeps_the_rest(hub, mercy):
