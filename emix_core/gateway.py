@@ -151,6 +151,24 @@ def open_journal(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class JournalConnections:
+    """One connection per thread to a journal file (SQLite connections stay in their
+    thread); the schema is created on first use."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = path
+        self.schema = schema
+        self._local = threading.local()
+
+    def get(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = open_journal(self.path)
+            conn.executescript(self.schema)
+            self._local.conn = conn
+        return conn
+
+
 def retry_delay(attempts: int, cap: float = 300.0, base: float = 1.0) -> float:
     """Seconds to wait before retry number ``attempts`` (exponential, jittered, capped)."""
     delay = min(cap, base * 2 ** max(attempts - 1, 0))

@@ -15,12 +15,11 @@ import logging
 import re
 import shutil
 import sqlite3
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emix_core.errors import AuthenticationError, EmixError, HubUnavailable, NotFoundError
-from emix_core.gateway import log_event, open_journal, retry_delay, time_now
+from emix_core.gateway import JournalConnections, log_event, retry_delay, time_now
 from emix_core.model import AuditEvent, Item, Package, Recipient, is_valid_address
 from emix_core.receiver import MANIFEST_NAME, receive_package
 
@@ -91,7 +90,7 @@ class InboundDelivery:
         self.gateway = gateway
         self.path = gateway.state_dir / "inbound.db"
         self.spool = gateway.state_dir / "spool"
-        self._local = threading.local()
+        self._journal = JournalConnections(self.path, SCHEMA)
         self._poll_failures = 0
         self._next_poll = 0.0
         self._last_poll_error = ""
@@ -102,12 +101,7 @@ class InboundDelivery:
 
     @property
     def db(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = open_journal(self.path)
-            conn.executescript(SCHEMA)
-            self._local.conn = conn
-        return conn
+        return self._journal.get()
 
     # ------------------------------------------------------------------ the loop
     def tick(self) -> None:

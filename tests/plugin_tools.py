@@ -31,7 +31,11 @@ def install_plugin(tmp_path: Path, name: str, code: str) -> Path:
         packages = ["{module}"]
     """)
     )
-    target = tmp_path / f"site-{name}"
+    return pip_install(project, tmp_path / f"site-{name}")
+
+
+def pip_install(project: Path, target: Path) -> Path:
+    """``pip install --target`` a plugin project, as a vendor's users would install it."""
     subprocess.run(
         [
             sys.executable,

@@ -6,7 +6,6 @@ import inspect
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from emix_core import hookspecs
 from emix_core.errors import ConfigError, PolicyRejected
 from emix_core.plugins import get_plugin_manager, hookimpl, plugin_info
 from tests.conftest import PATIENT_NAME, ROOT, emix, emix_json
-from tests.plugin_tools import install_plugin
+from tests.plugin_tools import install_plugin, pip_install
 
 HOOKS = [name for name in hookspecs.__all__ if name.startswith("emix_")]
 
@@ -71,22 +70,7 @@ def test_builtins_are_plugins_and_listed_with_their_hooks():
 def test_example_vendor_plugin_installs_with_pip_and_forwards_audit_events(
     tmp_path, hub, mercy, study_200
 ):
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(ROOT / "examples" / "emix-audit-jsonl"),
-        ],
-        check=True,
-    )
+    target = pip_install(ROOT / "examples" / "emix-audit-jsonl", tmp_path / "site")
     jsonl = tmp_path / "audit.jsonl"
     env = {**mercy.env, "PYTHONPATH": str(target), "EMIX_AUDIT_JSONL": str(jsonl)}
     plugins = {p["name"]: p for p in emix_json("plugins", env=env)["plugins"]}

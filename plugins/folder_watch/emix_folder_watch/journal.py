@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emix_core.gateway import open_journal, time_now
+from emix_core.gateway import JournalConnections, time_now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -91,16 +90,11 @@ class OutboxJournal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
+        self._journal = JournalConnections(self.path, SCHEMA)
 
     @property
     def db(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = open_journal(self.path)
-            conn.executescript(SCHEMA)
-            self._local.conn = conn
-        return conn
+        return self._journal.get()
 
     def transaction(self) -> _Transaction:
         return _Transaction(self.db)
