@@ -119,7 +119,8 @@ def send(
                 f"studies, {mb:.1f} MB in {result.seconds:.1f} s to {', '.join(to)}"
             )
         else:
-            click.secho("nothing was sent", fg="red", err=True)
+            why = "every file failed" if result.failed else "no files found under the given paths"
+            click.secho(f"nothing was sent: {why}", fg="red", err=True)
     sys.exit(0 if result.package_id and not result.failed else 1)
 
 

@@ -7,6 +7,7 @@ as the same typed errors the hub raised, with its message.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -17,6 +18,7 @@ from emix_core import errors, frames
 from emix_core.errors import ConfigError, EmixError, HubUnavailable
 
 CHUNK = 1024 * 1024
+PACKAGE_ID_RE = re.compile(r"[0-9a-f]{32}")
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -71,6 +73,10 @@ class HubClient:
 
     # ------------------------------------------------------------------ plumbing
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        if path.startswith("/packages/") and not PACKAGE_ID_RE.fullmatch(path.split("/")[2]):
+            raise errors.InvalidInput(
+                "a package id is 32 lowercase hex characters, as `emix inbox` lists them"
+            )
         kwargs.setdefault("timeout", self.timeout)
         kwargs.setdefault("allow_redirects", False)
         try:

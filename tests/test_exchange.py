@@ -178,3 +178,24 @@ def test_report_arrives_in_the_recipients_preferred_format_with_the_original_kep
     )
     assert message.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
     assert "Unauffällig." in message.to_er7()
+
+
+def test_command_line_errors_say_what_to_do(hub, mercy, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pdf = tmp_path / "note.pdf"
+    pdf.write_bytes(b"%PDF-1.4 a note")
+    cases = {
+        ("send", str(empty), "--to", "lakeside"): "no files found",
+        ("send", str(pdf), "--to", "nowhere"): "unknown recipient facility",
+        ("receive", "../../etc/passwd", "--out", str(tmp_path / "o")): "32 lowercase hex",
+        ("receive", "0" * 32, "--out", str(tmp_path / "o")): "not found",
+    }
+    for args, message in cases.items():
+        result = emix(*args, env=mercy.env, check=False)
+        assert result.returncode == 1, args
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    down = emix("inbox", env={**mercy.env, "EMIX_HUB_URL": "http://127.0.0.1:9"}, check=False)
+    assert down.returncode == 1 and "cannot reach the hub" in down.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
