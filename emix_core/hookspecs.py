@@ -203,7 +203,8 @@ def emix_register_blueprints(register: Callable[..., None]) -> None:
     """Add HTTP endpoints to the hub.
 
     :param register: call ``register(blueprint, url_prefix=None)`` with a Flask
-        blueprint. Endpoints must authenticate with :func:`emix_core.hub.auth.require_principal`.
+        blueprint. Endpoints must authenticate: :func:`emix_core.hub.auth.current_principal`,
+        or :func:`emix_core.hub.auth.require` to authorize as well (404 when denied).
     """
 
 
