@@ -12,6 +12,7 @@ from emix_core import crypto
 from emix_core.errors import ConflictError, InvalidInput, NotFoundError
 from emix_core.hub.api_packages import json_body
 from emix_core.hub.auth import (
+    audit_request,
     check_throttle,
     client_source,
     current_principal,
@@ -20,7 +21,7 @@ from emix_core.hub.auth import (
     record_failed_sign_in,
     require,
 )
-from emix_core.model import AuditEvent, utcnow
+from emix_core.model import utcnow
 from emix_core.store.db import Facility, Member, Token
 
 bp = Blueprint("facilities", __name__, url_prefix="/api/v1")
@@ -104,17 +105,11 @@ def register_key() -> tuple[Response, int]:
         created = facility.signing_key is None
         facility.signing_key = public_key
     if created:
-        hub.audit(
-            AuditEvent(
-                "security-alert",
-                "U",
-                0,
-                principal.email,
-                client_source(),
-                None,
-                {},
-                f"signing key registered for facility {principal_facility}",
-            )
+        audit_request(
+            "security-alert",
+            "U",
+            principal.email,
+            f"signing key registered for facility {principal_facility}",
         )
     return jsonify({"fingerprint": crypto.fingerprint_of(public_key)}), 201 if created else 200
 
@@ -147,17 +142,8 @@ def add_member() -> tuple[Response, int]:
     from emix_core.notify import send_confirmation
 
     send_confirmation(hub, email, code)
-    hub.audit(
-        AuditEvent(
-            "security-alert",
-            "C",
-            0,
-            principal.email,
-            client_source(),
-            None,
-            {},
-            f"member added to facility {principal.facility}",
-        )
+    audit_request(
+        "security-alert", "C", principal.email, f"member added to facility {principal.facility}"
     )
     return jsonify({"id": member_id, "email": email, "role": role, "confirmed": False}), 201
 
@@ -181,18 +167,7 @@ def confirm_member() -> Response:
     if member is None:
         record_failed_sign_in(source)
         raise NotFoundError("unknown or already used confirmation code")
-    hub.audit(
-        AuditEvent(
-            "user-authentication",
-            "E",
-            0,
-            email,
-            source,
-            None,
-            {},
-            "new recipient confirmed identity",
-        )
-    )
+    audit_request("user-authentication", "E", email, "new recipient confirmed identity")
     return jsonify({"token": token, "email": email})
 
 
@@ -208,18 +183,7 @@ def remove_member(member_id: int) -> Response:
         member.verified = False
         for token in session.scalars(select(Token).where(Token.member_id == member.id)):
             token.revoked_at = utcnow()
-    hub.audit(
-        AuditEvent(
-            "security-alert",
-            "D",
-            0,
-            principal.email,
-            client_source(),
-            None,
-            {},
-            "member removed; tokens revoked",
-        )
-    )
+    audit_request("security-alert", "D", principal.email, "member removed; tokens revoked")
     return jsonify({"id": member_id, "removed": True})
 
 
@@ -233,16 +197,5 @@ def revoke_current() -> Response:
     with _hub().db.session() as session:
         row = session.scalar(select(Token).where(Token.token_hash == hash_secret(token)))
         row.revoked_at = utcnow()
-    _hub().audit(
-        AuditEvent(
-            "user-authentication",
-            "E",
-            0,
-            principal.email,
-            client_source(),
-            None,
-            {},
-            "token revoked",
-        )
-    )
+    audit_request("user-authentication", "E", principal.email, "token revoked")
     return jsonify({"revoked": True})

@@ -21,8 +21,8 @@ from emix_core.errors import (
     PayloadTooLarge,
 )
 from emix_core.hub import packages as svc
-from emix_core.hub.auth import client_source, current_principal, is_allowed, require
-from emix_core.model import AuditEvent, Recipient, utcnow
+from emix_core.hub.auth import audit_request, current_principal, is_allowed, require
+from emix_core.model import Recipient, utcnow
 from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
 
 bp = Blueprint("packages", __name__, url_prefix="/api/v1")
@@ -60,17 +60,12 @@ def create() -> tuple[Response, int]:
         member = session.get(Member, principal.member_id)
         row = svc.create_package(hub, session, member, to, expires_days)
         body = {"id": row.id, "state": row.state, "expires": row.expires.isoformat()}
-    hub.audit(
-        AuditEvent(
-            "begin-transferring",
-            "C",
-            0,
-            principal.email,
-            client_source(),
-            row.id,
-            {},
-            f"package opened for {len(to)} recipient(s)",
-        )
+    audit_request(
+        "begin-transferring",
+        "C",
+        principal.email,
+        f"package opened for {len(to)} recipient(s)",
+        package_id=row.id,
     )
     return jsonify(body), 201
 
@@ -192,17 +187,13 @@ def seal(package_id: str) -> Response:
         package.studies = studies
         recipients = _notify_addresses(session, row.id)
     phi = {"studies": [s.get("study_uid") for s in studies]}
-    hub.audit(
-        AuditEvent(
-            "instances-transferred",
-            "C",
-            0,
-            principal.email,
-            client_source(),
-            row.id,
-            phi,
-            f"package sealed: {len(items)} items stored",
-        )
+    audit_request(
+        "instances-transferred",
+        "C",
+        principal.email,
+        f"package sealed: {len(items)} items stored",
+        package_id=row.id,
+        phi=phi,
     )
     hub.pm.hook.emix_package_sealed(package=package)
     link = f"{hub.config.hub.public_url.rstrip('/')}/packages/{row.id}"
@@ -272,18 +263,7 @@ def inbox() -> Response:
                     "studies": svc.open_summary(hub, row).get("studies", []),
                 }
             )
-    hub.audit(
-        AuditEvent(
-            "query",
-            "E",
-            0,
-            principal.email,
-            client_source(),
-            None,
-            {},
-            f"inbox listed ({len(listing)} packages)",
-        )
-    )
+    audit_request("query", "E", principal.email, f"inbox listed ({len(listing)} packages)")
     return jsonify({"packages": listing})
 
 
@@ -330,18 +310,7 @@ def _readable(package_id: str, action: str = "package:read"):  # type: ignore[no
 def manifest(package_id: str) -> Response:
     hub, row, _package, principal = _readable(package_id)
     data = b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB))
-    hub.audit(
-        AuditEvent(
-            "instances-accessed",
-            "R",
-            0,
-            principal.email,
-            client_source(),
-            row.id,
-            {},
-            "manifest read",
-        )
-    )
+    audit_request("instances-accessed", "R", principal.email, "manifest read", package_id=row.id)
     return Response(data, mimetype="application/json")
 
 
@@ -365,17 +334,12 @@ def download_item(package_id: str, item_id: int) -> Response:
     if item is None:
         raise NotFoundError("not found")
     body = _item_stream(hub, row, item_id)
-    hub.audit(
-        AuditEvent(
-            "instances-transferred",
-            "R",
-            0,
-            principal.email,
-            client_source(),
-            row.id,
-            {},
-            f"item {item_id} downloaded",
-        )
+    audit_request(
+        "instances-transferred",
+        "R",
+        principal.email,
+        f"item {item_id} downloaded",
+        package_id=row.id,
     )
     response = Response(stream_with_context(body), mimetype=item.media_type)
     response.headers["Content-Length"] = str(item.size)
@@ -412,17 +376,12 @@ def download_batch(package_id: str) -> Response:
             yield digest.digest()
         yield frames.END_MAGIC
 
-    hub.audit(
-        AuditEvent(
-            "instances-transferred",
-            "R",
-            0,
-            principal.email,
-            client_source(),
-            row.id,
-            {},
-            f"items {first}-{last} downloaded ({len(items)} items)",
-        )
+    audit_request(
+        "instances-transferred",
+        "R",
+        principal.email,
+        f"items {first}-{last} downloaded ({len(items)} items)",
+        package_id=row.id,
     )
     response = Response(stream_with_context(generate()), mimetype=frames.MEDIA_TYPE)
     response.headers["Content-Length"] = str(
@@ -439,17 +398,12 @@ def download_zip(package_id: str) -> Response:
     signed = json.loads(b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB)))
     archive = package_zip(signed, lambda item: svc.read_item(hub, row, item.id))
     items = signed["document"]["items"]
-    hub.audit(
-        AuditEvent(
-            "instances-transferred",
-            "R",
-            0,
-            principal.email,
-            client_source(),
-            row.id,
-            {},
-            f"zip of {len(items)} items downloaded",
-        )
+    audit_request(
+        "instances-transferred",
+        "R",
+        principal.email,
+        f"zip of {len(items)} items downloaded",
+        package_id=row.id,
     )
     response = Response(stream_with_context(archive), mimetype="application/zip")
     response.headers["Content-Length"] = str(len(archive))
@@ -482,16 +436,12 @@ def receipt(package_id: str) -> Response:
         ):
             rec.delivered_at = utcnow()
             rec.receipt = json.dumps(signed)
-    hub.audit(
-        AuditEvent(
-            "instances-transferred",
-            "R",
-            0 if complete else 4,
-            principal.email,
-            client_source(),
-            row.id,
-            {},
-            "receipt: complete" if complete else "receipt: items differ",
-        )
+    audit_request(
+        "instances-transferred",
+        "R",
+        principal.email,
+        "receipt: complete" if complete else "receipt: items differ",
+        package_id=row.id,
+        outcome=0 if complete else 4,
     )
     return jsonify({"id": row.id, "receipt": "stored", "complete": complete})

@@ -127,6 +127,24 @@ def client_source() -> str:
     return (request.remote_addr or "unknown")[:64]
 
 
+def audit_request(
+    event_type: str,
+    action: str,
+    actor: str,
+    detail: str,
+    *,
+    package_id: str | None = None,
+    phi: dict[str, Any] | None = None,
+    outcome: int = 0,
+) -> None:
+    """Record an audit event about the current request, from the caller's address."""
+    _hub().audit(
+        AuditEvent(
+            event_type, action, outcome, actor, client_source(), package_id, phi or {}, detail
+        )
+    )
+
+
 def check_throttle(source: str) -> None:
     """Refuse an address that failed to sign in too often in the last minute (429)."""
     hub = _hub()
