@@ -73,7 +73,7 @@ def peak_rss_kib(pids: list[int]) -> dict[int, int]:
 
 
 def bench(slices: int, work: Path) -> dict:
-    from emix_core.samples import generate_study
+    from emix_core.content.samples import generate_study
 
     work = work / f"run-{slices}"  # facility homes pin one hub's keys: one set per run
     study_dir = work / f"study-{slices}"

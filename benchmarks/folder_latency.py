@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emix_core.samples import generate_study  # noqa: E402
+from emix_core.content.samples import generate_study  # noqa: E402
 from plugins.folder_watch.tests.sites import Site  # noqa: E402
 from tests.conftest import make_hub  # noqa: E402
 

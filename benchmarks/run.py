@@ -244,7 +244,7 @@ url = "{self.pacs_b.url}"
 
     # ------------------------------------------------------------------ measurements
     def size(self, slices: int) -> None:
-        from emix_core.samples import generate_study
+        from emix_core.content.samples import generate_study
 
         study = self.work / f"study-{slices}"
         files = sorted(
@@ -393,7 +393,7 @@ url = "{self.pacs_b.url}"
         self.results["sizes"][str(slices)] = row
 
     def latency(self) -> None:
-        from emix_core.samples import generate_study
+        from emix_core.content.samples import generate_study
 
         token = {"Authorization": f"Bearer {self.lakeside.token}"}
 

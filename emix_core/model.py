@@ -119,7 +119,7 @@ class Package:
 class AuditEvent:
     """One audited action, following DICOM PS3.15 A.5 event types.
 
-    :param event_type: one of :data:`emix_core.audit.EVENT_TYPES` keys, e.g.
+    :param event_type: one of :data:`emix_core.audit.chain.EVENT_TYPES` keys, e.g.
         ``"instances-transferred"``.
     :param action: PS3.15 EventActionCode: ``C`` create, ``R`` read, ``U`` update,
         ``D`` delete, ``E`` execute.

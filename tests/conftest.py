@@ -219,7 +219,7 @@ PATIENT_ID = "PID-7734-XQ"
 @pytest.fixture(scope="session")
 def study_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated multi-series CT study: 200 slices of 512x512 16-bit, plus a PDF report."""
-    from emix_core.samples import generate_study, write_sample_report_pdf
+    from emix_core.content.samples import generate_study, write_sample_report_pdf
 
     folder = tmp_path_factory.mktemp("study200")
     generate_study(

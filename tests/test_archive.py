@@ -7,7 +7,7 @@ import io
 import struct
 import zipfile
 
-from emix_core.archive import MANIFEST_NAME, package_zip
+from emix_core.content.archive import MANIFEST_NAME, package_zip
 
 
 def _manifest(contents: list[bytes]) -> dict:

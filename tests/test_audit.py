@@ -14,7 +14,7 @@ import pytest
 from lxml import etree
 
 from emix_core import hookspecs
-from emix_core.audit import (
+from emix_core.audit.chain import (
     AUDIT_RETENTION_DAYS,
     EVENT_TYPES,
     AuditLog,

@@ -23,8 +23,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from emix_core.dicom import DicomInstance, inspect_instance, is_dicom, is_valid_uid
-from emix_core.documents import classify
+from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom, is_valid_uid
+from emix_core.content.documents import classify
 from emix_core.errors import InvalidInput, NotDicomError, TruncatedDicomError
 
 
@@ -359,7 +359,7 @@ def test_is_valid_uid_refuses_non_strings() -> None:
 
 
 def test_inspecting_a_generated_slice_never_loads_its_pixel_data(tmp_path: Path) -> None:
-    from emix_core.samples import generate_study
+    from emix_core.content.samples import generate_study
 
     (path,) = generate_study(tmp_path, slices=1, series=1, seed=1)
     pixel_bytes = 512 * 512 * 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from emix_core.documents import classify, safe_name, sniff_document
+from emix_core.content.documents import classify, safe_name, sniff_document
 from emix_core.errors import NotDicomError
 
 HL7_ORU = (

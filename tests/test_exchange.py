@@ -146,7 +146,7 @@ def test_no_phi_in_plaintext_anywhere_under_the_hub_home(hub, mercy, lakeside, s
 def test_report_arrives_in_the_recipients_preferred_format_with_the_original_kept(
     hub, mercy, lakeside, study_200, tmp_path
 ):
-    from emix_core.samples import write_sample_report_txt
+    from emix_core.content.samples import write_sample_report_txt
 
     folder = tmp_path / "with-report"
     folder.mkdir()

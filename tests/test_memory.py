@@ -43,7 +43,7 @@ def hwm_kib(pid: int) -> int:
 @pytest.fixture(scope="module")
 def big_study(tmp_path_factory) -> Path:
     """600 slices of 512x512 16-bit noise (~315 MB) in 4 series."""
-    from emix_core.samples import generate_study
+    from emix_core.content.samples import generate_study
 
     folder = tmp_path_factory.mktemp("big")
     generate_study(folder, slices=600, series=4)

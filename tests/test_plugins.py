@@ -165,7 +165,7 @@ class _XorWrapper:
 
 
 def test_host_hooks_add_commands_endpoints_stores_and_key_providers(tmp_path):
-    from emix_core import cli as cli_module
+    from emix_core.cli import main as cli_module
     from emix_core.hub import create_app
     from emix_core.hub.context import init_hub_home
     from emix_core.store.blobs import open_blob_store
@@ -217,8 +217,8 @@ def test_authentication_and_authorization_can_be_extended_but_deny_wins(tmp_path
 
 
 def test_before_send_policy_can_refuse_a_package(tmp_path, hub, mercy, study_200):
-    from emix_core.home import LocalHome
-    from emix_core.sender import send_paths
+    from emix_core.client.home import LocalHome
+    from emix_core.client.sender import send_paths
 
     class NoCT:
         @hookimpl

@@ -12,9 +12,13 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pypdf import PdfReader
 
-from emix_core import samples
-from emix_core.documents import classify, sniff_document
-from emix_core.samples import generate_study, write_sample_report_pdf, write_sample_report_txt
+from emix_core.content import samples
+from emix_core.content.documents import classify, sniff_document
+from emix_core.content.samples import (
+    generate_study,
+    write_sample_report_pdf,
+    write_sample_report_txt,
+)
 
 REPORT = {
     "facility": "Mercy General",

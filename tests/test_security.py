@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from emix_core import crypto
-from emix_core.client import HubClient
+from emix_core.client.home import LocalHome
+from emix_core.client.hub import HubClient
+from emix_core.client.receiver import receive_package
 from emix_core.errors import IntegrityError
-from emix_core.home import LocalHome
-from emix_core.receiver import receive_package
 from tests.conftest import emix, emix_json, make_hub
 
 

@@ -139,7 +139,7 @@ def add_member() -> tuple[Response, int]:
         session.add(member)
         session.flush()
         member_id = member.id
-    from emix_core.notify import send_confirmation
+    from emix_core.hub.notify import send_confirmation
 
     send_confirmation(hub, email, code)
     audit_request(

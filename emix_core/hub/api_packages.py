@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from emix_core import crypto, frames
-from emix_core.archive import package_zip
+from emix_core.content.archive import package_zip
 from emix_core.errors import (
     ConflictError,
     IntegrityError,

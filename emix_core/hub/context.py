@@ -10,7 +10,7 @@ from typing import Any
 
 import pluggy
 
-from emix_core.audit import AuditLog, AuditRecorder
+from emix_core.audit.chain import AuditLog, AuditRecorder
 from emix_core.config import CONFIG_NAME, Config, load_config, write_config
 from emix_core.crypto import SigningKey, create_key_file, load_key_file
 from emix_core.errors import ConfigError

@@ -63,7 +63,7 @@ class HubApplication(BaseApplication):
 
     def _purge_loop(self) -> None:
         from emix_core.hub.context import open_hub
-        from emix_core.retention import purge_expired
+        from emix_core.hub.retention import purge_expired
 
         stop = threading.Event()
         while not stop.wait(self.purge_interval):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from emix_core.cli_util import emit_json, handle_errors, json_option
+from emix_core.cli.util import emit_json, handle_errors, json_option
 from emix_core.reports.convert import FORMATS
 
 __all__ = ["report"]

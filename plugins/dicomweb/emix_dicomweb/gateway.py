@@ -35,7 +35,7 @@ from emix_dicomweb.transfer import (
 )
 
 if TYPE_CHECKING:
-    from emix_core.gateway import Gateway
+    from emix_core.gateway.runner import Gateway
 
 __all__ = ["DicomwebDestination", "DicomwebSource", "SOURCE_SETTINGS", "DESTINATION_SETTINGS"]
 
@@ -159,7 +159,7 @@ class DicomwebSource:
             self._thread = None
 
     def _db(self):  # type: ignore[no-untyped-def]
-        from emix_core.gateway import open_journal
+        from emix_core.gateway.runner import open_journal
 
         db = open_journal(self.journal_path)
         db.executescript(JOURNAL_SCHEMA)
@@ -309,7 +309,7 @@ class DicomwebSource:
             raise
 
     def _failed(self, db: Any, key: str, reason: str) -> None:
-        from emix_core.gateway import retry_delay
+        from emix_core.gateway.runner import retry_delay
 
         row = db.execute("SELECT attempts FROM studies WHERE key = ?", (key,)).fetchone()
         attempts = (row["attempts"] if row else 0) + 1

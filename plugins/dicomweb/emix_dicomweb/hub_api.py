@@ -21,10 +21,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
 
+from emix_core.content.layout import DICOM_MEDIA_TYPE
 from emix_core.errors import EmixError, InvalidInput, NotFoundError
 from emix_core.hub import packages as svc
 from emix_core.hub.auth import require
-from emix_core.layout import DICOM_MEDIA_TYPE
 from emix_core.model import AuditEvent, Item, Principal
 from emix_dicomweb.multipart import media_type_parameters
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from emix_core.plugins import hookimpl
 
 if TYPE_CHECKING:
-    from emix_core.gateway import Gateway
+    from emix_core.gateway.runner import Gateway
 
 __version__ = "0.1.0"
 __all__ = ["emix_register_sources", "emix_register_destinations"]

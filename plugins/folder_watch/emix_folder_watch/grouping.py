@@ -19,8 +19,8 @@ from pathlib import Path
 import pluggy
 
 from emix_core import crypto
-from emix_core.dicom import is_valid_uid
-from emix_core.documents import classify
+from emix_core.content.dicom import is_valid_uid
+from emix_core.content.documents import classify
 from emix_core.errors import InvalidInput
 from emix_folder_watch.files import SIDECAR_SUFFIX
 from emix_folder_watch.journal import FileRow, digest

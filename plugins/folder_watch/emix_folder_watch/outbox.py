@@ -27,7 +27,7 @@ from emix_core.errors import (
     HubUnavailable,
     NotFoundError,
 )
-from emix_core.gateway import log_event, retry_delay, time_now
+from emix_core.gateway.runner import log_event, retry_delay, time_now
 from emix_core.model import is_valid_address
 from emix_folder_watch.files import (
     fsync_dir,
@@ -45,7 +45,7 @@ from emix_folder_watch.journal import FileRow, OutboxJournal
 from emix_folder_watch.settings import outbox_settings
 
 if TYPE_CHECKING:
-    from emix_core.gateway import Gateway
+    from emix_core.gateway.runner import Gateway
 
 log = logging.getLogger("emix.folder_watch")
 

@@ -13,7 +13,7 @@ from emix_core.errors import ConfigError
 from emix_core.model import is_valid_address
 
 if TYPE_CHECKING:
-    from emix_core.gateway import Gateway
+    from emix_core.gateway.runner import Gateway
 
 
 @dataclass

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from emix_core.content.samples import generate_study, write_sample_report_pdf
 from emix_core.errors import ConfigError
-from emix_core.gateway import load_gateway
-from emix_core.samples import generate_study, write_sample_report_pdf
+from emix_core.gateway.runner import load_gateway
 from plugins.folder_watch.tests.sites import files_under, sha256, wait_for
 
 

@@ -22,8 +22,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
 from emix_core.errors import ConfigError, PayloadTooLarge, ReportFormatError
-from emix_core.layout import DICOM_MEDIA_TYPE, item_relative_path
 from emix_core.model import Package
 from emix_core.reports.convert import (
     FORMATS,

@@ -19,9 +19,9 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
+from emix_core.content.layout import item_relative_path
 from emix_core.errors import ConfigError
-from emix_core.gateway import load_gateway, registered_kinds
-from emix_core.layout import item_relative_path
+from emix_core.gateway.runner import load_gateway, registered_kinds
 from emix_core.model import Item, Package
 from emix_core.plugins import get_plugin_manager
 from emix_core.reports.convert import parse_report, render_report

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from emix_core import crypto, frames
-from emix_core.client import HubClient
+from emix_core.client.home import LocalHome
+from emix_core.client.hub import HubClient
+from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
 from emix_core.errors import ConflictError, EmixError, IntegrityError, UnsafePathError
-from emix_core.home import LocalHome
-from emix_core.layout import DICOM_MEDIA_TYPE, item_relative_path
 from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
 from emix_core.reports.convert import context_from_studies, deliver_in_preferred_format
 

@@ -1,6 +1,6 @@
 """Audit events in the standard shapes: DICOM PS3.15 A.5 audit messages and FHIR AuditEvent.
 
-Both functions take one row as :meth:`emix_core.audit.AuditLog.events` returns it
+Both functions take one row as :meth:`emix_core.audit.chain.AuditLog.events` returns it
 (with ``include_phi=True`` when patients and studies should be named in the export).
 The output carries PHI when the row does: it is meant for an audit repository or an
 auditor, never for a log file.
@@ -88,7 +88,7 @@ def _coded(parent: etree._Element, tag: str, code: str, scheme: str, meaning: st
 def to_dicom_audit_message(row: dict[str, Any], *, audit_source_id: str = "emix") -> str:
     """One event as a DICOM PS3.15 A.5.1 ``AuditMessage`` (XML text, UTF-8 declared).
 
-    :param row: an event from :meth:`~emix_core.audit.AuditLog.events`.
+    :param row: an event from :meth:`~emix_core.audit.chain.AuditLog.events`.
     :param audit_source_id: ``AuditSourceID``: which emix node wrote the log.
     """
     message = etree.Element("AuditMessage")
@@ -174,7 +174,7 @@ def _entity(
 def to_fhir_audit_event(row: dict[str, Any], *, audit_source_id: str = "emix") -> dict[str, Any]:
     """One event as a FHIR R4 ``AuditEvent`` resource (a JSON-ready dict).
 
-    :param row: an event from :meth:`~emix_core.audit.AuditLog.events`.
+    :param row: an event from :meth:`~emix_core.audit.chain.AuditLog.events`.
     :param audit_source_id: shown as the observer of ``source``.
     """
     code, _scheme, meaning = _event_code(row)

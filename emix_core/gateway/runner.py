@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pluggy
 
-from emix_core.client import HubClient
+from emix_core.client.home import LocalHome
+from emix_core.client.hub import HubClient
 from emix_core.errors import ConfigError
-from emix_core.home import LocalHome
 from emix_core.model import Package
 
 if TYPE_CHECKING:
-    from emix_core.sender import SendResult
+    from emix_core.client.sender import SendResult
 
 __all__ = [
     "SETTINGS",
@@ -97,7 +97,7 @@ class Destination(Protocol):
 
         :param package: the package, with its manifest items and study summary.
         :param path: folder holding the package (layout of
-            :func:`emix_core.layout.item_relative_path`, plus ``emix-manifest.json``).
+            :func:`emix_core.content.layout.item_relative_path`, plus ``emix-manifest.json``).
         :return: a small JSON-able report.
         :raises EmixError: to be retried later with backoff. After a crash the same
             package may be handed over again: a destination must not duplicate it.
@@ -336,7 +336,7 @@ class Gateway:
         :param on_seal_requested: called just before the seal request leaves: until
             then, a package found open after a crash can be abandoned at once.
         """
-        from emix_core.sender import send_paths
+        from emix_core.client.sender import send_paths
 
         client: Any = self.client
         if on_package_created is not None or on_seal_requested is not None:
@@ -349,7 +349,7 @@ class Gateway:
     def inbound(self) -> Any:
         """The inbound delivery (``None`` when no destination is configured)."""
         if self._inbound is None and self.destinations:
-            from emix_core.gateway_inbound import InboundDelivery
+            from emix_core.gateway.inbound import InboundDelivery
 
             self._inbound = InboundDelivery(self)
         return self._inbound

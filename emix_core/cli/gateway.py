@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from emix_core.cli_util import emit_json, handle_errors, json_option
+from emix_core.cli.util import emit_json, handle_errors, json_option
 
 config_option = click.option(
     "--config",
@@ -46,7 +46,7 @@ def gateway() -> None:
 @handle_errors
 def run(config: Path | None, log_format: str, verbose: bool) -> None:
     """Run sources and destinations until stopped (Ctrl-C or SIGTERM)."""
-    from emix_core.gateway import configure_logging, find_config, load_gateway
+    from emix_core.gateway.runner import configure_logging, find_config, load_gateway
 
     configure_logging(log_format, logging.DEBUG if verbose else logging.INFO)
     gw = load_gateway(find_config(config))
@@ -69,7 +69,7 @@ def status(config: Path | None, as_json: bool) -> None:
 
     Read from the gateway's journals: works whether it runs or not, without the hub.
     """
-    from emix_core.gateway import find_config, load_gateway
+    from emix_core.gateway.runner import find_config, load_gateway
 
     report = load_gateway(find_config(config)).status()
     if as_json:

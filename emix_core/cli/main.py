@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from emix_core import __version__
-from emix_core.cli_util import (
+from emix_core.cli.util import (
     emit_json,
     handle_errors,
     home_option,
@@ -53,7 +53,7 @@ def plugins(as_json: bool) -> None:
 
 
 def _local_home(home: str | None):  # type: ignore[no-untyped-def]
-    from emix_core.home import LocalHome
+    from emix_core.client.home import LocalHome
 
     return LocalHome(resolve_home(home))
 
@@ -93,7 +93,7 @@ def send(
     and text documents travel with it. Bad files are listed; the rest is sent.
     Exit 0 when everything was sent, 1 when anything failed.
     """
-    from emix_core.sender import send_paths
+    from emix_core.client.sender import send_paths
 
     local = _local_home(home)
     client = local.client(hub_url, token)
@@ -165,7 +165,7 @@ def receive(
     package: str, out: Path, hub_url: str | None, token: str | None, home: str | None, as_json: bool
 ) -> None:
     """Download a package, verify its signature and every hash, and post a receipt."""
-    from emix_core.receiver import receive_package
+    from emix_core.client.receiver import receive_package
 
     local = _local_home(home)
     client = local.client(hub_url, token)
@@ -188,9 +188,9 @@ def receive(
 
 
 def _register_core_groups() -> None:
-    from emix_core.cli_admin import audit, hub, keys, member, retention
-    from emix_core.cli_gateway import gateway
-    from emix_core.demo import demo
+    from emix_core.cli.admin import audit, hub, keys, member, retention
+    from emix_core.cli.demo import demo
+    from emix_core.cli.gateway import gateway
 
     for command in (hub, audit, retention, member, keys, demo, gateway):
         cli.add_command(command)

@@ -13,8 +13,8 @@ from typing import Any
 
 import pluggy
 
-from emix_core.audit import AuditLog, AuditRecorder
-from emix_core.client import HubClient
+from emix_core.audit.chain import AuditLog, AuditRecorder
+from emix_core.client.hub import HubClient
 from emix_core.config import Config, load_config
 from emix_core.crypto import SigningKey, create_key_file, fingerprint_of, load_key_file
 from emix_core.errors import IntegrityError

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import requests
 
-from emix_core.cli_util import handle_errors, transfer_progress
+from emix_core.cli.util import handle_errors, transfer_progress
 from emix_core.config import CONFIG_NAME
 from emix_core.errors import ConfigError
 
@@ -38,8 +38,8 @@ def port_is_free(port: int) -> bool:
 
 def setup_demo_home(root: Path, port: int) -> dict[str, Path]:
     """Create (or reuse) the hub home and one home per facility; return address → home."""
-    from emix_core.facilities import add_facility
     from emix_core.hub.context import init_hub_home, open_hub
+    from emix_core.hub.facilities import add_facility
 
     hub_home = root / "hub"
     fresh = not (hub_home / CONFIG_NAME).exists()
@@ -181,7 +181,7 @@ def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
 
 def _sample_study(root: Path, slices: int) -> Path:
     """A freshly generated CT study (new UIDs every run) with its PDF report."""
-    from emix_core.samples import generate_study, write_sample_report_pdf
+    from emix_core.content.samples import generate_study, write_sample_report_pdf
 
     study = root / "sample-study"
     if study.exists():
@@ -224,7 +224,7 @@ path = "inbox"
 
 def folder_plugin_installed() -> bool:
     """True when a plugin provides the ``folder`` source and destination kinds."""
-    from emix_core.gateway import registered_kinds
+    from emix_core.gateway.runner import registered_kinds
     from emix_core.plugins import get_plugin_manager
 
     sources, destinations = registered_kinds(get_plugin_manager())
@@ -305,9 +305,9 @@ def _direct_exchange(
     study: Path, homes: dict[str, Path], sender_addr: str, recipient_addr: str
 ) -> None:
     """Send and receive with the CLI's building blocks (when no gateway can run)."""
-    from emix_core.home import LocalHome
-    from emix_core.receiver import receive_package
-    from emix_core.sender import send_paths
+    from emix_core.client.home import LocalHome
+    from emix_core.client.receiver import receive_package
+    from emix_core.client.sender import send_paths
 
     sender = LocalHome(homes[sender_addr])
     with transfer_progress("sending", True) as progress:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from emix_core.cli_util import (
+from emix_core.cli.util import (
     emit_json,
     handle_errors,
     home_option,
@@ -126,7 +126,7 @@ def facility_add(
     as_json: bool,
 ) -> None:
     """Add a facility and its admin; prints the admin's API token once."""
-    from emix_core.facilities import add_facility
+    from emix_core.hub.facilities import add_facility
 
     result = add_facility(
         _hub(home),
@@ -151,7 +151,7 @@ def facility_add(
 @handle_errors
 def facility_list(home: str | None, as_json: bool) -> None:
     """List facilities."""
-    from emix_core.facilities import list_facilities
+    from emix_core.hub.facilities import list_facilities
 
     rows = list_facilities(_hub(home))
     if as_json:
@@ -168,7 +168,7 @@ def facility_list(home: str | None, as_json: bool) -> None:
 @handle_errors
 def facility_reset_key(address: str, home: str | None) -> None:
     """Forget a facility's signing key so it can register a new one."""
-    from emix_core.facilities import reset_key
+    from emix_core.hub.facilities import reset_key
 
     reset_key(_hub(home), address)
     click.echo(f"signing key of {address} reset; recipients must re-pin it")
@@ -181,7 +181,7 @@ def facility_reset_key(address: str, home: str | None) -> None:
 @handle_errors
 def hub_hold(package: str, release: bool, home: str | None) -> None:
     """Put a package under legal hold (retention skips it)."""
-    from emix_core.retention import set_legal_hold
+    from emix_core.hub.retention import set_legal_hold
 
     set_legal_hold(_hub(home), package, not release)
     click.echo(f"legal hold {'released' if release else 'set'} on {package}")
@@ -197,7 +197,7 @@ def _audit_log(home: str | None):  # type: ignore[no-untyped-def]
     path = resolve_home(home)
     if (path / "keys" / "kek.key").exists():
         return _hub(home).audit_log
-    from emix_core.home import LocalHome
+    from emix_core.client.home import LocalHome
 
     if not (path / "audit.db").exists():
         raise InvalidInput(f"no audit log under {path}")
@@ -265,7 +265,7 @@ def audit_export(home: str | None, fmt: str, package: str | None, limit: int) ->
     """Export events as DICOM PS3.15 audit messages or FHIR AuditEvents, one per line."""
     from lxml import etree
 
-    from emix_core import audit as audit_mod
+    from emix_core.audit import chain as audit_mod
 
     log = _audit_log(home)
     for row in log.events(package_id=package, limit=limit, include_phi=True):
@@ -294,7 +294,7 @@ def retention() -> None:
 @handle_errors
 def retention_purge(home: str | None, now: str | None, as_json: bool) -> None:
     """Delete expired packages' blobs and destroy their keys; keep the audit trail."""
-    from emix_core.retention import purge_expired
+    from emix_core.hub.retention import purge_expired
 
     when = None
     if now:
@@ -333,7 +333,7 @@ def member_add(
     email: str, role: str, hub_url: str | None, token: str | None, home: str | None, as_json: bool
 ) -> None:
     """Add (and verify) a member of your facility; they get a confirmation code by mail."""
-    from emix_core.home import LocalHome
+    from emix_core.client.home import LocalHome
 
     result = LocalHome(resolve_home(home)).client(hub_url, token).add_member(email, role)
     if as_json:
@@ -350,7 +350,7 @@ def member_add(
 @handle_errors
 def member_confirm(code: str, hub_url: str | None, home: str | None, as_json: bool) -> None:
     """Confirm your identity with the mailed code; prints your API token once."""
-    from emix_core.home import LocalHome
+    from emix_core.client.home import LocalHome
 
     result = LocalHome(resolve_home(home)).client(hub_url, "").confirm_member(code)
     if as_json:
@@ -373,7 +373,7 @@ def keys() -> None:
 @handle_errors
 def keys_show(home: str | None, as_json: bool) -> None:
     """Show this home's signing-key fingerprint (read it to partners to compare)."""
-    from emix_core.home import LocalHome
+    from emix_core.client.home import LocalHome
 
     key = LocalHome(resolve_home(home)).signing_key
     if as_json:
@@ -388,7 +388,7 @@ def keys_show(home: str | None, as_json: bool) -> None:
 @handle_errors
 def keys_forget(facility: str, home: str | None) -> None:
     """Forget the pinned key of a facility after confirming its key change out of band."""
-    from emix_core.home import LocalHome
+    from emix_core.client.home import LocalHome
 
     found = LocalHome(resolve_home(home)).forget_pin(f"facility:{facility}")
     click.echo(f"pin for {facility} {'removed' if found else 'was not set'}")

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from emix_core.dicom import DicomInstance, inspect_instance, is_dicom
+from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom
 from emix_core.errors import NotDicomError
 
 __all__ = ["DICOM", "classify", "safe_name", "sniff_document"]

@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import NullPool
 
-from emix_core.audit_export import EVENT_TYPES, to_dicom_audit_message, to_fhir_audit_event
+from emix_core.audit.export import EVENT_TYPES, to_dicom_audit_message, to_fhir_audit_event
 from emix_core.crypto import (
     KEY_SIZE,
     SigningKey,

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from emix_core import crypto, frames
-from emix_core.client import HubClient
-from emix_core.dicom import DicomInstance
-from emix_core.documents import classify
+from emix_core.client.home import LocalHome
+from emix_core.client.hub import HubClient
+from emix_core.content.dicom import DicomInstance
+from emix_core.content.documents import classify
+from emix_core.content.layout import DICOM_MEDIA_TYPE
 from emix_core.errors import EmixError, HubUnavailable, PolicyRejected
-from emix_core.home import LocalHome
-from emix_core.layout import DICOM_MEDIA_TYPE
 from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
 
 MANIFEST_FORMAT = "emix-manifest/1"

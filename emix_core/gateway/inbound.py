@@ -18,13 +18,13 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emix_core.client.receiver import MANIFEST_NAME, receive_package
 from emix_core.errors import AuthenticationError, EmixError, HubUnavailable, NotFoundError
-from emix_core.gateway import JournalConnections, log_event, retry_delay, time_now
+from emix_core.gateway.runner import JournalConnections, log_event, retry_delay, time_now
 from emix_core.model import AuditEvent, Item, Package, Recipient, is_valid_address
-from emix_core.receiver import MANIFEST_NAME, receive_package
 
 if TYPE_CHECKING:
-    from emix_core.gateway import Destination, Gateway
+    from emix_core.gateway.runner import Destination, Gateway
 
 log = logging.getLogger("emix.gateway.inbound")
 

@@ -13,7 +13,7 @@ from typing import Any
 import zipstream
 
 from emix_core import crypto
-from emix_core.layout import item_relative_path
+from emix_core.content.layout import item_relative_path
 from emix_core.model import Item
 
 MANIFEST_NAME = "emix-manifest.json"

@@ -1,0 +1,2 @@
+"""The audit trail: the hash-chained log (:mod:`.chain`) and its standard shapes
+(:mod:`.export`)."""

@@ -1,0 +1,1 @@
+"""The facility side: the hub client, the sender, the receiver and the facility home."""
