@@ -89,6 +89,13 @@ class ConflictError(EmixError):
     code = "conflict"
 
 
+class NotAcceptable(EmixError):
+    """The caller asks for a representation emix cannot make (a transfer syntax, a type)."""
+
+    http_status = 406
+    code = "not_acceptable"
+
+
 class PayloadTooLarge(EmixError):
     """A body or a package exceeds a configured limit."""
 

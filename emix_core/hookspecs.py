@@ -31,6 +31,7 @@ __all__ = [
     "emix_render_report",
     "emix_parse_report",
     "emix_notify",
+    "emix_register_report_formats",
     "emix_authenticate",
     "emix_authorize",
     "emix_before_send",
@@ -103,6 +104,20 @@ def emix_parse_report(data: bytes, media_type: str) -> Report | None:
     :param data: the document's bytes (already size-limited by the caller).
     :param media_type: the declared or sniffed media type, e.g. ``application/hl7-v2``.
     :return: the parsed report, or ``None``.
+    """
+
+
+@hookspec
+def emix_register_report_formats(register: Callable[..., None]) -> None:
+    """Register report formats: the one list of formats a facility may prefer.
+
+    :param register: call ``register(name, media_type, extension, readable=False)``;
+        ``name`` is a short lowercase word (``hl7``, ``pdf``), ``extension`` the file
+        extension received reports are written with (``.hl7``), ``readable`` whether
+        the plugin's ``emix_parse_report`` reads it back. A plugin that registers a
+        format must also render it (``emix_render_report``).
+
+    .. versionadded:: 0.2
     """
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
 from typing import Any
 
 #: A facility address: lowercase slug; ``hub`` is reserved.
@@ -115,15 +116,33 @@ class Package:
         return sum(item.size for item in self.items)
 
 
-@dataclass
+class AuditAction(StrEnum):
+    """DICOM PS3.15 A.5 EventActionCode."""
+
+    CREATE = "C"
+    READ = "R"
+    UPDATE = "U"
+    DELETE = "D"
+    EXECUTE = "E"
+
+
+class AuditOutcome(IntEnum):
+    """DICOM PS3.15 A.5 EventOutcomeIndicator."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+@dataclass(kw_only=True)
 class AuditEvent:
     """One audited action, following DICOM PS3.15 A.5 event types.
 
     :param event_type: one of :data:`emix_core.audit.chain.EVENT_TYPES` keys, e.g.
         ``"instances-transferred"``.
-    :param action: PS3.15 EventActionCode: ``C`` create, ``R`` read, ``U`` update,
-        ``D`` delete, ``E`` execute.
-    :param outcome: ``0`` success, ``4`` minor failure, ``8`` serious, ``12`` major.
+    :param action: PS3.15 EventActionCode, an :class:`AuditAction`.
+    :param outcome: PS3.15 EventOutcomeIndicator, an :class:`AuditOutcome`.
     :param actor: who (member email, facility address or ``"system"``).
     :param source: where from (IP address or host name).
     :param package_id: the package concerned, if any.
@@ -132,8 +151,8 @@ class AuditEvent:
     """
 
     event_type: str
-    action: str = "E"
-    outcome: int = 0
+    action: AuditAction = AuditAction.EXECUTE
+    outcome: AuditOutcome = AuditOutcome.SUCCESS
     actor: str = "system"
     source: str = ""
     package_id: str | None = None

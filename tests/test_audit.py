@@ -378,7 +378,7 @@ def test_fhir_audit_event_is_a_valid_r4_resource(log: AuditLog) -> None:
 def test_every_event_type_exports(tmp_path: Path, audit_key: bytes) -> None:
     log = AuditLog(tmp_path / "audit.db", audit_key)
     for name in EVENT_TYPES:
-        log.append(AuditEvent(name, phi={}))
+        log.append(AuditEvent(event_type=name, phi={}))
     for row, (code, scheme, meaning) in zip(
         log.events(include_phi=True, limit=None), EVENT_TYPES.values(), strict=True
     ):

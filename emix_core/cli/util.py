@@ -84,3 +84,15 @@ def transfer_progress(label: str, enabled: bool) -> Iterator[Callable[[int, int]
             progress.update(task, completed=done, total=total)
 
         yield update
+
+
+def client_for(hub_url: str | None, token: str | None, home: str | None) -> tuple[Any, Any]:
+    """The facility home and a hub client from the standard options.
+
+    :return: ``(LocalHome, HubClient)``; flags win over ``EMIX_*`` variables and config.
+    """
+    from emix_core.client.home import LocalHome
+    from emix_core.config import resolve_home
+
+    local = LocalHome(resolve_home(home))
+    return local, local.client(hub_url, token)

@@ -18,7 +18,7 @@ from emix_core.client.hub import HubClient
 from emix_core.config import Config, load_config
 from emix_core.crypto import SigningKey, create_key_file, fingerprint_of, load_key_file
 from emix_core.errors import IntegrityError
-from emix_core.model import AuditEvent
+from emix_core.model import AuditAction, AuditEvent, AuditOutcome
 from emix_core.plugins import get_plugin_manager
 
 PINS_FILE = "pinned-keys.json"
@@ -98,14 +98,11 @@ class LocalHome:
         elif known != fingerprint:
             self.audit(
                 AuditEvent(
-                    "security-alert",
-                    "E",
-                    8,
-                    "system",
-                    "",
-                    None,
-                    {},
-                    f"signing key of {name} changed",
+                    event_type="security-alert",
+                    action=AuditAction.EXECUTE,
+                    outcome=AuditOutcome.SERIOUS_FAILURE,
+                    actor="system",
+                    detail=f"signing key of {name} changed",
                 )
             )
             raise IntegrityError(

@@ -23,7 +23,7 @@ from emix_core.client.home import LocalHome
 from emix_core.client.hub import HubClient
 from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
 from emix_core.errors import ConflictError, EmixError, IntegrityError, UnsafePathError
-from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
+from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Item, Package, Recipient, utcnow
 from emix_core.reports.convert import context_from_studies, deliver_in_preferred_format
 
 log = logging.getLogger("emix.receive")
@@ -214,14 +214,13 @@ def receive_package(
     client.post_receipt(package_id, crypto.sign_document(home.signing_key, receipt))
     home.audit(
         AuditEvent(
-            "instances-transferred",
-            "C",
-            0,
-            me["email"],
-            "",
-            package_id,
-            {"studies": [s.get("study_uid") for s in received.studies]},
-            f"received {len(items)} items from {received.sender}",
+            event_type="instances-transferred",
+            action=AuditAction.CREATE,
+            outcome=AuditOutcome.SUCCESS,
+            actor=me["email"],
+            package_id=package_id,
+            phi={"studies": [s.get("study_uid") for s in received.studies]},
+            detail=f"received {len(items)} items from {received.sender}",
         )
     )
     package = received.package

@@ -21,7 +21,7 @@ from emix_core.content.dicom import DicomInstance
 from emix_core.content.documents import classify
 from emix_core.content.layout import DICOM_MEDIA_TYPE
 from emix_core.errors import EmixError, HubUnavailable, PolicyRejected
-from emix_core.model import AuditEvent, Item, Package, Recipient, utcnow
+from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Item, Package, Recipient, utcnow
 
 MANIFEST_FORMAT = "emix-manifest/1"
 SKIPPED_NAMES = frozenset({"DICOMDIR", ".DS_Store", "Thumbs.db", "desktop.ini"})
@@ -211,14 +211,13 @@ def send_paths(
     draft.id = package_id
     home.audit(
         AuditEvent(
-            "begin-transferring",
-            "R",
-            0,
-            sender,
-            "",
-            package_id,
-            {"studies": [s["study_uid"] for s in draft.studies]},
-            f"sending {len(items)} items",
+            event_type="begin-transferring",
+            action=AuditAction.READ,
+            outcome=AuditOutcome.SUCCESS,
+            actor=sender,
+            package_id=package_id,
+            phi={"studies": [s["study_uid"] for s in draft.studies]},
+            detail=f"sending {len(items)} items",
         )
     )
 
@@ -246,17 +245,16 @@ def send_paths(
         home.keep_hub_checkpoint(client, answer["checkpoint"])
     home.audit(
         AuditEvent(
-            "instances-transferred",
-            "R",
-            0,
-            sender,
-            "",
-            package_id,
-            {
+            event_type="instances-transferred",
+            action=AuditAction.READ,
+            outcome=AuditOutcome.SUCCESS,
+            actor=sender,
+            package_id=package_id,
+            phi={
                 "studies": [s["study_uid"] for s in studies],
                 "patients": sorted({s["patient_id"] or "" for s in studies}),
             },
-            f"sent {len(uploaded)} items to {', '.join(to)}",
+            detail=f"sent {len(uploaded)} items to {', '.join(to)}",
         )
     )
     result.package_id = package_id

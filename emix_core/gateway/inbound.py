@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 from emix_core.client.receiver import MANIFEST_NAME, receive_package
 from emix_core.errors import AuthenticationError, EmixError, HubUnavailable, NotFoundError
 from emix_core.gateway.runner import JournalConnections, log_event, retry_delay, time_now
-from emix_core.model import AuditEvent, Item, Package, Recipient, is_valid_address
+from emix_core.model import (
+    AuditAction,
+    AuditEvent,
+    AuditOutcome,
+    Item,
+    Package,
+    Recipient,
+    is_valid_address,
+)
 
 if TYPE_CHECKING:
     from emix_core.gateway.runner import Destination, Gateway
@@ -305,14 +313,12 @@ class InboundDelivery:
         log_event(log, "package.failed", logging.ERROR, package=package_id, reason=reason)
         self.gateway.home.audit(
             AuditEvent(
-                "instances-transferred",
-                "C",
-                8,
-                "system",
-                "",
-                package_id,
-                {},
-                f"gateway could not receive the package: {reason}",
+                event_type="instances-transferred",
+                action=AuditAction.CREATE,
+                outcome=AuditOutcome.SERIOUS_FAILURE,
+                actor="system",
+                package_id=package_id,
+                detail=f"gateway could not receive the package: {reason}",
             )
         )
 
@@ -396,14 +402,13 @@ class InboundDelivery:
         )
         self.gateway.home.audit(
             AuditEvent(
-                "instances-transferred",
-                "C",
-                0,
-                "system",
-                "",
-                package.id,
-                {"studies": [s.get("study_uid") for s in package.studies]},
-                f"gateway delivered {len(package.items)} items from {package.sender} "
+                event_type="instances-transferred",
+                action=AuditAction.CREATE,
+                outcome=AuditOutcome.SUCCESS,
+                actor="system",
+                package_id=package.id,
+                phi={"studies": [s.get("study_uid") for s in package.studies]},
+                detail=f"gateway delivered {len(package.items)} items from {package.sender} "
                 f"to destination {destination.name}",
             )
         )

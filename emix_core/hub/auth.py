@@ -140,7 +140,14 @@ def audit_request(
     """Record an audit event about the current request, from the caller's address."""
     _hub().audit(
         AuditEvent(
-            event_type, action, outcome, actor, client_source(), package_id, phi or {}, detail
+            event_type=event_type,
+            action=action,
+            outcome=outcome,
+            actor=actor,
+            source=client_source(),
+            package_id=package_id,
+            phi=phi or {},
+            detail=detail,
         )
     )
 

@@ -12,7 +12,7 @@ from emix_core.errors import ConflictError, InvalidInput, NotFoundError
 from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.hub.auth import issue_token
 from emix_core.hub.context import Hub
-from emix_core.model import AuditEvent, is_valid_address, utcnow
+from emix_core.model import AuditAction, AuditEvent, AuditOutcome, is_valid_address, utcnow
 from emix_core.store.db import Facility, Member
 
 REPORT_FORMATS = ("hl7", "cda", "fhir", "pdf", "rtf", "txt")
@@ -68,7 +68,12 @@ def add_facility(
         facility_id = facility.id
     hub.audit(
         AuditEvent(
-            "security-alert", "C", 0, "hub-operator", "local", None, {}, f"facility {address} added"
+            event_type="security-alert",
+            action=AuditAction.CREATE,
+            outcome=AuditOutcome.SUCCESS,
+            actor="hub-operator",
+            source="local",
+            detail=f"facility {address} added",
         )
     )
     return {"id": facility_id, "address": address, "token": token}
@@ -98,13 +103,11 @@ def reset_key(hub: Hub, address: str) -> None:
         facility.signing_key = None
     hub.audit(
         AuditEvent(
-            "security-alert",
-            "U",
-            0,
-            "hub-operator",
-            "local",
-            None,
-            {},
-            f"signing key of facility {address} reset",
+            event_type="security-alert",
+            action=AuditAction.UPDATE,
+            outcome=AuditOutcome.SUCCESS,
+            actor="hub-operator",
+            source="local",
+            detail=f"signing key of facility {address} reset",
         )
     )

@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import select
 
 from emix_core.hub.context import Hub
-from emix_core.model import AuditEvent, utcnow
+from emix_core.model import AuditAction, AuditEvent, AuditOutcome, utcnow
 from emix_core.store.db import PackageRow
 
 
@@ -45,14 +45,13 @@ def purge_expired(hub: Hub, now: datetime | None = None) -> dict[str, list[str]]
             row.purged_at = now
         hub.audit(
             AuditEvent(
-                "study-deleted",
-                "D",
-                0,
-                "retention",
-                "local",
-                package_id,
-                {},
-                "package expired: blobs deleted, data key destroyed",
+                event_type="study-deleted",
+                action=AuditAction.DELETE,
+                outcome=AuditOutcome.SUCCESS,
+                actor="retention",
+                source="local",
+                package_id=package_id,
+                detail="package expired: blobs deleted, data key destroyed",
             )
         )
         purged.append(package_id)
@@ -71,13 +70,12 @@ def set_legal_hold(hub: Hub, package_id: str, hold: bool) -> None:
         row.legal_hold = hold
     hub.audit(
         AuditEvent(
-            "security-alert",
-            "U",
-            0,
-            "hub-operator",
-            "local",
-            package_id,
-            {},
-            f"legal hold {'set' if hold else 'released'}",
+            event_type="security-alert",
+            action=AuditAction.UPDATE,
+            outcome=AuditOutcome.SUCCESS,
+            actor="hub-operator",
+            source="local",
+            package_id=package_id,
+            detail=f"legal hold {'set' if hold else 'released'}",
         )
     )

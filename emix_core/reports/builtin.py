@@ -8,12 +8,18 @@ use, so loading the plugin manager stays cheap.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from emix_core.plugins import hookimpl
-from emix_core.reports.convert import READABLE_FORMATS, format_for_media_type
+from emix_core.reports.convert import FORMATS, READABLE_FORMATS, format_for_media_type
 from emix_core.reports.model import Report
 
-__all__ = ["MODULES", "emix_parse_report", "emix_render_report"]
+__all__ = [
+    "MODULES",
+    "emix_parse_report",
+    "emix_register_report_formats",
+    "emix_render_report",
+]
 
 #: Format name to the module that implements it (``render``, and ``parse`` if readable).
 MODULES = {
@@ -37,3 +43,10 @@ def emix_parse_report(data: bytes, media_type: str) -> Report | None:
     if name not in READABLE_FORMATS:
         return None
     return importlib.import_module(MODULES[name]).parse(data)
+
+
+@hookimpl(trylast=True)
+def emix_register_report_formats(register: Callable[..., None]) -> None:
+    """Register the six built-in formats (HL7 v2, CDA, FHIR, PDF, RTF, text)."""
+    for name, fmt in FORMATS.items():
+        register(name, fmt.media_type, fmt.extension, readable=fmt.readable)

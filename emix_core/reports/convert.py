@@ -21,13 +21,14 @@ from typing import Any, NamedTuple
 
 import pluggy
 
-from emix_core.errors import PayloadTooLarge, ReportFormatError
+from emix_core.errors import ConfigError, PayloadTooLarge, ReportFormatError
 from emix_core.reports.model import Attachment, Patient, PersonName, Report, is_valid_uid
 
 __all__ = [
     "FORMATS",
     "MAX_REPORT_BYTES",
     "READABLE_FORMATS",
+    "report_formats",
     "ReportFormat",
     "context_from_studies",
     "convert",
@@ -42,20 +43,21 @@ __all__ = [
 
 
 class ReportFormat(NamedTuple):
-    """A built-in report format: its media type and file extension."""
+    """A report format: its media type, file extension, and whether emix reads it back."""
 
     media_type: str
     extension: str
+    readable: bool = False
 
 
 #: Built-in formats by name. Plugins may render and read more.
 FORMATS: dict[str, ReportFormat] = {
-    "hl7": ReportFormat("application/hl7-v2", ".hl7"),
-    "cda": ReportFormat("application/cda+xml", ".xml"),
-    "fhir": ReportFormat("application/fhir+json", ".json"),
+    "hl7": ReportFormat("application/hl7-v2", ".hl7", True),
+    "cda": ReportFormat("application/cda+xml", ".xml", True),
+    "fhir": ReportFormat("application/fhir+json", ".json", True),
     "pdf": ReportFormat("application/pdf", ".pdf"),
     "rtf": ReportFormat("application/rtf", ".rtf"),
-    "txt": ReportFormat("text/plain", ".txt"),
+    "txt": ReportFormat("text/plain", ".txt", True),
 }
 #: Formats emix reads back (PDF and RTF are output only).
 READABLE_FORMATS = ("hl7", "cda", "fhir", "txt")
@@ -81,6 +83,31 @@ _GENERIC = {"text/plain", "application/octet-stream", "application/xml", "text/x
 _SNIFF_BYTES = 64 * 1024
 _CDA_RE = re.compile(rb"<([A-Za-z_][\w.-]*:)?ClinicalDocument[\s>/]")
 _WRAPPABLE_TARGETS = ("hl7", "cda", "fhir")
+
+
+def report_formats(pm: pluggy.PluginManager | None = None) -> dict[str, ReportFormat]:
+    """Every report format the loaded plugins provide, by name (the one registry).
+
+    Formats are registered with ``emix_register_report_formats``; the built-in plugin
+    registers the six above, and a plugin's format can be a facility's preferred format.
+    """
+    if pm is None:
+        from emix_core.plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    from emix_core.plugins import hooks_for
+
+    found: dict[str, ReportFormat] = {}
+
+    def register(name: str, media_type: str, extension: str, *, readable: bool = False) -> None:
+        if not (isinstance(name, str) and name.isascii() and name.isalnum() and name.islower()):
+            raise ConfigError(f"a report format name must be lowercase letters/digits: {name!r}")
+        if not extension.startswith(".") or not extension[1:].isalnum():
+            raise ConfigError(f"report format {name!r}: extension must look like '.xml'")
+        found.setdefault(name, ReportFormat(media_type, extension, readable))
+
+    hooks_for(pm).report_formats(register)
+    return found
 
 
 def format_for_media_type(media_type: str | None) -> str | None:

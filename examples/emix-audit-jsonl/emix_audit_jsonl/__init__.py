@@ -10,8 +10,7 @@ import json
 import os
 import threading
 
-from emix_core.model import AuditEvent
-from emix_core.plugins import hookimpl
+from emix_core import AuditEvent, hookimpl
 
 __version__ = "0.1.0"
 _lock = threading.Lock()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from emix_core.plugins import hookimpl
+from emix_core import hookimpl
 
 if TYPE_CHECKING:
     import click

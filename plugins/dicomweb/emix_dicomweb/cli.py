@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from emix_core.cli.util import (
+from emix_core import (
     emit_json,
     handle_errors,
     home_option,
@@ -101,8 +101,7 @@ def dicomweb() -> None:
 
 
 def _home(home: str | None):  # type: ignore[no-untyped-def]
-    from emix_core.client.home import LocalHome
-    from emix_core.config import resolve_home
+    from emix_core import LocalHome, resolve_home
 
     return LocalHome(resolve_home(home))
 

@@ -20,7 +20,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from emix_core.errors import ConfigError, EmixError
+from emix_core import ConfigError, EmixError
 
 __all__ = [
     "AUTH_KINDS",

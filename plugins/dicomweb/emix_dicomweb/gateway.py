@@ -20,8 +20,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emix_core.errors import ConfigError, EmixError
-from emix_core.model import Package
+from emix_core import ConfigError, EmixError, Package
 from emix_dicomweb.connection import PacsConnection, PacsSettings, PacsUnavailable
 from emix_dicomweb.query import StudyMatch, list_instances
 from emix_dicomweb.retrieve import Retrieval
@@ -35,7 +34,7 @@ from emix_dicomweb.transfer import (
 )
 
 if TYPE_CHECKING:
-    from emix_core.gateway.runner import Gateway
+    from emix_core import Gateway
 
 __all__ = ["DicomwebDestination", "DicomwebSource", "SOURCE_SETTINGS", "DESTINATION_SETTINGS"]
 
@@ -159,7 +158,7 @@ class DicomwebSource:
             self._thread = None
 
     def _db(self):  # type: ignore[no-untyped-def]
-        from emix_core.gateway.runner import open_journal
+        from emix_core import open_journal
 
         db = open_journal(self.journal_path)
         db.executescript(JOURNAL_SCHEMA)
@@ -309,7 +308,7 @@ class DicomwebSource:
             raise
 
     def _failed(self, db: Any, key: str, reason: str) -> None:
-        from emix_core.gateway.runner import retry_delay
+        from emix_core import retry_delay
 
         row = db.execute("SELECT attempts FROM studies WHERE key = ?", (key,)).fetchone()
         attempts = (row["attempts"] if row else 0) + 1

@@ -16,16 +16,22 @@ import json
 import secrets
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, Response, request, stream_with_context
 
-from emix_core.content.layout import DICOM_MEDIA_TYPE
-from emix_core.errors import EmixError, InvalidInput, NotFoundError
-from emix_core.hub import packages as svc
-from emix_core.hub.auth import require
-from emix_core.model import AuditEvent, Item, Principal
+from emix_core import (
+    DICOM_MEDIA_TYPE,
+    AuditEvent,
+    EmixError,
+    InvalidInput,
+    Item,
+    NotFoundError,
+    PackageContent,
+    audit_hub_event,
+    hub_public_url,
+    open_package,
+)
 from emix_dicomweb.multipart import media_type_parameters
 
 __all__ = ["bp"]
@@ -44,53 +50,17 @@ class NotAcceptable(EmixError):
     code = "not_acceptable"
 
 
-@dataclass
-class PackageView:
-    """The DICOM content of one readable package, from its signed manifest."""
-
-    hub: Any
-    row: Any
-    principal: Principal
-    items: list[Item]
-    studies: dict[str, dict[str, Any]]
-
-    def instances(self, study: str | None = None, series: str | None = None) -> list[Item]:
-        return [
-            i
-            for i in self.items
-            if (study is None or i.study_uid == study)
-            and (series is None or i.series_uid == series)
-        ]
+def _open(package_id: str) -> PackageContent:
+    return open_package(package_id)
 
 
-def _open(package_id: str) -> PackageView:
-    hub = current_app.extensions["emix"]
-    with hub.db.session() as session:
-        row, package = svc.load_package(session, package_id)
-    principal = require("package:read", package)
-    if row.state != "sealed":
-        raise NotFoundError("not found")
-    signed = json.loads(b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB)))
-    document = signed["document"]
-    items = [
-        Item.from_dict(e)
-        for e in document.get("items", [])
-        if e.get("media_type") == DICOM_MEDIA_TYPE
-        and e.get("study_uid")
-        and e.get("sop_instance_uid")
-    ]
-    studies = {s["study_uid"]: s for s in document.get("studies", []) if s.get("study_uid")}
-    return PackageView(hub, row, principal, items, studies)
-
-
-def _audit(view: PackageView, event_type: str, studies: list[str], detail: str) -> None:
-    view.hub.audit(
+def _audit(view: PackageContent, event_type: str, studies: list[str], detail: str) -> None:
+    audit_hub_event(
         AuditEvent(
             event_type=event_type,
             action="R" if event_type == "instances-transferred" else "E",
             actor=view.principal.email,
-            source=(request.remote_addr or "")[:64],
-            package_id=view.row.id,
+            package_id=view.id,
             phi={"studies": sorted(set(studies))},
             detail=detail,
         )
@@ -105,9 +75,8 @@ def _attr(vr: str, *values: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": present} if present else {"vr": vr}
 
 
-def _base_url(view: PackageView) -> str:
-    public = view.hub.config.hub.public_url.rstrip("/")
-    return f"{public}/api/v1/packages/{view.row.id}/dicomweb"
+def _base_url(view: PackageContent) -> str:
+    return f"{hub_public_url()}/api/v1/packages/{view.id}/dicomweb"
 
 
 def _matches(params: dict[str, str], names: tuple[str, ...], actual: Any) -> bool:
@@ -142,9 +111,9 @@ def _json(rows: list[dict[str, Any]]) -> Response:
     return Response(json.dumps(rows), mimetype=DICOM_JSON)
 
 
-def _study_json(view: PackageView, uid: str) -> dict[str, Any]:
+def _study_json(view: PackageContent, uid: str) -> dict[str, Any]:
     summary = view.studies.get(uid, {})
-    instances = view.instances(uid)
+    instances = view.dicom_items(uid)
     return {
         "00080020": _attr("DA", summary.get("study_date")),
         "00080050": _attr("SH", summary.get("accession_number")),
@@ -166,7 +135,7 @@ def search_studies(package_id: str) -> Response:
     view = _open(package_id)
     args = request.args
     rows = []
-    for uid in sorted({i.study_uid for i in view.items if i.study_uid}):
+    for uid in sorted({i.study_uid for i in view.dicom_items() if i.study_uid}):
         summary = view.studies.get(uid, {})
         if not (
             _matches(args, ("StudyInstanceUID", "0020000D"), uid)
@@ -182,11 +151,11 @@ def search_studies(package_id: str) -> Response:
     return _json(rows)
 
 
-def _series_header(view: PackageView, item: Item) -> dict[str, Any]:
+def _series_header(view: PackageContent, item: Item) -> dict[str, Any]:
     """Series attributes read from the start of one decrypted instance (no pixel data)."""
     import pydicom
 
-    stream = svc.read_item(view.hub, view.row, item.id)
+    stream = view.read_item(item.id)
     head = bytearray()
     try:
         for chunk in stream:
@@ -211,7 +180,7 @@ def _series_header(view: PackageView, item: Item) -> dict[str, Any]:
 @bp.get("/studies/<study>/series")
 def search_series(package_id: str, study: str) -> Response:
     view = _open(package_id)
-    instances = view.instances(study)
+    instances = view.dicom_items(study)
     if not instances:
         raise NotFoundError("not found")
     rows = []
@@ -244,7 +213,7 @@ def search_series(package_id: str, study: str) -> Response:
 @bp.get("/studies/<study>/series/<series>/instances")
 def search_instances(package_id: str, study: str, series: str | None = None) -> Response:
     view = _open(package_id)
-    instances = view.instances(study, series)
+    instances = view.dicom_items(study, series)
     if not instances:
         raise NotFoundError("not found")
     base = _base_url(view)
@@ -299,7 +268,7 @@ def _acceptable(items: list[Item]) -> None:
         )
 
 
-def _multipart(view: PackageView, items: list[Item]) -> Response:
+def _multipart(view: PackageContent, items: list[Item]) -> Response:
     boundary = f"emix-{secrets.token_hex(16)}"
     heads = [
         (
@@ -311,7 +280,7 @@ def _multipart(view: PackageView, items: list[Item]) -> Response:
     ]
     tail = f"--{boundary}--\r\n".encode("ascii")
     length = sum(len(h) + i.size + 2 for h, i in zip(heads, items, strict=True)) + len(tail)
-    first = svc.read_item(view.hub, view.row, items[0].id)
+    first = view.read_item(items[0].id)
     first_chunk = next(first, b"")  # a tampered first segment fails before the 200
 
     def generate() -> Iterator[bytes]:
@@ -321,7 +290,7 @@ def _multipart(view: PackageView, items: list[Item]) -> Response:
                 yield first_chunk
                 yield from first
             else:
-                yield from svc.read_item(view.hub, view.row, item.id)
+                yield from view.read_item(item.id)
             yield b"\r\n"
         yield tail
 
@@ -333,7 +302,7 @@ def _multipart(view: PackageView, items: list[Item]) -> Response:
     return response
 
 
-def _retrieve(view: PackageView, items: list[Item], what: str) -> Response:
+def _retrieve(view: PackageContent, items: list[Item], what: str) -> Response:
     if not items:
         raise NotFoundError("not found")
     _acceptable(items)
@@ -350,17 +319,17 @@ def _retrieve(view: PackageView, items: list[Item], what: str) -> Response:
 @bp.get("/studies/<study>")
 def retrieve_study(package_id: str, study: str) -> Response:
     view = _open(package_id)
-    return _retrieve(view, view.instances(study), "study")
+    return _retrieve(view, view.dicom_items(study), "study")
 
 
 @bp.get("/studies/<study>/series/<series>")
 def retrieve_series(package_id: str, study: str, series: str) -> Response:
     view = _open(package_id)
-    return _retrieve(view, view.instances(study, series), "series")
+    return _retrieve(view, view.dicom_items(study, series), "series")
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>")
 def retrieve_instance(package_id: str, study: str, series: str, instance: str) -> Response:
     view = _open(package_id)
-    items = [i for i in view.instances(study, series) if i.sop_instance_uid == instance]
+    items = [i for i in view.dicom_items(study, series) if i.sop_instance_uid == instance]
     return _retrieve(view, items, "instance")

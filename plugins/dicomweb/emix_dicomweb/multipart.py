@@ -15,7 +15,7 @@ from email.message import Message
 from pathlib import Path
 from typing import BinaryIO
 
-from emix_core.errors import InvalidInput
+from emix_core import InvalidInput
 
 __all__ = [
     "MultipartBody",

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import requests
 
-from emix_core.content.dicom import is_valid_uid
+from emix_core import is_valid_uid
 from emix_dicomweb.connection import PacsConnection, PacsError
 
 __all__ = [

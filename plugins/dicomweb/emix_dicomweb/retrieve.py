@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from emix_core.content.dicom import is_valid_uid
-from emix_core.errors import InvalidInput
+from emix_core import InvalidInput, is_valid_uid
 from emix_dicomweb.connection import PacsConnection, PacsError, PacsUnavailable
 from emix_dicomweb.multipart import PartEnd, PartHeaders, boundary_of, iter_multipart
 

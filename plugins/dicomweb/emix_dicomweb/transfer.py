@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emix_core.client.home import LocalHome
-from emix_core.client.hub import HubClient
-from emix_core.client.sender import SendResult, send_paths
-from emix_core.content.layout import DICOM_MEDIA_TYPE
-from emix_core.errors import NotFoundError
-from emix_core.model import AuditEvent, Item, Package
+from emix_core import (
+    DICOM_MEDIA_TYPE,
+    AuditEvent,
+    HubClient,
+    Item,
+    LocalHome,
+    NotFoundError,
+    Package,
+    SendResult,
+    send_paths,
+)
 from emix_dicomweb.connection import PacsConnection, PacsError
 from emix_dicomweb.query import SERIES_UID, StudyMatch, _call, find_studies, value
 from emix_dicomweb.retrieve import Retrieval, RetrieveResult, retrieve_all
@@ -230,7 +235,7 @@ def instances_in_folder(
     items: Sequence[Item], folder: Path
 ) -> tuple[list[InstanceToStore], list[Item]]:
     """The DICOM instances of a received package folder, and the other items (documents)."""
-    from emix_core.content.layout import item_relative_path
+    from emix_core import item_relative_path
 
     instances: list[InstanceToStore] = []
     documents: list[Item] = []
@@ -354,7 +359,7 @@ def deliver_package(
     Delivering the same package twice is harmless: what the PACS already lists is
     reported as ``already-there`` and not sent again.
     """
-    from emix_core.client.receiver import receive_package
+    from emix_core import receive_package
 
     actor = _actor(client)
     with work_folder(home, "dicomweb-deliver") as folder:

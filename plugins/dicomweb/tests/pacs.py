@@ -226,7 +226,7 @@ def make_sample_study(
 ) -> SampleStudy:
     """Rewrite the bundled files into one study (pixel data bytes untouched), plus a
     generated CT series of ``slices`` slices."""
-    from emix_core.content.samples import generate_study
+    from emix_core import generate_study
 
     study_uid = generate_uid()
     today = time.strftime("%Y%m%d")

@@ -15,7 +15,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from emix_core.client.home import LocalHome
+from emix_core import LocalHome
 from plugins.dicomweb.tests.pacs import (
     REFUSE_RTDOSE,
     FrontDoor,
@@ -268,7 +268,7 @@ def test_recipient_opens_the_package_with_any_dicomweb_client(moved, study, exch
 def test_gateways_route_a_study_and_deliver_it_once_the_pacs_is_back(
     exchange, orthanc_factory, tmp_path: Path
 ):
-    from emix_core.gateway.runner import load_gateway
+    from emix_core import load_gateway
 
     routed = make_sample_study(
         tmp_path / "ed", accession="ACC-ED-7", patient_id="PID-ED-7", slices=6

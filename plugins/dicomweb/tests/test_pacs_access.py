@@ -11,7 +11,7 @@ from emix_dicomweb.query import find_studies
 from emix_dicomweb.retrieve import Retrieval, retrieve_all
 from emix_dicomweb.store import InstanceToStore, store_instances
 
-from emix_core.errors import ConfigError
+from emix_core import ConfigError
 from plugins.dicomweb.tests.pacs import FrontDoor, Orthanc, make_certificates, needs_orthanc
 
 pytestmark = needs_orthanc

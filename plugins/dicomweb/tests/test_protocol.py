@@ -17,7 +17,7 @@ from emix_dicomweb.multipart import (
 )
 from emix_dicomweb.store import describe_reason, is_transient_reason, parse_stow_response
 
-from emix_core.errors import InvalidInput
+from emix_core import InvalidInput
 
 
 def _parts(data: bytes, boundary: bytes, chunk: int) -> list[tuple[dict, bytes]]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from emix_core.plugins import hookimpl
+from emix_core import hookimpl
 
 if TYPE_CHECKING:
-    from emix_core.gateway.runner import Gateway
+    from emix_core import Gateway
 
 __version__ = "0.1.0"
 __all__ = ["emix_register_sources", "emix_register_destinations"]

@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from emix_core.client.sender import SKIPPED_NAMES
+from emix_core import SKIPPED_NAMES
 
 PART_SUFFIX = ".part"
 SIDECAR_SUFFIX = ".emix.toml"

@@ -18,10 +18,7 @@ from pathlib import Path
 
 import pluggy
 
-from emix_core import crypto
-from emix_core.content.dicom import is_valid_uid
-from emix_core.content.documents import classify
-from emix_core.errors import InvalidInput
+from emix_core import InvalidInput, classify, is_valid_uid, sha256_file
 from emix_folder_watch.files import SIDECAR_SUFFIX
 from emix_folder_watch.journal import FileRow, digest
 
@@ -64,7 +61,7 @@ def classify_file(path: Path, relative: str, pm: pluggy.PluginManager) -> Classi
         "document",
         study=study,
         accession=accession,
-        identity=digest("content", crypto.sha256_file(path)),
+        identity=digest("content", sha256_file(path)),
     )
 
 

@@ -16,14 +16,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emix_core.errors import EmixError, UnsafePathError
-from emix_core.gateway.inbound import PACKAGE_ID_RE
-from emix_core.model import Package, is_valid_address
+from emix_core import PACKAGE_ID_RE, EmixError, Package, UnsafePathError, is_valid_address
 from emix_folder_watch.files import fsync_dir
 from emix_folder_watch.settings import inbox_settings
 
 if TYPE_CHECKING:
-    from emix_core.gateway.runner import Gateway
+    from emix_core import Gateway
 
 #: Errors of ``os.link`` that mean "cannot link here": copy instead.
 NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES})

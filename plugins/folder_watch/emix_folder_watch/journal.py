@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emix_core.gateway.runner import JournalConnections, time_now
+from emix_core import JournalConnections, time_now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (

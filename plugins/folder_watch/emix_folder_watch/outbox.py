@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from emix_core.errors import (
+from emix_core import (
     AuthenticationError,
     ConfigError,
     EmixError,
     HubUnavailable,
     NotFoundError,
+    is_valid_address,
+    log_event,
+    retry_delay,
+    time_now,
 )
-from emix_core.gateway.runner import log_event, retry_delay, time_now
-from emix_core.model import is_valid_address
 from emix_folder_watch.files import (
     fsync_dir,
     is_ignored_name,
@@ -45,7 +47,7 @@ from emix_folder_watch.journal import FileRow, OutboxJournal
 from emix_folder_watch.settings import outbox_settings
 
 if TYPE_CHECKING:
-    from emix_core.gateway.runner import Gateway
+    from emix_core import Gateway
 
 log = logging.getLogger("emix.folder_watch")
 

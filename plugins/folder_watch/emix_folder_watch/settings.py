@@ -9,11 +9,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emix_core.errors import ConfigError
-from emix_core.model import is_valid_address
+from emix_core import ConfigError, is_valid_address
 
 if TYPE_CHECKING:
-    from emix_core.gateway.runner import Gateway
+    from emix_core import Gateway
 
 
 @dataclass

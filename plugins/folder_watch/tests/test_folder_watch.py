@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from emix_core.content.samples import generate_study, write_sample_report_pdf
-from emix_core.errors import ConfigError
-from emix_core.gateway.runner import load_gateway
+from emix_core import ConfigError, generate_study, load_gateway, write_sample_report_pdf
 from plugins.folder_watch.tests.sites import files_under, sha256, wait_for
 
 
@@ -269,7 +267,7 @@ def test_links_devices_and_oversize_files_are_refused_with_a_reason(sites, tmp_p
 
 def test_reports_travel_with_the_study_they_name(sites, tmp_path: Path) -> None:
     """Two studies in one folder: a PDF named by its sidecar, an HL7 report by its accession."""
-    from emix_core.reports.model import Patient, PersonName, Report
+    from emix_core import Patient, PersonName, Report
 
     mercy, lakeside = sites("mercy"), sites("lakeside")
     drop_folder = mercy.outbox_for("lakeside") / "two-studies"
@@ -321,7 +319,7 @@ def test_reports_travel_with_the_study_they_name(sites, tmp_path: Path) -> None:
 
 
 def mercy_pm():  # type: ignore[no-untyped-def]
-    from emix_core.plugins import get_plugin_manager
+    from emix_core import get_plugin_manager
 
     return get_plugin_manager()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from emix_core.plugins import hookimpl
+from emix_core import hookimpl
 from emix_mllp.client import Ack, MllpClient, MllpError
 from emix_mllp.destination import SETTINGS, MllpDestination
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from emix_core.errors import EmixError
+from emix_core import EmixError
 
 __all__ = ["END_BLOCK", "START_BLOCK", "Ack", "MllpClient", "MllpError", "frame", "parse_ack"]
 

@@ -22,21 +22,24 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
-from emix_core.errors import ConfigError, PayloadTooLarge, ReportFormatError
-from emix_core.model import Package
-from emix_core.reports.convert import (
-    FORMATS,
-    READABLE_FORMATS,
+from emix_core import (
+    DICOM_MEDIA_TYPE,
+    Attachment,
+    ConfigError,
+    Package,
+    PayloadTooLarge,
+    Report,
+    ReportFormatError,
     context_from_studies,
     fill_from,
+    hl7_routing_header,
+    item_relative_path,
     parse_report,
     read_report_file,
     render_report,
+    report_formats,
     sniff_report_format,
 )
-from emix_core.reports.hl7 import with_header
-from emix_core.reports.model import Attachment, Report
 from emix_mllp.client import MllpClient
 
 __all__ = ["SETTINGS", "MllpDestination"]
@@ -99,7 +102,7 @@ class MllpDestination:
         }
         self.pm = getattr(gateway, "pm", None)
         if self.pm is None:
-            from emix_core.plugins import get_plugin_manager
+            from emix_core import get_plugin_manager
 
             self.pm = get_plugin_manager()
         journal = settings.get("journal")
@@ -139,15 +142,16 @@ class MllpDestination:
 
     def _message(self, data: bytes, context: Report | None) -> bytes | None:
         fmt = sniff_report_format(data)
+        formats = report_formats(self.pm)
         if fmt in ("pdf", "rtf"):
             title = f"Imaging report ({fmt.upper()})"
-            report = Report(attachments=[Attachment(FORMATS[fmt].media_type, data, title)])
-        elif fmt in READABLE_FORMATS or fmt is None:
+            report = Report(attachments=[Attachment(formats[fmt].media_type, data, title)])
+        elif fmt is None or (fmt in formats and formats[fmt].readable):
             report = parse_report(self.pm, data, None if fmt else "text/plain")
         else:
             return None
         hl7 = render_report(self.pm, fill_from(report, context), "hl7")
-        return with_header(hl7, **self.header)
+        return hl7_routing_header(hl7, **self.header)
 
 
 def _report_files(package: Package, path: Path) -> list[tuple[str, Path]]:

@@ -19,13 +19,20 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
-from emix_core.content.layout import item_relative_path
-from emix_core.errors import ConfigError
-from emix_core.gateway.runner import load_gateway, registered_kinds
-from emix_core.model import Item, Package
-from emix_core.plugins import get_plugin_manager
-from emix_core.reports.convert import parse_report, render_report
-from emix_core.reports.model import Patient, PersonName, Report
+from emix_core import (
+    ConfigError,
+    Item,
+    Package,
+    Patient,
+    PersonName,
+    Report,
+    get_plugin_manager,
+    item_relative_path,
+    load_gateway,
+    parse_report,
+    registered_kinds,
+    render_report,
+)
 
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
 STUDY = {
