@@ -29,8 +29,11 @@ sys.path.insert(0, str(ROOT))
 from emix_dicomweb.multipart import MultipartBody  # noqa: E402
 
 from benchmarks.run import run_emix  # noqa: E402
-from plugins.dicomweb.tests.pacs import Orthanc  # noqa: E402
-from tests.conftest import make_hub, side  # noqa: E402
+from emix_core.testing import (  # noqa: E402
+    Orthanc,  # noqa: E402
+    make_hub,
+    side,
+)
 
 
 def direct_stow(pacs: Orthanc, files: list[Path], parallel: int) -> float:

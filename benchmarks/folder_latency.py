@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from emix_core.content.samples import generate_study  # noqa: E402
+from emix_core.testing import make_hub  # noqa: E402
 from plugins.folder_watch.tests.sites import Site  # noqa: E402
-from tests.conftest import make_hub  # noqa: E402
 
 SIZES = {"10 slices": 10, "1000 slices": 1000}
 if len(sys.argv) > 1:

@@ -42,8 +42,12 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from plugins.dicomweb.tests.pacs import Orthanc  # noqa: E402
-from tests.conftest import HubProcess, make_hub, side  # noqa: E402
+from emix_core.testing import (  # noqa: E402
+    HubProcess,
+    Orthanc,  # noqa: E402
+    make_hub,
+    side,
+)
 
 SETTLE = 1.0  # the gateway's settle_seconds in this benchmark
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'

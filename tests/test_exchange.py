@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import PATIENT_ID, PATIENT_NAME, emix, emix_json
+from emix_core.testing import PATIENT_ID, PATIENT_NAME, emix, emix_json
 
 
 def digest_tree(root: Path) -> dict[str, str]:

@@ -17,7 +17,7 @@ from flask import Blueprint
 from emix_core import hookspecs
 from emix_core.errors import ConfigError, PolicyRejected
 from emix_core.plugins import get_plugin_manager, hookimpl, plugin_info
-from tests.conftest import PATIENT_NAME, ROOT, emix, emix_json
+from emix_core.testing import PATIENT_NAME, ROOT, emix, emix_json
 from tests.plugin_tools import install_plugin, pip_install
 
 HOOKS = [name for name in hookspecs.__all__ if name.startswith("emix_")]
@@ -239,7 +239,7 @@ def test_before_send_policy_can_refuse_a_package(tmp_path, hub, mercy, study_200
 
 
 def test_exchange_hooks_fire_on_the_hub_and_the_receiving_side(tmp_path, smtp_server, study_200):
-    from tests.conftest import make_hub, side
+    from emix_core.testing import make_hub, side
 
     target = install_plugin(
         tmp_path,

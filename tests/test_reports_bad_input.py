@@ -12,7 +12,7 @@ import pytest
 from emix_core.errors import ReportFormatError
 from emix_core.plugins import get_plugin_manager
 from emix_core.reports.convert import parse_report, render_report
-from tests.conftest import free_port
+from emix_core.testing import free_port
 
 CDA_BODY = (
     '<ClinicalDocument xmlns="urn:hl7-org:v3"><title>{title}</title>'

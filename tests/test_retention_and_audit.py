@@ -7,7 +7,7 @@ import sqlite3
 
 import requests
 
-from tests.conftest import emix, emix_json
+from emix_core.testing import emix, emix_json
 
 
 def _send_small(study, tmp_path, env, name="small"):

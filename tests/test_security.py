@@ -17,7 +17,7 @@ from emix_core.client.home import LocalHome
 from emix_core.client.hub import HubClient
 from emix_core.client.receiver import receive_package
 from emix_core.errors import IntegrityError
-from tests.conftest import emix, emix_json, make_hub
+from emix_core.testing import emix, emix_json, make_hub
 
 
 def auth(token: str) -> dict[str, str]:
@@ -319,7 +319,7 @@ def test_tls_listener_serves_https(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from tests.conftest import free_port
+    from emix_core.testing import free_port
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

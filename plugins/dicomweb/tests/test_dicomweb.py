@@ -16,15 +16,19 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from emix_core import LocalHome
-from plugins.dicomweb.tests.pacs import (
+from emix_core.testing import (
     REFUSE_RTDOSE,
     FrontDoor,
+    HubProcess,
     Orthanc,
     SampleStudy,
+    Side,
+    emix,
+    make_hub,
     make_sample_study,
     needs_orthanc,
+    side,
 )
-from tests.conftest import HubProcess, Side, emix, make_hub, side
 
 pytestmark = needs_orthanc
 

@@ -12,7 +12,7 @@ from emix_dicomweb.retrieve import Retrieval, retrieve_all
 from emix_dicomweb.store import InstanceToStore, store_instances
 
 from emix_core import ConfigError
-from plugins.dicomweb.tests.pacs import FrontDoor, Orthanc, make_certificates, needs_orthanc
+from emix_core.testing import FrontDoor, Orthanc, make_certificates, needs_orthanc
 
 pytestmark = needs_orthanc
 

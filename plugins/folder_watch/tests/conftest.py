@@ -7,13 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from emix_core.testing import HubProcess
 from plugins.folder_watch.tests.sites import Site
-from tests import conftest as core
-from tests.conftest import HubProcess
-
-# the core's fixtures: a real hub process (with its SMTP server)
-hub = core.hub
-smtp_server = core.smtp_server
 
 
 @pytest.fixture

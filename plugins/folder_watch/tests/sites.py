@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import HubProcess, emix_json
+from emix_core.testing import HubProcess, emix_json
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:

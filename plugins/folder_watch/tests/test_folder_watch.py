@@ -362,7 +362,7 @@ def test_gateway_config_errors_say_what_to_fix(tmp_path: Path) -> None:
 
 
 def test_demo_runs_a_gateway_per_facility_and_the_study_crosses_by_folders(tmp_path: Path) -> None:
-    from tests.conftest import emix, free_port
+    from emix_core.testing import emix, free_port
 
     root = tmp_path / "demo"
     result = emix(

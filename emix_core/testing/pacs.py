@@ -27,7 +27,7 @@ import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.conftest import free_port
+from emix_core.testing import free_port
 
 ORTHANC = shutil.which("Orthanc")
 PLUGIN_CANDIDATES = (

@@ -1,0 +1,330 @@
+"""Test fixtures for emix and its plugins: a pytest plugin (entry point ``pytest11``).
+
+Installed with ``emix-core``, these fixtures are available to every test suite in the
+environment, the way pytest-django's are: a vendor's adapter tests use them without a
+conftest of their own. They start **real** peers on 127.0.0.1 only and stop them:
+
+* ``hub``: a hub served by gunicorn in a child process, with two facilities, ``mercy``
+  (prefers PDF reports) and ``lakeside`` (prefers HL7 v2); ``mercy`` and ``lakeside``
+  give each facility's home and CLI environment (:class:`Side`).
+* ``smtp_server``: an SMTP server (aiosmtpd) keeping every message it receives.
+* ``study_200``: a generated 200-slice CT study (512x512, 16-bit, 3 series) with a PDF
+  report, once per session.
+* ``orthanc_factory``: real Orthanc PACS instances with the DICOMweb plugin
+  (:mod:`emix_core.testing.pacs`).
+
+Helpers: :func:`emix` and :func:`emix_json` run the real command line,
+:func:`make_hub` starts another hub, :func:`free_port` finds a loopback port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+__all__ = [
+    "PATIENT_ID",
+    "PATIENT_NAME",
+    "HubProcess",
+    "Side",
+    "SmtpServer",
+    "emix",
+    "emix_json",
+    "free_port",
+    "make_hub",
+    "side",
+    # real PACS and TLS peers, from emix_core.testing.pacs (imported on first use)
+    "ORTHANC",
+    "PLUGIN",
+    "BUNDLED",
+    "REFUSE_RTDOSE",
+    "Certificates",
+    "FrontDoor",
+    "Orthanc",
+    "SampleStudy",
+    "dicomweb_plugin",
+    "make_certificates",
+    "make_sample_study",
+    "needs_orthanc",
+]
+
+_PACS_NAMES = frozenset(__all__[__all__.index("ORTHANC") :])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PACS_NAMES:
+        from emix_core.testing import pacs
+
+        return getattr(pacs, name)
+    raise AttributeError(f"module 'emix_core.testing' has no attribute {name!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def emix(
+    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``emix`` command line in a child process."""
+    result = subprocess.run(
+        [sys.executable, "-m", "emix_core", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"emix {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def emix_json(*args: str, env: dict[str, str] | None = None) -> dict:
+    return json.loads(emix(*args, "--json", env=env).stdout)
+
+
+@dataclass
+class SmtpServer:
+    """A real SMTP server on loopback that keeps every message it receives."""
+
+    port: int
+    messages: list = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def wait_for(self, count: int, timeout: float = 10) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.messages
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    from email import message_from_bytes
+
+    from aiosmtpd.controller import Controller
+
+    server = SmtpServer(port=free_port())
+
+    class Handler:
+        async def handle_DATA(self, _server, _session, envelope):  # noqa: N802
+            server.messages.append(message_from_bytes(envelope.content))
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=server.port)
+    controller.start()
+    try:
+        yield server
+    finally:
+        controller.stop()
+
+
+@dataclass
+class HubProcess:
+    """A hub served by gunicorn in a child process, as `emix hub serve` runs it."""
+
+    home: Path
+    port: int
+    process: subprocess.Popen | None = None
+    facilities: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        self.log = open(self.home / "hub-test.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "emix_core",
+                "hub",
+                "serve",
+                "--home",
+                str(self.home),
+                "--port",
+                str(self.port),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.home / "hub-test.log").read_text()
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise AssertionError("hub did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def add_facility(self, name: str, email: str, address: str, fmt: str = "pdf") -> dict:
+        info = emix_json(
+            "hub",
+            "facility",
+            "add",
+            name,
+            "--email",
+            email,
+            "--address",
+            address,
+            "--report-format",
+            fmt,
+            "--home",
+            str(self.home),
+        )
+        self.facilities[address] = info
+        return info
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-g", str(self.process.pid)], capture_output=True, text=True
+        ).stdout
+        return [int(p) for p in out.split()]
+
+
+def make_hub(tmp_path: Path, hub_settings: str = "", env: dict[str, str] | None = None):
+    """Initialise a hub home (``hub_settings``: extra TOML lines for ``[hub]``) and start it."""
+    home = tmp_path / "hub"
+    port = free_port()
+    emix("hub", "init", "--home", str(home), "--port", str(port))
+    if hub_settings:
+        config = home / "emix.toml"
+        config.write_text(config.read_text().replace("[hub]\n", f"[hub]\n{hub_settings}\n", 1))
+    hub = HubProcess(home=home, port=port)
+    hub.start(env)
+    return hub
+
+
+@pytest.fixture
+def hub(tmp_path: Path, smtp_server: SmtpServer) -> Iterator[HubProcess]:
+    """A running hub with two facilities, ``mercy`` (sender) and ``lakeside`` (recipient)."""
+    hub = make_hub(tmp_path, env={"EMIX_SMTP_URL": smtp_server.url})
+    try:
+        hub.add_facility("Mercy General", "admin@mercy.example.org", "mercy", "pdf")
+        hub.add_facility("Lakeside Imaging", "it@lakeside.example.org", "lakeside", "hl7")
+        yield hub
+    finally:
+        hub.stop()
+
+
+@dataclass
+class Side:
+    """A facility's own home and the environment its CLI runs with."""
+
+    home: Path
+    env: dict[str, str]
+    token: str
+
+
+def side(tmp_path: Path, hub: HubProcess, address: str) -> Side:
+    home = tmp_path / f"home-{address}"
+    token = hub.facilities[address]["token"]
+    return Side(home, {"EMIX_HOME": str(home), "EMIX_HUB_URL": hub.url, "EMIX_TOKEN": token}, token)
+
+
+@pytest.fixture
+def mercy(tmp_path: Path, hub: HubProcess) -> Side:
+    return side(tmp_path, hub, "mercy")
+
+
+@pytest.fixture
+def lakeside(tmp_path: Path, hub: HubProcess) -> Side:
+    return side(tmp_path, hub, "lakeside")
+
+
+PATIENT_NAME = "MUSTERMANN^ERIKA"
+PATIENT_ID = "PID-7734-XQ"
+
+
+@pytest.fixture(scope="session")
+def study_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated multi-series CT study: 200 slices of 512x512 16-bit, plus a PDF report."""
+    from emix_core.content.samples import generate_study, write_sample_report_pdf
+
+    folder = tmp_path_factory.mktemp("study200")
+    generate_study(
+        folder,
+        slices=200,
+        series=3,
+        patient_name=PATIENT_NAME,
+        patient_id=PATIENT_ID,
+        accession_number="ACC-99120",
+    )
+    write_sample_report_pdf(
+        folder / "report.pdf",
+        facility="Mercy General",
+        accession_number="ACC-99120",
+        patient_name=PATIENT_NAME,
+        findings="No acute abnormality.",
+        impression="Normal study.",
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    """Start Orthanc instances (``factory(name, lua=..., extra=...)``); all stopped after.
+
+    Skips when Orthanc or its DICOMweb plugin is missing, except under ``CI`` where a
+    missing PACS is a failure (``bash .ci/system-deps`` installs it).
+    """
+    from emix_core.testing.pacs import ORTHANC, PLUGIN, Orthanc
+
+    if not (ORTHANC and PLUGIN):
+        message = "Orthanc with the DICOMweb plugin is not installed (bash .ci/system-deps)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    started: list[Orthanc] = []
+
+    def factory(
+        name: str,
+        *,
+        lua: str = "",
+        auth: tuple[str, str] | None = None,
+        start: bool = True,
+        **extra: Any,
+    ) -> Orthanc:
+        pacs = Orthanc(tmp_path_factory.mktemp(name), lua=lua, auth=auth, extra=extra)
+        started.append(pacs)
+        return pacs.start() if start else pacs
+
+    try:
+        yield factory
+    finally:
+        for pacs in started:
+            pacs.stop(wait=False)
+        for pacs in started:
+            pacs.stop()
