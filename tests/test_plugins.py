@@ -17,7 +17,8 @@ from flask import Blueprint
 from emix_core import hookspecs
 from emix_core.errors import ConfigError, PolicyRejected
 from emix_core.plugins import get_plugin_manager, hookimpl, plugin_info
-from emix_core.testing import PATIENT_NAME, ROOT, emix, emix_json
+from emix_core.testing import PATIENT_NAME, emix, emix_json
+from tests.conftest import ROOT
 from tests.plugin_tools import install_plugin, pip_install
 
 HOOKS = [name for name in hookspecs.__all__ if name.startswith("emix_")]

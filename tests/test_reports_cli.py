@@ -16,7 +16,8 @@ from pypdf import PdfReader
 from emix_core.plugins import get_plugin_manager
 from emix_core.reports.cli import report as report_group
 from emix_core.reports.convert import parse_report, render_report
-from emix_core.testing import ROOT, emix
+from emix_core.testing import emix
+from tests.conftest import ROOT
 from tests.test_reports import FACILITY, IMPRESSION, full_report
 
 
