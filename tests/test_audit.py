@@ -9,16 +9,13 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pluggy
 import pytest
 from lxml import etree
 
-from emix_core import hookspecs
 from emix_core.audit.chain import (
     AUDIT_RETENTION_DAYS,
     EVENT_TYPES,
     AuditLog,
-    AuditRecorder,
     row_hash,
     to_dicom_audit_message,
     to_fhir_audit_event,
@@ -388,14 +385,43 @@ def test_every_event_type_exports(tmp_path: Path, audit_key: bytes) -> None:
         assert scheme == "DCM"
 
 
-def test_the_recorder_plugin_appends_every_hooked_event(log: AuditLog) -> None:
-    pm = pluggy.PluginManager("emix")
-    pm.add_hookspecs(hookspecs)
-    pm.register(AuditRecorder(log), name="emix.audit-recorder")
-    pm.hook.emix_audit_event(event=transfer(event_type="security-alert", action="E", outcome=8))
-    assert log.head()[0] == 13
-    assert log.events(since=None, limit=None)[-1]["event_type"] == "security-alert"
-    assert log.verify().ok
+def test_a_failing_audit_forwarder_never_starves_the_chain(tmp_path: Path, caplog) -> None:
+    """A third-party forwarder that raises: the core's chain still records, others still run."""
+    from emix_core.client.home import LocalHome
+    from emix_core.plugins import get_plugin_manager, hookimpl
+
+    class Broken:
+        @hookimpl(tryfirst=True)
+        def emix_audit_event(self, event: AuditEvent) -> None:
+            raise RuntimeError("syslog server down")
+
+    class Forwarder:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        @hookimpl
+        def emix_audit_event(self, event: AuditEvent) -> None:
+            self.seen.append(event.event_type)
+
+    pm = get_plugin_manager(load_entry_points=False)
+    forwarder = Forwarder()
+    pm.register(forwarder, name="forwarder")
+    pm.register(Broken(), name="broken-forwarder")
+    home = LocalHome(tmp_path / "home", pm=pm)
+    home.audit(transfer(event_type="security-alert"))
+    home.audit(transfer(event_type="instances-transferred"))
+    assert home.audit_log.head()[0] == 2
+    assert home.audit_log.verify().ok
+    assert forwarder.seen == ["security-alert", "instances-transferred"]
+    assert "broken-forwarder failed in emix_audit_event" in caplog.text
+
+
+def test_disabling_the_audit_chain_is_refused_loudly(monkeypatch) -> None:
+    from emix_core.plugins import disabled_plugins
+
+    monkeypatch.setenv("EMIX_DISABLED_PLUGINS", "emix.audit-recorder,emix.smtp")
+    with pytest.warns(UserWarning, match="cannot be disabled"):
+        assert disabled_plugins() == {"emix.smtp"}
 
 
 def test_audit_records_are_kept_six_years() -> None:

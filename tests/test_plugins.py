@@ -292,3 +292,43 @@ def test_exchange_hooks_fire_on_the_hub_and_the_receiving_side(tmp_path, smtp_se
     assert events[2]["path"].endswith(package)
     assert smtp_server.messages == []  # the plugin answered first
     assert os.path.isdir(events[2]["path"])
+
+
+def test_a_failing_sealed_notification_neither_fails_the_send_nor_skips_the_mail(
+    tmp_path, smtp_server, study_200
+):
+    """Regression: a plugin whose emix_package_sealed raises used to make the hub answer 500
+    after sealing, `emix send` exit 1, and the recipient never got the mail."""
+    from emix_core.testing import make_hub, side
+
+    target = install_plugin(
+        tmp_path,
+        "brokenseal",
+        """
+        from emix_core import hookimpl
+
+        @hookimpl
+        def emix_package_sealed(package):
+            raise RuntimeError("the vendor's webhook is down")
+    """,
+    )
+    env = {"PYTHONPATH": str(target), "EMIX_SMTP_URL": smtp_server.url}
+    hub = make_hub(tmp_path, env=env)
+    try:
+        hub.add_facility("Mercy", "a@m.example.org", "mercy")
+        hub.add_facility("Lake", "b@l.example.org", "lakeside")
+        sender = side(tmp_path, hub, "mercy")
+        one = tmp_path / "one"
+        one.mkdir()
+        src = next(study_200.rglob("*.dcm"))
+        (one / src.name).write_bytes(src.read_bytes())
+        result = emix("send", str(one), "--to", "lakeside", "--json", env={**sender.env, **env})
+        package = json.loads(result.stdout)["package"]
+        mails = smtp_server.wait_for(1)
+    finally:
+        hub.stop()
+    assert result.returncode == 0
+    assert [m["To"] for m in mails] == ["b@l.example.org"]
+    assert package in mails[0].get_payload(decode=True).decode()
+    log = (hub.home / "hub-test.log").read_text()
+    assert "brokenseal failed in emix_package_sealed" in log

@@ -56,13 +56,11 @@ from emix_core.crypto import (
 )
 from emix_core.errors import ConfigError, IntegrityError, InvalidInput
 from emix_core.model import AuditEvent, utcnow
-from emix_core.plugins import hookimpl
 
 __all__ = [
     "AUDIT_RETENTION_DAYS",
     "EVENT_TYPES",
     "AuditLog",
-    "AuditRecorder",
     "VerifyResult",
     "genesis_hash",
     "row_hash",
@@ -478,21 +476,6 @@ class AuditLog:
                 ) from None
             out["phi"] = json.loads(plain)
         return out
-
-
-class AuditRecorder:
-    """Built-in plugin ``emix.audit-recorder``: appends every audit event to a log.
-
-    The host registers one instance per process, for the log of its home.
-    """
-
-    def __init__(self, log: AuditLog) -> None:
-        self.log = log
-
-    @hookimpl(trylast=True)
-    def emix_audit_event(self, event: AuditEvent) -> None:
-        """Append ``event`` to the log."""
-        self.log.append(event)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -13,13 +13,13 @@ from typing import Any
 
 import pluggy
 
-from emix_core.audit.chain import AuditLog, AuditRecorder
+from emix_core.audit.chain import AuditLog
 from emix_core.client.hub import HubClient
 from emix_core.config import Config, load_config
 from emix_core.crypto import SigningKey, create_key_file, fingerprint_of, load_key_file
 from emix_core.errors import IntegrityError
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome
-from emix_core.plugins import get_plugin_manager
+from emix_core.plugins import get_plugin_manager, hooks_for
 
 PINS_FILE = "pinned-keys.json"
 
@@ -57,16 +57,16 @@ class LocalHome:
             self._audit_log = AuditLog(
                 self.path / "audit.db", load_key_file(key_path), self.signing_key
             )
-            if not self.pm.is_blocked("emix.audit-recorder") and not self.pm.has_plugin(
-                "emix.audit-recorder"
-            ):
-                self.pm.register(AuditRecorder(self._audit_log), name="emix.audit-recorder")
         return self._audit_log
 
     def audit(self, event: AuditEvent) -> None:
-        """Record a local audit event through every ``emix_audit_event`` implementation."""
-        _ = self.audit_log  # make sure the recorder is registered
-        self.pm.hook.emix_audit_event(event=event)
+        """Append a local audit event to the home's chain, then hand it to forwarders.
+
+        The chain is written first, by the core; a forwarder plugin that fails is
+        logged and never stops the operation.
+        """
+        self.audit_log.append(event)
+        hooks_for(self.pm).audit_event(event)
 
     def client(self, hub_url: str | None = None, token: str | None = None) -> HubClient:
         """A hub client from flags, else ``EMIX_HUB_URL``/``EMIX_TOKEN``, else config."""

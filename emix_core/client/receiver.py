@@ -24,6 +24,7 @@ from emix_core.client.hub import HubClient
 from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
 from emix_core.errors import ConflictError, EmixError, IntegrityError, UnsafePathError
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Item, Package, Recipient, utcnow
+from emix_core.plugins import hooks_for
 from emix_core.reports.convert import context_from_studies, deliver_in_preferred_format
 
 log = logging.getLogger("emix.receive")
@@ -225,5 +226,5 @@ def receive_package(
     )
     package = received.package
     package.recipients = [Recipient(me["facility"])]
-    home.pm.hook.emix_package_received(package=package, path=str(final))
+    hooks_for(home.pm).package_received(package, str(final))
     return received

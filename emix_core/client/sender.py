@@ -22,6 +22,7 @@ from emix_core.content.documents import classify
 from emix_core.content.layout import DICOM_MEDIA_TYPE
 from emix_core.errors import EmixError, HubUnavailable, PolicyRejected
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Item, Package, Recipient, utcnow
+from emix_core.plugins import hooks_for
 
 MANIFEST_FORMAT = "emix-manifest/1"
 SKIPPED_NAMES = frozenset({"DICOMDIR", ".DS_Store", "Thumbs.db", "desktop.ini"})
@@ -205,7 +206,7 @@ def send_paths(
         items=items,
         studies=summarize_studies(prepared),
     )
-    home.pm.hook.emix_before_send(package=draft)
+    hooks_for(home.pm).before_send(draft)
     home.register_key(client)
     package_id = _with_retry(lambda: client.create_package(list(to), expires_days=expires_days))
     draft.id = package_id

@@ -30,6 +30,7 @@ from emix_core.client.home import LocalHome
 from emix_core.client.hub import HubClient
 from emix_core.errors import ConfigError
 from emix_core.model import Package
+from emix_core.plugins import hooks_for
 
 if TYPE_CHECKING:
     from emix_core.client.sender import SendResult
@@ -128,8 +129,9 @@ def registered_kinds(
 
         return register
 
-    pm.hook.emix_register_sources(register=into(sources))
-    pm.hook.emix_register_destinations(register=into(destinations))
+    hooks = hooks_for(pm)
+    hooks.register_sources(into(sources))
+    hooks.register_destinations(into(destinations))
     return sources, destinations
 
 

@@ -23,6 +23,7 @@ from emix_core.errors import (
 from emix_core.hub import packages as svc
 from emix_core.hub.auth import audit_request, current_principal, is_allowed, require
 from emix_core.model import Recipient, utcnow
+from emix_core.plugins import hooks_for
 from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
 
 bp = Blueprint("packages", __name__, url_prefix="/api/v1")
@@ -195,13 +196,13 @@ def seal(package_id: str) -> Response:
         package_id=row.id,
         phi=phi,
     )
-    hub.pm.hook.emix_package_sealed(package=package)
+    # Notifications: a plugin that fails is logged and never undoes the seal.
+    hooks = hooks_for(hub.pm)
+    hooks.package_sealed(package)
     link = f"{hub.config.hub.public_url.rstrip('/')}/packages/{row.id}"
     for recipient, email in recipients:
-        try:
-            hub.pm.hook.emix_notify(recipient=recipient, email=email, package=package, link=link)
-        except Exception:  # a mail outage must not undo a sealed package
-            current_app.logger.exception("notification failed for package %s", row.id)
+        if not hooks.notify(recipient, email, package, link):
+            current_app.logger.error("no notification sent for package %s", row.id)
     checkpoint = hub.audit_log.checkpoint()
     return jsonify({"id": row.id, "state": "sealed", "checkpoint": checkpoint})
 

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from emix_core.errors import EmixError
 from emix_core.hub.context import Hub, open_hub
+from emix_core.plugins import hooks_for
 
 log = logging.getLogger("emix.hub")
 
@@ -36,7 +37,7 @@ def _register_blueprints(app: Flask, hub: Hub) -> None:
     def register(blueprint, url_prefix: str | None = None) -> None:  # type: ignore[no-untyped-def]
         app.register_blueprint(blueprint, url_prefix=url_prefix)
 
-    hub.pm.hook.emix_register_blueprints(register=register)
+    hooks_for(hub.pm).register_blueprints(register)
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, select
 
 from emix_core.errors import AuthenticationError, EmixError, NotFoundError
 from emix_core.model import AuditEvent, Package, Principal, utcnow
-from emix_core.plugins import hookimpl
+from emix_core.plugins import hookimpl, hooks_for
 from emix_core.store.db import Facility, LoginFailure, Member, Token
 
 TOKEN_PREFIX = "emx_"
@@ -111,8 +111,7 @@ def _is_recipient(principal: Principal, package: Package) -> bool:
 
 def is_allowed(principal: Principal, action: str, resource: Any) -> bool:
     """Deny by default: any ``False`` denies and at least one ``True`` is needed."""
-    answers = _hub().pm.hook.emix_authorize(principal=principal, action=action, resource=resource)
-    return bool(answers) and all(a is not False for a in answers) and any(a for a in answers)
+    return hooks_for(_hub().pm).authorize(principal, action, resource)
 
 
 def require(action: str, resource: Any) -> Principal:
@@ -173,7 +172,7 @@ def current_principal() -> Principal:
     hub = _hub()
     source = client_source()
     check_throttle(source)
-    principal = hub.pm.hook.emix_authenticate(request=request)
+    principal = hooks_for(hub.pm).authenticate(request)
     if principal is None:
         record_failed_sign_in(source)
         raise AuthenticationError("authentication required")

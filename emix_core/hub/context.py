@@ -10,12 +10,12 @@ from typing import Any
 
 import pluggy
 
-from emix_core.audit.chain import AuditLog, AuditRecorder
+from emix_core.audit.chain import AuditLog
 from emix_core.config import CONFIG_NAME, Config, load_config, write_config
 from emix_core.crypto import SigningKey, create_key_file, load_key_file
 from emix_core.errors import ConfigError
 from emix_core.model import AuditEvent
-from emix_core.plugins import get_plugin_manager
+from emix_core.plugins import get_plugin_manager, hooks_for
 from emix_core.store.blobs import BlobStore, open_blob_store
 from emix_core.store.db import Database
 
@@ -73,8 +73,13 @@ class Hub:
     instance: str
 
     def audit(self, event: AuditEvent) -> None:
-        """Record an audit event through every ``emix_audit_event`` implementation."""
-        self.pm.hook.emix_audit_event(event=event)
+        """Append an audit event to the hub's chain, then hand it to forwarder plugins.
+
+        The chain is written first and by the core itself, so no plugin can starve it;
+        a forwarder that fails is logged and the operation goes on.
+        """
+        self.audit_log.append(event)
+        hooks_for(self.pm).audit_event(event)
         if self.audit_log.head()[0] % max(self.config.hub.checkpoint_every, 1) == 0:
             self.audit_log.checkpoint()
 
@@ -89,15 +94,13 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
     pm = pm or get_plugin_manager()
     db = Database(config.database_url)
     db.create_all()
-    wrapper = pm.hook.emix_key_wrapper(home=str(config.home))
+    wrapper = hooks_for(pm).key_wrapper(str(config.home))
     if wrapper is None:
         raise ConfigError("no key wrapper plugin answered; the built-in emix.keyfile is disabled")
     signing_key = SigningKey.load_or_create(config.keys_dir / "hub-signing.key")
     audit_log = AuditLog(
         config.home / "audit.db", load_key_file(config.keys_dir / "audit.key"), signing_key
     )
-    if not pm.is_blocked("emix.audit-recorder") and not pm.has_plugin("emix.audit-recorder"):
-        pm.register(AuditRecorder(audit_log), name="emix.audit-recorder")
     blobs = open_blob_store(pm, config.hub.blob_store, config.home)
     return Hub(
         config=config,

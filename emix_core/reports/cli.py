@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from emix_core.cli.util import emit_json, handle_errors, json_option
+from emix_core.plugins import hooks_for
 from emix_core.reports.convert import FORMATS
 
 __all__ = ["report"]
@@ -71,7 +72,7 @@ def convert(file: Path, to: str, out: Path | None, media_type: str | None, as_js
     if fmt in FORMATS:
         data = render_report(pm, document, fmt)
     else:  # a format only a plugin may know: an unknown name is a usage error
-        rendered = pm.hook.emix_render_report(report=document, format=fmt)
+        rendered = hooks_for(pm).render_report(document, fmt)
         if rendered is None:
             raise click.BadParameter(f"must be one of {', '.join(FORMATS)}", param_hint="--to")
         data = bytes(rendered)

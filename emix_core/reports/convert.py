@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import pluggy
 
 from emix_core.errors import ConfigError, PayloadTooLarge, ReportFormatError
+from emix_core.plugins import hooks_for
 from emix_core.reports.model import Attachment, Patient, PersonName, Report, is_valid_uid
 
 __all__ = [
@@ -163,7 +164,7 @@ def parse_report(pm: pluggy.PluginManager, data: bytes, media_type: str | None =
         effective = FORMATS[sniffed].media_type
     else:
         effective = declared or "application/octet-stream"
-    result = pm.hook.emix_parse_report(data=data, media_type=effective)
+    result = hooks_for(pm).parse_report(data, effective)
     if result is None:
         name = format_for_media_type(effective)
         if name in ("pdf", "rtf"):
@@ -188,7 +189,7 @@ def render_report(pm: pluggy.PluginManager, report: Report, fmt: str) -> bytes:
         expressed in it.
     """
     name = fmt.strip().lower()
-    result = pm.hook.emix_render_report(report=report, format=name)
+    result = hooks_for(pm).render_report(report, name)
     if result is None:
         raise ReportFormatError(
             f"no installed plugin renders reports as {name[:20]!r} (built in: {', '.join(FORMATS)})"

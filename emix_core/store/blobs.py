@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from emix_core.errors import ConfigError, NotFoundError, UnsafePathError
-from emix_core.plugins import hookimpl
+from emix_core.plugins import hookimpl, hooks_for
 
 #: Blob keys are made by the hub (``<package-id>/<item-id>``), never from user input.
 KEY_RE = re.compile(r"^[a-z0-9]{1,64}(?:/[a-z0-9.-]{1,64})?$")
@@ -143,7 +143,7 @@ def open_blob_store(pm, url: str, home: Path) -> BlobStore:  # type: ignore[no-u
     def register(scheme: str, factory: StoreFactory) -> None:
         factories.setdefault(scheme, factory)
 
-    pm.hook.emix_register_stores(register=register)
+    hooks_for(pm).register_stores(register)
     scheme = url.split(":", 1)[0]
     if scheme not in factories:
         raise ConfigError(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pluggy
 
-from emix_core import InvalidInput, classify, is_valid_uid, sha256_file
+from emix_core import InvalidInput, classify, hooks_for, is_valid_uid, sha256_file
 from emix_folder_watch.files import SIDECAR_SUFFIX
 from emix_folder_watch.journal import FileRow, digest
 
@@ -99,7 +99,7 @@ def _report_keys(
     if media_type == "application/pdf" or path.stat().st_size > MAX_REPORT_BYTES:
         return None, None
     try:
-        report = pm.hook.emix_parse_report(data=path.read_bytes(), media_type=media_type)
+        report = hooks_for(pm).parse_report(path.read_bytes(), media_type)
     except Exception:  # a report no parser understands still travels, just unmatched
         return None, None
     accession = (getattr(report, "accession_number", "") or "").strip()
