@@ -166,15 +166,15 @@ class _XorWrapper:
 
 
 def test_host_hooks_add_commands_endpoints_stores_and_key_providers(tmp_path):
-    from emix_core.cli import main as cli_module
+    from emix_core.cli.main import build_cli
     from emix_core.hub import create_app
     from emix_core.hub.context import init_hub_home
     from emix_core.store.blobs import open_blob_store
 
     pm = get_plugin_manager(load_entry_points=False)
     pm.register(_Recorder(), name="recorder")
-    pm.hook.emix_register_commands(cli=cli_module.cli)
-    result = CliRunner().invoke(cli_module.cli, ["hello-vendor"])
+    cli = build_cli(pm)
+    result = CliRunner().invoke(cli, ["hello-vendor"])
     assert result.output.strip() == "hello from a vendor"
 
     init_hub_home(tmp_path / "hub")

@@ -12,7 +12,7 @@ import pytest
 from lxml import etree
 from pypdf import PdfReader
 
-from emix_core.errors import PayloadTooLarge, ReportFormatError
+from emix_core.errors import ConfigError, PayloadTooLarge, ReportFormatError
 from emix_core.plugins import get_plugin_manager, hookimpl
 from emix_core.reports import fhir
 from emix_core.reports import pdf as pdf_format
@@ -23,6 +23,7 @@ from emix_core.reports.convert import (
     convert,
     parse_report,
     render_report,
+    report_formats,
     sniff_report_format,
 )
 from emix_core.reports.hl7 import escape
@@ -356,6 +357,10 @@ def test_an_installed_plugin_overrides_a_builtin_format_and_adds_one():
             return None
 
         @hookimpl
+        def emix_register_report_formats(self, register):
+            register("acme", "application/x-acme", ".acme", readable=True)
+
+        @hookimpl
         def emix_parse_report(self, data, media_type):
             if media_type == "application/x-acme":
                 return Report(accession_number=data.decode().split()[1])
@@ -370,3 +375,42 @@ def test_an_installed_plugin_overrides_a_builtin_format_and_adds_one():
     assert parsed.accession_number == "ACC-1"
     # formats the plugin leaves alone still come from the built-ins
     assert render_report(pm, report, "hl7").startswith(b"MSH|")
+    # the one registry: the plugin's format sits beside the six built-in ones
+    formats = report_formats(pm)
+    assert list(formats) == ["acme", "hl7", "cda", "fhir", "pdf", "rtf", "txt"]
+    assert formats["acme"] == ("application/x-acme", ".acme", True)
+    assert not formats["pdf"].readable
+
+
+def test_a_plugin_format_can_be_a_facility_preferred_format(tmp_path):
+    """A received report is delivered in a plugin's format, with the plugin's extension."""
+    from emix_core.reports.convert import deliver_in_preferred_format
+
+    class AcmeReports:
+        @hookimpl
+        def emix_register_report_formats(self, register):
+            register("acme", "application/x-acme", ".acme")
+
+        @hookimpl
+        def emix_render_report(self, report, format):
+            return f"ACME {report.accession_number}".encode() if format == "acme" else None
+
+    pm = get_plugin_manager(load_entry_points=False)
+    pm.register(AcmeReports(), name="acme-reports")
+    src = tmp_path / "report.hl7"
+    src.write_bytes(render_report(pm, full_report(), "hl7"))
+    copy = deliver_in_preferred_format(pm, src, "acme")
+    assert copy is not None and copy.name == "report.acme"
+    assert copy.read_bytes() == b"ACME ACC-99120"
+
+
+def test_a_badly_named_plugin_format_is_refused():
+    class Bad:
+        @hookimpl
+        def emix_register_report_formats(self, register):
+            register("../evil", "text/plain", ".txt")
+
+    pm = get_plugin_manager(load_entry_points=False)
+    pm.register(Bad(), name="bad-formats")
+    with pytest.raises(ConfigError, match="lowercase"):
+        report_formats(pm)

@@ -110,7 +110,8 @@ def facility() -> None:
     "--report-format",
     default="pdf",
     show_default=True,
-    type=click.Choice(["hl7", "cda", "fhir", "pdf", "rtf", "txt"]),
+    help="The format its EMR wants reports in: hl7, cda, fhir, pdf, rtf, txt, or one a "
+    "plugin registers.",
 )
 @click.option("--max-retention-days", type=click.IntRange(1, 3650), default=None)
 @home_option

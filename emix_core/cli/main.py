@@ -1,9 +1,15 @@
-"""The ``emix`` command line. Adapters add commands through ``emix_register_commands``."""
+"""The ``emix`` command line, built by :func:`build_cli`.
+
+Core commands are added by the factory; adapters add theirs through
+``emix_register_commands``, loaded only when a command that is not the core's is asked
+for (or ``--help`` lists them), so ``emix --version`` and core commands start fast.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,9 +27,41 @@ from emix_core.config import resolve_home
 from emix_core.errors import EmixError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class EmixCLI(click.Group):
+    """The top-level group: core commands at once, plugin commands on first need."""
+
+    def __init__(self, *args: Any, pm: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pm = pm
+        self._plugins_loaded = False
+
+    def load_plugin_commands(self) -> None:
+        """Let every plugin add its commands (once)."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from emix_core.plugins import get_plugin_manager, hooks_for
+
+        try:
+            hooks_for(self._pm or get_plugin_manager()).register_commands(self)
+        except EmixError as exc:
+            raise click.ClickException(exc.message) from exc
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self.load_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=EmixCLI, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="emix")
-def cli() -> None:
+def _root() -> None:
     """emix: share DICOM studies and reports between facilities, through a hub.
 
     \b
@@ -34,7 +72,7 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@click.command()
 @json_option
 @handle_errors
 def plugins(as_json: bool) -> None:
@@ -58,7 +96,7 @@ def _local_home(home: str | None):  # type: ignore[no-untyped-def]
     return LocalHome(resolve_home(home))
 
 
-@cli.command()
+@click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--to",
@@ -124,7 +162,7 @@ def send(
     sys.exit(0 if result.package_id and not result.failed else 1)
 
 
-@cli.command()
+@click.command()
 @hub_option
 @token_option
 @home_option
@@ -147,7 +185,7 @@ def inbox(hub_url: str | None, token: str | None, home: str | None, as_json: boo
         )
 
 
-@cli.command()
+@click.command()
 @click.argument("package")
 @click.option(
     "--out",
@@ -187,29 +225,43 @@ def receive(
         )
 
 
-def _register_core_groups() -> None:
+def build_cli(pm: Any = None) -> EmixCLI:
+    """A new ``emix`` command group with the core's commands.
+
+    :param pm: the plugin manager whose plugins may add commands (default: a new one,
+        made only when a plugin command is needed).
+    """
     from emix_core.cli.admin import audit, hub, keys, member, retention
     from emix_core.cli.demo import demo
     from emix_core.cli.gateway import gateway
+    from emix_core.reports.cli import report
 
-    for command in (hub, audit, retention, member, keys, demo, gateway):
-        cli.add_command(command)
-    try:
-        from emix_core.reports.cli import report
-    except ImportError:  # pragma: no cover - reports are part of the core distribution
-        report = None
-    if report is not None:
-        cli.add_command(report)
+    group = EmixCLI(
+        name="emix",
+        callback=_root.callback,
+        params=list(_root.params),
+        help=_root.help,
+        context_settings=dict(_root.context_settings),
+        pm=pm,
+    )
+    for command in (
+        plugins,
+        send,
+        inbox,
+        receive,
+        hub,
+        audit,
+        retention,
+        member,
+        keys,
+        demo,
+        gateway,
+        report,
+    ):
+        group.add_command(command)
+    return group
 
 
 def main() -> None:
     """Entry point of the ``emix`` console script."""
-    _register_core_groups()
-    try:
-        from emix_core.plugins import get_plugin_manager
-
-        get_plugin_manager().hook.emix_register_commands(cli=cli)
-    except EmixError as exc:
-        click.secho(f"error: {exc.message}", fg="red", err=True)
-        sys.exit(1)
-    cli(prog_name="emix")
+    build_cli()(prog_name="emix")

@@ -13,9 +13,8 @@ from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.hub.auth import issue_token
 from emix_core.hub.context import Hub
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, is_valid_address, utcnow
+from emix_core.reports.convert import report_formats
 from emix_core.store.db import Facility, Member
-
-REPORT_FORMATS = ("hl7", "cda", "fhir", "pdf", "rtf", "txt")
 
 
 def slugify(name: str) -> str:
@@ -43,8 +42,9 @@ def add_facility(
     email = admin_email.strip().lower()
     if not EMAIL_RE.match(email):
         raise InvalidInput("give the facility admin's email address with --email")
-    if report_format not in REPORT_FORMATS:
-        raise InvalidInput(f"report format must be one of {', '.join(REPORT_FORMATS)}")
+    formats = report_formats(hub.pm)
+    if report_format not in formats:
+        raise InvalidInput(f"report format must be one of {', '.join(formats)}")
     with hub.db.session() as session:
         if session.scalar(select(Facility).where(Facility.address == address)):
             raise ConflictError(f"a facility with address {address!r} exists already")

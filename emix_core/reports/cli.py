@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from emix_core.cli.util import emit_json, handle_errors, json_option
-from emix_core.plugins import hooks_for
 from emix_core.reports.convert import FORMATS
 
 __all__ = ["report"]
@@ -56,7 +55,12 @@ def convert(file: Path, to: str, out: Path | None, media_type: str | None, as_js
     --out is given.
     """
     from emix_core.plugins import get_plugin_manager
-    from emix_core.reports.convert import parse_report, read_report_file, render_report
+    from emix_core.reports.convert import (
+        parse_report,
+        read_report_file,
+        render_report,
+        report_formats,
+    )
 
     fmt = to.strip().lower()
     pm = get_plugin_manager()
@@ -68,21 +72,18 @@ def convert(file: Path, to: str, out: Path | None, media_type: str | None, as_js
             f"{fmt.upper()} is binary: refusing to write it to a terminal; use --out FILE "
             "or redirect standard output"
         )
+    formats = report_formats(pm)
+    if fmt not in formats:
+        raise click.BadParameter(f"must be one of {', '.join(formats)}", param_hint="--to")
     document = parse_report(pm, read_report_file(file), media_type)
-    if fmt in FORMATS:
-        data = render_report(pm, document, fmt)
-    else:  # a format only a plugin may know: an unknown name is a usage error
-        rendered = hooks_for(pm).render_report(document, fmt)
-        if rendered is None:
-            raise click.BadParameter(f"must be one of {', '.join(FORMATS)}", param_hint="--to")
-        data = bytes(rendered)
+    data = render_report(pm, document, fmt)
     if out is None:
         stdout.write(data)
         stdout.flush()
         return
     _write_atomically(out, data)
     if as_json:
-        media = FORMATS[fmt].media_type if fmt in FORMATS else None
+        media = formats[fmt].media_type
         emit_json({"out": str(out), "format": fmt, "media_type": media, "bytes": len(data)})
     else:
         click.echo(f"wrote {out} ({fmt}, {len(data)} bytes)", err=True)

@@ -297,7 +297,8 @@ def deliver_in_preferred_format(
     if report is None:
         return None
     output = render_report(pm, fill_from(report, context), preferred)
-    extension = FORMATS[preferred].extension if preferred in FORMATS else f".{preferred}"
+    formats = report_formats(pm)
+    extension = formats[preferred].extension if preferred in formats else f".{preferred}"
     return _write_beside(src, extension, output, preferred)
 
 
