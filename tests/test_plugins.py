@@ -53,6 +53,7 @@ def test_every_hookspec_has_a_test():
     assert untested == []
 
 
+@pytest.mark.e2e  # a real process
 def test_builtins_are_plugins_and_listed_with_their_hooks():
     data = emix_json("plugins")
     names = {p["name"]: p for p in data["plugins"]}
@@ -98,6 +99,7 @@ def test_disabling_a_builtin_plugin(monkeypatch):
     assert "emix.tokens" in names
 
 
+@pytest.mark.e2e  # a real process
 def test_a_plugin_that_fails_to_import_is_named(tmp_path):
     target = install_plugin(tmp_path, "broken", "import not_a_module_anywhere\n")
     result = emix("plugins", env={"PYTHONPATH": str(target)}, check=False)
@@ -107,6 +109,7 @@ def test_a_plugin_that_fails_to_import_is_named(tmp_path):
     assert ok.returncode == 0
 
 
+@pytest.mark.e2e  # a real process
 def test_a_plugin_implementing_an_unknown_hook_is_refused(tmp_path):
     target = install_plugin(
         tmp_path,

@@ -43,6 +43,7 @@ def test_text_formats_go_to_standard_output(pm, hl7_file):
     assert parse_report(pm, result.stdout_bytes) == full_report()
 
 
+@pytest.mark.e2e  # a real process
 def test_out_file_and_json_summary(pm, hl7_file, tmp_path):
     out = tmp_path / "copy.pdf"
     result = run("convert", str(hl7_file), "--to", "pdf", "--out", str(out), "--json")
@@ -58,6 +59,7 @@ def test_out_file_and_json_summary(pm, hl7_file, tmp_path):
     assert FACILITY in text and IMPRESSION in text
 
 
+@pytest.mark.e2e  # a real process
 def test_pdf_is_not_written_to_a_terminal(hl7_file):
     controller, terminal = pty.openpty()
     try:
@@ -108,6 +110,7 @@ def test_usage_errors_exit_2(hl7_file):
     assert run("convert", "/no/such/report.hl7", "--to", "cda").exit_code == 2
 
 
+@pytest.mark.e2e  # a real process
 def test_the_emix_command_line_has_report_convert(pm, hl7_file, tmp_path):
     out = tmp_path / "report.json"
     emix("report", "convert", str(hl7_file), "--to", "fhir", "--out", str(out))

@@ -73,6 +73,7 @@ def test_upload_not_matching_its_sha256_is_rejected_and_nothing_stored(hub, merc
     assert db.execute("select count(*) from items").fetchone()[0] == 0
 
 
+@pytest.mark.e2e  # a real process
 def test_oversize_item_gets_413(tmp_path, smtp_server):
     hub = make_hub(tmp_path, "max_item_bytes = 100000")
     try:
@@ -300,6 +301,7 @@ def test_hostile_uid_in_a_dicom_file_is_refused_without_echoing_it(hub, mercy, s
     assert "etc/passwd" not in json.loads(result.stdout)["failed"][0]["error"]
 
 
+@pytest.mark.e2e  # a real process
 def test_hub_refuses_a_public_address_without_tls(tmp_path):
     home = tmp_path / "hub"
     emix("hub", "init", "--home", str(home))
@@ -307,6 +309,7 @@ def test_hub_refuses_a_public_address_without_tls(tmp_path):
     assert result.returncode == 1 and "without TLS" in result.stderr
 
 
+@pytest.mark.e2e  # a real process
 def test_tls_listener_serves_https(tmp_path):
     """With --tls-cert/--tls-key the hub speaks HTTPS (self-signed cert made here)."""
     import datetime as dt

@@ -71,6 +71,27 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'emix_core.testing' has no attribute {name!r}")
 
 
+#: Fixtures that start real processes or peers: a test using one is marked ``e2e``.
+E2E_FIXTURES = frozenset(
+    {"hub", "mercy", "lakeside", "orthanc_factory", "hub_process", "sites", "study_200"}
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "e2e: starts real processes and peers (gunicorn hub, Orthanc, browsers, databases); "
+        "`pytest -m 'not e2e'` is the fast in-process loop",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a process-level fixture as ``e2e``."""
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

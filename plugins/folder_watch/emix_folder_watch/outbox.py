@@ -106,6 +106,11 @@ class FolderSource:
         self._next_rescan = 0.0
         self._next_prune = 0.0
         self._hub_down_until = 0.0
+        # Completed work cycles since start, published for `emix gateway status`, so that
+        # "nothing happened" can be checked against cycles that really ran.
+        self._heartbeat = self.journal.path.with_suffix(".cycles")
+        self._cycles = 0
+        self._last_beat = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -159,6 +164,7 @@ class FolderSource:
             "sent_folder": str(self.settings.sent),
             "failed_folder": str(self.settings.failed),
             "events": self.settings.events,
+            "cycles_since_start": _read_count(self._heartbeat),
             **summary,
         }
 
@@ -179,12 +185,24 @@ class FolderSource:
             try:
                 self._cycle()
                 failures = 0
+                self._beat()
             except Exception:  # keep watching: log, back off, try again
                 failures += 1
                 log.exception("folder.cycle_failed", extra={"emix": {"source": self.name}})
                 self._stop.wait(retry_delay(failures, 30))
             self._wake.wait(TICK)
             self._wake.clear()
+
+    def _beat(self) -> None:
+        """Count a completed cycle; publish the count at most twice a second."""
+        self._cycles += 1
+        now = time.monotonic()
+        if now - self._last_beat < 0.5:
+            return
+        self._last_beat = now
+        temp = self._heartbeat.with_suffix(".cycles.tmp")
+        temp.write_text(str(self._cycles))
+        os.replace(temp, self._heartbeat)
 
     def _cycle(self) -> None:
         now = time.monotonic()
@@ -587,3 +605,10 @@ class FolderSource:
         if failed and not os.path.lexists(folder / (target + ".error.txt")):
             write_error_note(folder / target, row["error"] or "unknown reason")
         return (folder / target).parent
+
+
+def _read_count(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (OSError, ValueError):
+        return 0

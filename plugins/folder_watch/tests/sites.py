@@ -122,6 +122,16 @@ class Site:
     def status(self) -> dict:
         return emix_json("gateway", "status", "--config", str(self.config))
 
+    def wait_cycles(self, count: int = 3, timeout: float = 30) -> None:
+        """Wait until the drop-folder source completed ``count`` more work cycles: after
+        that, what did not happen in reaction to an earlier change will not happen."""
+        start = self.status()["sources"][0]["cycles_since_start"]
+        wait_for(
+            lambda: self.status()["sources"][0]["cycles_since_start"] >= start + count,
+            timeout,
+            f"{count} more cycles of the {self.address} gateway",
+        )
+
     def log_text(self) -> str:
         path = self.root / "gateway.log"
         return path.read_text("utf-8", errors="replace") if path.exists() else ""
