@@ -7,7 +7,7 @@ VENV   := .venv
 PIP    := $(VENV)/bin/pip
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
-.PHONY: install demo test system-deps lint bench
+.PHONY: install demo test test-fast system-deps lint bench
 
 $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,15 @@ system-deps:
 test: system-deps install
 	$(VENV)/bin/pytest -q
 
+# The fast in-process loop (no real hub process, PACS or browser).
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not e2e"
+
+PLUGIN_PACKAGES := $(wildcard plugins/*/emix_*)
+
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy emix_core $(PLUGIN_PACKAGES)
 
 bench: system-deps install
 	$(VENV)/bin/python benchmarks/run.py

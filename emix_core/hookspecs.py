@@ -52,6 +52,8 @@ def emix_register_sources(register: Callable[..., None]) -> None:
     :param register: call ``register(kind, factory)``; ``factory(settings, gateway)``
         builds a source from the ``[[sources]]`` table of ``gateway.toml`` whose
         ``kind`` matches. Register only kinds the plugin really provides.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -61,6 +63,8 @@ def emix_register_destinations(register: Callable[..., None]) -> None:
 
     :param register: call ``register(kind, factory)``; ``factory(settings, gateway)``
         builds a destination from a ``[[destinations]]`` table of ``gateway.toml``.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -69,6 +73,8 @@ def emix_package_sealed(package: Package) -> None:
     """Notification: a package was sealed on the hub and is now visible to recipients.
 
     :param package: the sealed package, with its manifest items.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -78,6 +84,8 @@ def emix_package_received(package: Package, path: str) -> None:
 
     :param package: the package, with its manifest items.
     :param path: the folder the package was written to.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -91,6 +99,8 @@ def emix_render_report(report: Report, format: str) -> bytes | None:
     :param report: the report to render.
     :param format: the target format name.
     :return: the encoded document, or ``None``.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -104,6 +114,8 @@ def emix_parse_report(data: bytes, media_type: str) -> Report | None:
     :param data: the document's bytes (already size-limited by the caller).
     :param media_type: the declared or sniffed media type, e.g. ``application/hl7-v2``.
     :return: the parsed report, or ``None``.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -133,6 +145,8 @@ def emix_notify(recipient: Recipient, email: str, package: Package, link: str) -
     :param package: the sealed package (do not put its studies in the message).
     :param link: the link to the package, built from the hub's configured public URL.
     :return: ``True`` once the notice was sent.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -148,6 +162,8 @@ def emix_authenticate(request: Any) -> Principal | None:
 
     :param request: the Flask request.
     :return: the authenticated principal, or ``None``.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -162,6 +178,8 @@ def emix_authorize(principal: Principal, action: str, resource: Any) -> bool | N
     :param action: e.g. ``package:read``, ``package:create``, ``member:add``.
     :param resource: the object acted on (a :class:`~emix_core.model.Package`, a
         facility address, ...).
+
+    .. versionadded:: 0.1
     """
 
 
@@ -173,6 +191,8 @@ def emix_before_send(package: Package) -> None:
     de-identification required...). Every plugin is called.
 
     :param package: the package about to be sealed, with its items.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -186,6 +206,8 @@ def emix_key_wrapper(home: str) -> Any | None:
     :param home: the hub's home folder.
     :return: an object with ``wrap(key, context) -> bytes`` and
         ``unwrap(wrapped, context) -> bytes``, or ``None``.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -199,6 +221,8 @@ def emix_audit_event(event: AuditEvent) -> None:
     The built-in recorder appends it to the hash-chained log of the process's home.
 
     :param event: the audit event; ``event.phi`` holds PHI, handle it accordingly.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -210,6 +234,8 @@ def emix_register_commands(cli: click.Group) -> None:
     """Add commands to the ``emix`` command line.
 
     :param cli: the top-level click group; call ``cli.add_command(...)``.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -220,6 +246,8 @@ def emix_register_blueprints(register: Callable[..., None]) -> None:
     :param register: call ``register(blueprint, url_prefix=None)`` with a Flask
         blueprint. Endpoints must authenticate: :func:`emix_core.hub.auth.current_principal`,
         or :func:`emix_core.hub.auth.require` to authorize as well (404 when denied).
+
+    .. versionadded:: 0.1
     """
 
 
@@ -229,4 +257,6 @@ def emix_register_stores(register: Callable[..., None]) -> None:
 
     :param register: call ``register(scheme, factory)``; ``factory(url, home)`` returns
         a :class:`emix_core.store.blobs.BlobStore`.
+
+    .. versionadded:: 0.1
     """

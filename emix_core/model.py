@@ -86,7 +86,7 @@ class Item:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Item:
-        known = {k: data.get(k) for k in cls.__dataclass_fields__}
+        known: dict[str, Any] = {k: data.get(k) for k in cls.__dataclass_fields__}
         return cls(**known)
 
 
@@ -159,3 +159,8 @@ class AuditEvent:
     phi: dict[str, Any] = field(default_factory=dict)
     detail: str = ""
     time: datetime = field(default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        # Refuse a code outside PS3.15 at once, where it is made, not when it is exported.
+        self.action = AuditAction(self.action)
+        self.outcome = AuditOutcome(self.outcome)

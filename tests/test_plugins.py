@@ -35,9 +35,30 @@ def test_every_hookspec_is_exported_typed_and_documented():
         assert len(doc) > 40, f"{name} has no docstring"
         for param in inspect.signature(func).parameters:
             assert f":param {param}:" in doc, f"{name}: parameter {param} undocumented"
+        assert ".. versionadded::" in doc, f"{name}: say in which release it was added"
         spec_opts = func.emix_spec
         if spec_opts.get("firstresult"):
             assert "firstresult: stops at the first" in doc, f"{name}: say what firstresult means"
+
+
+def test_every_hook_has_a_method_on_the_facade():
+    """Hooks are called in one place: a hookspec without a Hooks method would be called ad hoc."""
+    from emix_core.plugins import Hooks
+
+    methods = {n for n in dir(Hooks) if not n.startswith("_")}
+    aliases = {"emix_register_report_formats": "report_formats"}
+    for name in HOOKS:
+        assert aliases.get(name, name.removeprefix("emix_")) in methods, name
+
+
+def test_no_module_calls_a_hook_directly():
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in [*ROOT.glob("emix_core/**/*.py"), *ROOT.glob("plugins/*/emix_*/**/*.py")]
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if ".hook.emix_" in line and path.name != "plugins.py"
+    ]
+    assert offenders == [], "call hooks through emix_core.hooks_for(pm)"
 
 
 def test_every_hookspec_has_a_test():

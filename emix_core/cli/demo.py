@@ -321,6 +321,7 @@ def _direct_exchange(
     recipient = LocalHome(homes[recipient_addr])
     inbox_dir = homes[recipient_addr] / "inbox" / sender_addr
     with transfer_progress("receiving", True) as progress:
+        assert sent.package_id is not None
         got = receive_package(
             sent.package_id, inbox_dir, client=recipient.client(), home=recipient, progress=progress
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import requests
 import urllib3
@@ -230,7 +230,7 @@ class HubClient:
             stream=True,
         )
         try:
-            return frames.receive_frames(response.raw, open_target, progress)
+            return frames.receive_frames(cast(BinaryIO, response.raw), open_target, progress)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise errors.IntegrityError(
                 "the download was cut off by the hub (integrity check failed or connection "

@@ -18,7 +18,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from emix_core.errors import InvalidInput
 
@@ -115,7 +115,7 @@ def generate_study(
             sop_uid = uid(f"instance-{index}-{number}")
             z = round(-(number - 1) * thickness, 3)
             ds.SOPInstanceUID = sop_uid
-            ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+            ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
             ds.InstanceNumber = number
             ds.ImagePositionPatient = [x0, y0, z]
             ds.SliceLocation = z

@@ -192,15 +192,15 @@ class InboundDelivery:
                     now if skip else None,
                 ),
             )
-            log_event(
-                log,
-                "package.skipped" if skip else "package.arrived",
-                package=package_id,
-                sender=sender,
-                items=entry.get("items"),
-                bytes=entry.get("size"),
-                **({"reason": "already received by another client"} if skip else {}),
-            )
+            fields: dict[str, Any] = {
+                "package": package_id,
+                "sender": sender,
+                "items": entry.get("items"),
+                "bytes": entry.get("size"),
+            }
+            if skip:
+                fields["reason"] = "already received by another client"
+            log_event(log, "package.skipped" if skip else "package.arrived", **fields)
 
     def _sweep_spool(self) -> None:
         """Remove spool folders a crash left behind (packages already finished), and

@@ -297,6 +297,7 @@ class Gateway:
     def _build(self, sources: list[dict[str, Any]], destinations: list[dict[str, Any]]) -> None:
         source_kinds, destination_kinds = registered_kinds(self.pm)
         names: set[str] = set()
+        into: list[Any]
         for table, kinds, into, label in (
             (sources, source_kinds, self.sources, "sources"),
             (destinations, destination_kinds, self.destinations, "destinations"),
@@ -319,7 +320,8 @@ class Gateway:
                         'give each a distinct name = "..."'
                     )
                 names.add(settings["name"])
-                into.append(kinds[kind](settings, self))
+                factory: Any = kinds[kind]
+                into.append(factory(settings, self))
 
     # ------------------------------------------------------------------ sending
     def send(

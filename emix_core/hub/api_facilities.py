@@ -21,7 +21,7 @@ from emix_core.hub.auth import (
     record_failed_sign_in,
     require,
 )
-from emix_core.model import utcnow
+from emix_core.model import AuditAction, utcnow
 from emix_core.store.db import Facility, Member, Token
 
 bp = Blueprint("facilities", __name__, url_prefix="/api/v1")
@@ -107,9 +107,9 @@ def register_key() -> tuple[Response, int]:
     if created:
         audit_request(
             "security-alert",
-            "U",
-            principal.email,
-            f"signing key registered for facility {principal_facility}",
+            action=AuditAction.UPDATE,
+            actor=principal.email,
+            detail=f"signing key registered for facility {principal_facility}",
         )
     return jsonify({"fingerprint": crypto.fingerprint_of(public_key)}), 201 if created else 200
 
@@ -143,7 +143,10 @@ def add_member() -> tuple[Response, int]:
 
     send_confirmation(hub, email, code)
     audit_request(
-        "security-alert", "C", principal.email, f"member added to facility {principal.facility}"
+        "security-alert",
+        action=AuditAction.CREATE,
+        actor=principal.email,
+        detail=f"member added to facility {principal.facility}",
     )
     return jsonify({"id": member_id, "email": email, "role": role, "confirmed": False}), 201
 
@@ -167,7 +170,12 @@ def confirm_member() -> Response:
     if member is None:
         record_failed_sign_in(source)
         raise NotFoundError("unknown or already used confirmation code")
-    audit_request("user-authentication", "E", email, "new recipient confirmed identity")
+    audit_request(
+        "user-authentication",
+        action=AuditAction.EXECUTE,
+        actor=email,
+        detail="new recipient confirmed identity",
+    )
     return jsonify({"token": token, "email": email})
 
 
@@ -183,7 +191,12 @@ def remove_member(member_id: int) -> Response:
         member.verified = False
         for token in session.scalars(select(Token).where(Token.member_id == member.id)):
             token.revoked_at = utcnow()
-    audit_request("security-alert", "D", principal.email, "member removed; tokens revoked")
+    audit_request(
+        "security-alert",
+        action=AuditAction.DELETE,
+        actor=principal.email,
+        detail="member removed; tokens revoked",
+    )
     return jsonify({"id": member_id, "removed": True})
 
 
@@ -197,5 +210,10 @@ def revoke_current() -> Response:
     with _hub().db.session() as session:
         row = session.scalar(select(Token).where(Token.token_hash == hash_secret(token)))
         row.revoked_at = utcnow()
-    audit_request("user-authentication", "E", principal.email, "token revoked")
+    audit_request(
+        "user-authentication",
+        action=AuditAction.EXECUTE,
+        actor=principal.email,
+        detail="token revoked",
+    )
     return jsonify({"revoked": True})

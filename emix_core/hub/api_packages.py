@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 from sqlalchemy import select
@@ -22,7 +22,7 @@ from emix_core.errors import (
 )
 from emix_core.hub import packages as svc
 from emix_core.hub.auth import audit_request, current_principal, is_allowed, require
-from emix_core.model import Recipient, utcnow
+from emix_core.model import AuditAction, AuditOutcome, Recipient, utcnow
 from emix_core.plugins import hooks_for
 from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
 
@@ -63,9 +63,9 @@ def create() -> tuple[Response, int]:
         body = {"id": row.id, "state": row.state, "expires": row.expires.isoformat()}
     audit_request(
         "begin-transferring",
-        "C",
-        principal.email,
-        f"package opened for {len(to)} recipient(s)",
+        action=AuditAction.CREATE,
+        actor=principal.email,
+        detail=f"package opened for {len(to)} recipient(s)",
         package_id=row.id,
     )
     return jsonify(body), 201
@@ -93,7 +93,8 @@ def upload_item(package_id: str, item_id: int) -> tuple[Response, int]:
         svc.check_item_size(hub, size, svc.stored_bytes(session, row.id))
     sha256 = request.headers.get("X-Emix-SHA256", "").lower()
     media_type = (request.content_type or "application/octet-stream").split(";")[0][:100]
-    svc.store_item(hub, row, item_id, request.stream, size=size, sha256=sha256)
+    body = cast(BinaryIO, request.stream)
+    svc.store_item(hub, row, item_id, body, size=size, sha256=sha256)
     with hub.db.session() as session:
         svc.record_items(
             session,
@@ -122,7 +123,7 @@ def upload_batch(package_id: str) -> tuple[Response, int]:
     row = _writable(package_id)
     if (request.content_type or "").split(";")[0] != frames.MEDIA_TYPE:
         raise InvalidInput(f"batch uploads must be sent as {frames.MEDIA_TYPE}")
-    stream = request.stream
+    stream = cast(BinaryIO, request.stream)
     stored: list[ItemRow] = []
     failed: list[dict[str, Any]] = []
     with hub.db.session() as session:
@@ -190,9 +191,9 @@ def seal(package_id: str) -> Response:
     phi = {"studies": [s.get("study_uid") for s in studies]}
     audit_request(
         "instances-transferred",
-        "C",
-        principal.email,
-        f"package sealed: {len(items)} items stored",
+        action=AuditAction.CREATE,
+        actor=principal.email,
+        detail=f"package sealed: {len(items)} items stored",
         package_id=row.id,
         phi=phi,
     )
@@ -214,8 +215,10 @@ def _notify_addresses(session: Session, package_id: str) -> list[tuple[Recipient
         select(PackageRecipient).where(PackageRecipient.package_id == package_id)
     ):
         facility = session.get(Facility, rec.facility_id)
+        assert facility is not None  # a recipient row references its facility
         if rec.member_id:
             member = session.get(Member, rec.member_id)
+            assert member is not None
             out.append((Recipient(facility.address, member.email), member.email))
         else:
             out.append((Recipient(facility.address), facility.admin_email))
@@ -264,7 +267,12 @@ def inbox() -> Response:
                     "studies": svc.open_summary(hub, row).get("studies", []),
                 }
             )
-    audit_request("query", "E", principal.email, f"inbox listed ({len(listing)} packages)")
+    audit_request(
+        "query",
+        action=AuditAction.EXECUTE,
+        actor=principal.email,
+        detail=f"inbox listed ({len(listing)} packages)",
+    )
     return jsonify({"packages": listing})
 
 
@@ -311,7 +319,13 @@ def _readable(package_id: str, action: str = "package:read"):  # type: ignore[no
 def manifest(package_id: str) -> Response:
     hub, row, _package, principal = _readable(package_id)
     data = b"".join(svc.read_item(hub, row, svc.MANIFEST_BLOB))
-    audit_request("instances-accessed", "R", principal.email, "manifest read", package_id=row.id)
+    audit_request(
+        "instances-accessed",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail="manifest read",
+        package_id=row.id,
+    )
     return Response(data, mimetype="application/json")
 
 
@@ -337,9 +351,9 @@ def download_item(package_id: str, item_id: int) -> Response:
     body = _item_stream(hub, row, item_id)
     audit_request(
         "instances-transferred",
-        "R",
-        principal.email,
-        f"item {item_id} downloaded",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail=f"item {item_id} downloaded",
         package_id=row.id,
     )
     response = Response(stream_with_context(body), mimetype=item.media_type)
@@ -379,9 +393,9 @@ def download_batch(package_id: str) -> Response:
 
     audit_request(
         "instances-transferred",
-        "R",
-        principal.email,
-        f"items {first}-{last} downloaded ({len(items)} items)",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail=f"items {first}-{last} downloaded ({len(items)} items)",
         package_id=row.id,
     )
     response = Response(stream_with_context(generate()), mimetype=frames.MEDIA_TYPE)
@@ -401,9 +415,9 @@ def download_zip(package_id: str) -> Response:
     items = signed["document"]["items"]
     audit_request(
         "instances-transferred",
-        "R",
-        principal.email,
-        f"zip of {len(items)} items downloaded",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail=f"zip of {len(items)} items downloaded",
         package_id=row.id,
     )
     response = Response(stream_with_context(archive), mimetype="application/zip")
@@ -439,10 +453,10 @@ def receipt(package_id: str) -> Response:
             rec.receipt = json.dumps(signed)
     audit_request(
         "instances-transferred",
-        "R",
-        principal.email,
-        "receipt: complete" if complete else "receipt: items differ",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail="receipt: complete" if complete else "receipt: items differ",
         package_id=row.id,
-        outcome=0 if complete else 4,
+        outcome=AuditOutcome.SUCCESS if complete else AuditOutcome.MINOR_FAILURE,
     )
     return jsonify({"id": row.id, "receipt": "stored", "complete": complete})

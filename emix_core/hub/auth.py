@@ -17,7 +17,7 @@ from flask import current_app, g, request
 from sqlalchemy import delete, func, select
 
 from emix_core.errors import AuthenticationError, EmixError, NotFoundError
-from emix_core.model import AuditEvent, Package, Principal, utcnow
+from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Package, Principal, utcnow
 from emix_core.plugins import hookimpl, hooks_for
 from emix_core.store.db import Facility, LoginFailure, Member, Token
 
@@ -128,13 +128,13 @@ def client_source() -> str:
 
 def audit_request(
     event_type: str,
-    action: str,
+    *,
+    action: AuditAction,
     actor: str,
     detail: str,
-    *,
     package_id: str | None = None,
     phi: dict[str, Any] | None = None,
-    outcome: int = 0,
+    outcome: AuditOutcome = AuditOutcome.SUCCESS,
 ) -> None:
     """Record an audit event about the current request, from the caller's address."""
     _hub().audit(
@@ -194,14 +194,14 @@ def record_failed_sign_in(source: str) -> None:
                 LoginFailure.source == source, LoginFailure.time > utcnow() - timedelta(minutes=1)
             )
         )
-    outcome = 4
+    outcome = AuditOutcome.MINOR_FAILURE
     if count and count >= hub.config.hub.max_failed_logins:
-        outcome = 8
+        outcome = AuditOutcome.SERIOUS_FAILURE
     event_type = "security-alert" if outcome == 8 else "user-authentication"
     hub.audit(
         AuditEvent(
             event_type=event_type,
-            action="E",
+            action=AuditAction.EXECUTE,
             outcome=outcome,
             actor="unknown",
             source=source,

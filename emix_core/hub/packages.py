@@ -91,6 +91,7 @@ def load_package(session: Session, package_id: str) -> tuple[PackageRow, Package
         select(PackageRecipient).where(PackageRecipient.package_id == row.id)
     ):
         facility = session.get(Facility, rec.facility_id)
+        assert facility is not None  # a recipient row references its facility
         member = session.get(Member, rec.member_id) if rec.member_id else None
         recipients.append(
             Recipient(facility=facility.address, email=member.email if member else None)
@@ -142,9 +143,10 @@ def create_package(
 
 def stored_bytes(session: Session, package_id: str) -> int:
     """Bytes of the items stored so far for a package."""
-    return session.scalar(
+    total = session.scalar(
         select(func.coalesce(func.sum(ItemRow.size), 0)).where(ItemRow.package_id == package_id)
     )
+    return int(total or 0)
 
 
 def check_item_size(hub: Hub, size: int, package_bytes: int) -> None:

@@ -39,6 +39,8 @@ def purge_expired(hub: Hub, now: datetime | None = None) -> dict[str, list[str]]
         hub.blobs.delete_prefix(package_id)
         with hub.db.session() as session:
             row = session.get(PackageRow, package_id)
+            if row is None:
+                continue
             row.wrapped_key = None
             row.summary = None
             row.state = "purged"

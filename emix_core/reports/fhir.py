@@ -442,8 +442,8 @@ def parse(data: bytes) -> Report:
 
 
 def _procedure(study: dict[str, Any]) -> Code:
-    concept = next(iter(study.get("procedureCode") or []), {})
-    coding = next(iter(concept.get("coding") or []), {})
+    concept: dict[str, Any] = next(iter(study.get("procedureCode") or []), {})
+    coding: dict[str, Any] = next(iter(concept.get("coding") or []), {})
     return Code(
         code=coding.get("code") or "",
         display=concept.get("text") or coding.get("display") or "",

@@ -229,6 +229,7 @@ class HubProcess:
         return info
 
     def worker_pids(self) -> list[int]:
+        assert self.process is not None, "the hub was not started"
         out = subprocess.run(
             ["pgrep", "-g", str(self.process.pid)], capture_output=True, text=True
         ).stdout

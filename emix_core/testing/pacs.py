@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 import pytest
@@ -120,7 +120,7 @@ class Orthanc:
         (self.root / "orthanc.json").write_text(json.dumps(self.config(), indent=1))
         log = open(self.root / "orthanc.log", "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [ORTHANC, str(self.root / "orthanc.json")],
+            [str(ORTHANC), str(self.root / "orthanc.json")],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -214,10 +214,10 @@ class SampleStudy:
 
     def pixel_data(self) -> dict[str, tuple[str, bytes]]:
         """SOP instance UID -> (transfer syntax, PixelData element bytes)."""
-        out = {}
+        out: dict[str, tuple[str, bytes]] = {}
         for path in self.files:
             ds = pydicom.dcmread(path)
-            out[ds.SOPInstanceUID] = (ds.file_meta.TransferSyntaxUID, ds.PixelData)
+            out[str(ds.SOPInstanceUID)] = (str(ds.file_meta.TransferSyntaxUID), ds.PixelData)
         return out
 
 
@@ -233,7 +233,7 @@ def make_sample_study(
     folder.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     for index, name in enumerate(BUNDLED, start=1):
-        ds = pydicom.dcmread(get_testdata_file(name))
+        ds = pydicom.dcmread(cast(str, get_testdata_file(name)))
         assert ds.file_meta.TransferSyntaxUID == BUNDLED[name]
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = generate_uid()

@@ -22,6 +22,7 @@ from flask import Blueprint, Response, request, stream_with_context
 
 from emix_core import (
     DICOM_MEDIA_TYPE,
+    AuditAction,
     AuditEvent,
     EmixError,
     InvalidInput,
@@ -58,7 +59,9 @@ def _audit(view: PackageContent, event_type: str, studies: list[str], detail: st
     audit_hub_event(
         AuditEvent(
             event_type=event_type,
-            action="R" if event_type == "instances-transferred" else "E",
+            action=(
+                AuditAction.READ if event_type == "instances-transferred" else AuditAction.EXECUTE
+            ),
             actor=view.principal.email,
             package_id=view.id,
             phi={"studies": sorted(set(studies))},

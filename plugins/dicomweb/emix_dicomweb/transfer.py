@@ -17,7 +17,9 @@ from typing import Any
 
 from emix_core import (
     DICOM_MEDIA_TYPE,
+    AuditAction,
     AuditEvent,
+    AuditOutcome,
     HubClient,
     Item,
     LocalHome,
@@ -98,18 +100,18 @@ def query_studies(
     conn: PacsConnection, filters: dict[str, str], *, home: LocalHome, actor: str
 ) -> list[StudyMatch]:
     """QIDO-RS for studies, audited as a Query (the filters and results are PHI)."""
-    outcome = 0
+    outcome = AuditOutcome.SUCCESS
     matches: list[StudyMatch] = []
     try:
         matches = find_studies(conn, filters)
     except PacsError:
-        outcome = 8
+        outcome = AuditOutcome.SERIOUS_FAILURE
         raise
     finally:
         home.audit(
             AuditEvent(
                 event_type="query",
-                action="E",
+                action=AuditAction.EXECUTE,
                 outcome=outcome,
                 actor=actor,
                 source=conn.host,
@@ -135,13 +137,11 @@ def retrieve_studies(
     if retrievals is None:
         retrievals = []
         for study in studies:
-            rows = _call(
-                conn,
-                "QIDO-RS (series)",
-                lambda uid=study.study_uid: conn.qido().search_for_series(
-                    study_instance_uid=uid, fields=[SERIES_UID]
-                ),
-            )
+
+            def series_of(uid: str = study.study_uid) -> Any:
+                return conn.qido().search_for_series(study_instance_uid=uid, fields=[SERIES_UID])
+
+            rows = _call(conn, "QIDO-RS (series)", series_of)
             series = sorted({s for row in rows if isinstance(s := value(row, SERIES_UID), str)})
             retrievals += [Retrieval(study.study_uid, s) for s in series] or [
                 Retrieval(study.study_uid)
@@ -156,8 +156,8 @@ def retrieve_studies(
         home.audit(
             AuditEvent(
                 event_type="instances-transferred",
-                action="C",
-                outcome=8,
+                action=AuditAction.CREATE,
+                outcome=AuditOutcome.SERIOUS_FAILURE,
                 actor=actor,
                 source=conn.host,
                 package_id=None,
@@ -169,8 +169,8 @@ def retrieve_studies(
     home.audit(
         AuditEvent(
             event_type="instances-transferred",
-            action="C",
-            outcome=0,
+            action=AuditAction.CREATE,
+            outcome=AuditOutcome.SUCCESS,
             actor=actor,
             source=conn.host,
             package_id=None,
@@ -285,8 +285,8 @@ def store_package_folder(
     home.audit(
         AuditEvent(
             event_type="begin-transferring",
-            action="E",
-            outcome=0,
+            action=AuditAction.EXECUTE,
+            outcome=AuditOutcome.SUCCESS,
             actor=actor,
             source=conn.host,
             package_id=package.id,
@@ -300,8 +300,8 @@ def store_package_folder(
         home.audit(
             AuditEvent(
                 event_type="instances-transferred",
-                action="R",
-                outcome=8,
+                action=AuditAction.READ,
+                outcome=AuditOutcome.SERIOUS_FAILURE,
                 actor=actor,
                 source=conn.host,
                 package_id=package.id,
@@ -314,8 +314,14 @@ def store_package_folder(
     home.audit(
         AuditEvent(
             event_type="instances-transferred",
-            action="R",
-            outcome=0 if report.complete else (4 if summary["failed"] < len(instances) else 8),
+            action=AuditAction.READ,
+            outcome=(
+                AuditOutcome.SUCCESS
+                if report.complete
+                else AuditOutcome.MINOR_FAILURE
+                if summary["failed"] < len(instances)
+                else AuditOutcome.SERIOUS_FAILURE
+            ),
             actor=actor,
             source=conn.host,
             package_id=package.id,

@@ -185,12 +185,12 @@ def _plan_group(
     folders = {study: {_folder(r.path) for r in members} for study, members in studies.items()}
     unmatched: list[FileRow] = []
     for document in documents:
-        sidecar = sidecars.get(document.path)
+        note = sidecars.get(document.path)
         wanted = {("a", document.accession)} if document.accession else set()
         wanted |= {("s", document.study)} if document.study else set()
-        if sidecar is not None:
-            wanted |= {("a", sidecar.accession)} if sidecar.accession else set()
-            wanted |= {("s", sidecar.study)} if sidecar.study else set()
+        if note is not None:
+            wanted |= {("a", note.accession)} if note.accession else set()
+            wanted |= {("s", note.study)} if note.study else set()
         matches = [study for study, k in keys.items() if wanted & k]
         if not matches:  # the only study filed in or under the document's own folder
             here = _folder(document.path)
@@ -199,8 +199,8 @@ def _plan_group(
             studies[matches[0]].append(document)
         else:
             unmatched.append(document)
-        if sidecar is not None:
-            (studies[matches[0]] if len(matches) == 1 else unmatched).append(sidecar)
+        if note is not None:
+            (studies[matches[0]] if len(matches) == 1 else unmatched).append(note)
 
     if len(studies) == 1 and unmatched:
         next(iter(studies.values())).extend(unmatched)

@@ -366,17 +366,18 @@ class FolderSource:
                 "a sidecar (.emix.toml) whose document is not in the folder; put the document "
                 "and its sidecar in the folder together",
             )
-        for rows in plan.batches:
-            rows = self._unchanged(rows)
+        for planned in plan.batches:
+            rows = self._unchanged(planned)
             if not rows:
                 continue
-            batch = self.journal.create_batch(rows[0].recipients, [r.id for r in rows])
-            if not self._send_batch(batch, rows[0].recipients, None):
+            batch_id = self.journal.create_batch(rows[0].recipients, [r.id for r in rows])
+            if not self._send_batch(batch_id, rows[0].recipients, None):
                 return
 
     def _unchanged(self, rows: list[FileRow]) -> list[FileRow]:
         """Rows whose file is still the one classified; forget the others (seen anew)."""
-        keep, changed = [], []
+        keep: list[FileRow] = []
+        changed: list[FileRow] = []
         for row in rows:
             try:
                 st = os.lstat(self.root / row.path)

@@ -147,9 +147,11 @@ class MllpDestination:
             title = f"Imaging report ({fmt.upper()})"
             report = Report(attachments=[Attachment(formats[fmt].media_type, data, title)])
         elif fmt is None or (fmt in formats and formats[fmt].readable):
+            assert self.pm is not None
             report = parse_report(self.pm, data, None if fmt else "text/plain")
         else:
             return None
+        assert self.pm is not None
         hl7 = render_report(self.pm, fill_from(report, context), "hl7")
         return hl7_routing_header(hl7, **self.header)
 
