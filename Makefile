@@ -30,7 +30,7 @@ test: system-deps install
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not e2e"
 
-PLUGIN_PACKAGES := $(wildcard plugins/*/emix_* examples/*/emix_*)
+PLUGIN_PACKAGES := $(filter-out %.egg-info,$(wildcard plugins/*/emix_* examples/*/emix_*))
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
