@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     # plugins and hooks
     "hookimpl": "emix_core.plugins",
     "get_plugin_manager": "emix_core.plugins",
+    "default_plugin_manager": "emix_core.plugins",
     "Hooks": "emix_core.plugins",
     "hooks_for": "emix_core.plugins",
     "PluginManager": "emix_core.plugins",
@@ -223,7 +224,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         is_valid_address,
         utcnow,
     )
-    from emix_core.plugins import Hooks, PluginManager, get_plugin_manager, hookimpl, hooks_for
+    from emix_core.plugins import (
+        Hooks,
+        PluginManager,
+        default_plugin_manager,
+        get_plugin_manager,
+        hookimpl,
+        hooks_for,
+    )
     from emix_core.reports.convert import (
         ReportFormat,
         context_from_studies,

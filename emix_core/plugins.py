@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -64,6 +65,7 @@ CORE_NAMES = frozenset({"emix.audit-recorder"})
 __all__ = [
     "Hooks",
     "PluginManager",
+    "default_plugin_manager",
     "disabled_plugins",
     "get_plugin_manager",
     "hookimpl",
@@ -107,6 +109,23 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     except pluggy.PluginValidationError as exc:
         raise ConfigError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
     return pm
+
+
+_process_pm: pluggy.PluginManager | None = None
+_process_lock = threading.Lock()
+
+
+def default_plugin_manager() -> pluggy.PluginManager:
+    """The process's one plugin manager, made on first use (entry points loaded).
+
+    Commands, homes and the hub share it; tests and embedders that want isolation pass
+    their own manager from :func:`get_plugin_manager` instead.
+    """
+    global _process_pm
+    with _process_lock:
+        if _process_pm is None:
+            _process_pm = get_plugin_manager()
+        return _process_pm
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:

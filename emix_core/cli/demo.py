@@ -225,9 +225,9 @@ path = "inbox"
 def folder_plugin_installed() -> bool:
     """True when a plugin provides the ``folder`` source and destination kinds."""
     from emix_core.gateway.runner import registered_kinds
-    from emix_core.plugins import get_plugin_manager
+    from emix_core.plugins import default_plugin_manager
 
-    sources, destinations = registered_kinds(get_plugin_manager())
+    sources, destinations = registered_kinds(default_plugin_manager())
     return "folder" in sources and "folder" in destinations
 
 

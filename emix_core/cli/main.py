@@ -40,10 +40,10 @@ class EmixCLI(click.Group):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        from emix_core.plugins import get_plugin_manager, hooks_for
+        from emix_core.plugins import default_plugin_manager, hooks_for
 
         try:
-            hooks_for(self._pm or get_plugin_manager()).register_commands(self)
+            hooks_for(self._pm or default_plugin_manager()).register_commands(self)
         except EmixError as exc:
             raise click.ClickException(exc.message) from exc
 
@@ -77,9 +77,9 @@ def _root() -> None:
 @handle_errors
 def plugins(as_json: bool) -> None:
     """List loaded plugins, their versions and the hooks each implements."""
-    from emix_core.plugins import get_plugin_manager, plugin_info
+    from emix_core.plugins import default_plugin_manager, plugin_info
 
-    rows = plugin_info(get_plugin_manager())
+    rows = plugin_info(default_plugin_manager())
     if as_json:
         emit_json({"plugins": rows})
         return

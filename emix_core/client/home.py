@@ -19,7 +19,7 @@ from emix_core.config import Config, load_config
 from emix_core.crypto import SigningKey, create_key_file, fingerprint_of, load_key_file
 from emix_core.errors import IntegrityError
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome
-from emix_core.plugins import get_plugin_manager, hooks_for
+from emix_core.plugins import default_plugin_manager, hooks_for
 
 PINS_FILE = "pinned-keys.json"
 
@@ -35,7 +35,7 @@ class LocalHome:
         self.path = path
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.config: Config = load_config(path)
-        self.pm = pm or get_plugin_manager()
+        self.pm = pm or default_plugin_manager()
         self._signing_key: SigningKey | None = None
         self._audit_log: AuditLog | None = None
 

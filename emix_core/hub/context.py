@@ -15,7 +15,7 @@ from emix_core.config import CONFIG_NAME, Config, load_config, write_config
 from emix_core.crypto import SigningKey, create_key_file, load_key_file
 from emix_core.errors import ConfigError
 from emix_core.model import AuditEvent
-from emix_core.plugins import get_plugin_manager, hooks_for
+from emix_core.plugins import default_plugin_manager, hooks_for
 from emix_core.store.blobs import BlobStore, open_blob_store
 from emix_core.store.db import Database
 
@@ -91,7 +91,7 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
         raise ConfigError(
             f"{config.home} is not a hub home; create it with `emix hub init --home {config.home}`"
         )
-    pm = pm or get_plugin_manager()
+    pm = pm or default_plugin_manager()
     db = Database(config.database_url)
     db.create_all()
     wrapper = hooks_for(pm).key_wrapper(str(config.home))

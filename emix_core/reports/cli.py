@@ -54,7 +54,7 @@ def convert(file: Path, to: str, out: Path | None, media_type: str | None, as_js
     text); PDF and RTF are output only. Text formats go to standard output unless
     --out is given.
     """
-    from emix_core.plugins import get_plugin_manager
+    from emix_core.plugins import default_plugin_manager
     from emix_core.reports.convert import (
         parse_report,
         read_report_file,
@@ -63,7 +63,7 @@ def convert(file: Path, to: str, out: Path | None, media_type: str | None, as_js
     )
 
     fmt = to.strip().lower()
-    pm = get_plugin_manager()
+    pm = default_plugin_manager()
     if as_json and out is None:
         raise click.UsageError("--json needs --out FILE (the report itself is not JSON output)")
     stdout = sys.stdout.buffer

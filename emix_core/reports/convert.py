@@ -93,9 +93,9 @@ def report_formats(pm: pluggy.PluginManager | None = None) -> dict[str, ReportFo
     registers the six above, and a plugin's format can be a facility's preferred format.
     """
     if pm is None:
-        from emix_core.plugins import get_plugin_manager
+        from emix_core.plugins import default_plugin_manager
 
-        pm = get_plugin_manager()
+        pm = default_plugin_manager()
     from emix_core.plugins import hooks_for
 
     found: dict[str, ReportFormat] = {}

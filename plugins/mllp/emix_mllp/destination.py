@@ -102,9 +102,9 @@ class MllpDestination:
         }
         self.pm = getattr(gateway, "pm", None)
         if self.pm is None:
-            from emix_core import get_plugin_manager
+            from emix_core import default_plugin_manager
 
-            self.pm = get_plugin_manager()
+            self.pm = default_plugin_manager()
         journal = settings.get("journal")
         state = getattr(gateway, "state_dir", None)
         folder = Path(journal) if journal else (Path(state) / "mllp" if state else None)
