@@ -19,11 +19,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import uuid
+from typing import Any, NamedTuple
 
 from lxml import etree
 
 from emix_core.errors import ReportFormatError
+from emix_core.reports import identity
 from emix_core.reports.codes import (
     EMIX_LOCAL_OID,
     LOINC,
@@ -33,9 +34,11 @@ from emix_core.reports.codes import (
 )
 from emix_core.reports.dtm import format_date, format_ts, parse_date, parse_ts
 from emix_core.reports.model import (
+    PATIENT_CLASSES,
     Attachment,
     Author,
     Code,
+    Identifier,
     Patient,
     PersonName,
     Report,
@@ -50,8 +53,27 @@ XSI = "http://www.w3.org/2001/XMLSchema-instance"
 _V = f"{{{NS}}}"
 DIR_TEMPLATE = "2.16.840.1.113883.10.20.6"
 DCM_OID = "1.2.840.10008.2.16.4"
-FINDINGS = ("121070", "Findings")
-IMPRESSION = ("121072", "Impressions")
+#: The realm (``UV``: universal, no national header profile claimed).
+REALM = "UV"
+DEFAULT_LANGUAGE = "en-US"
+#: HL7 v2 table 0004 (patient class), as CDA writes an encounter's code.
+PATIENT_CLASS_OID = "2.16.840.1.113883.12.4"
+
+
+class Section(NamedTuple):
+    """A body section: its template, code and title."""
+
+    template: str
+    code: str
+    system: str
+    system_name: str
+    title: str
+
+
+#: DIR Findings section (HL7 CDA DIR, 2.16.840.1.113883.10.20.6.1.2; DICOM PS3.20).
+FINDINGS = Section("2.16.840.1.113883.10.20.6.1.2", "121070", DCM_OID, "DCM", "Findings")
+#: DICOM PS3.20 Impression section (1.2.840.10008.9.5).
+IMPRESSION = Section("1.2.840.10008.9.5", "19005-8", LOINC.oid, "LOINC", "Impressions")
 _FINDINGS_CODES = {"121070", "18782-3", "59776-5"}
 _IMPRESSION_CODES = {"121072", "19005-8"}
 #: Largest attachment a CDA document carries: its Base64 must stay under libxml2's
@@ -60,6 +82,7 @@ MAX_ATTACHMENT_BYTES = 7_400_000
 _IMPRESSION_TITLES = {"impression", "impressions", "conclusion", "conclusions"}
 _GENDER_TO_CDA = {"M": "M", "F": "F", "O": "UN"}
 _GENDER_FROM_CDA = {"M": "M", "F": "F", "UN": "O"}
+_LANGUAGE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 _DOCTYPE_RE = re.compile(rb"<!(DOCTYPE|ENTITY)|<\x00!\x00(D|E)\x00|\x00<\x00!\x00(D|E)", re.I)
 
 
@@ -73,11 +96,10 @@ def _el(parent: etree._Element, tag: str, text: str | None = None, **attrs: str)
     return element
 
 
-def _id(parent: etree._Element, root: str, extension: str = "", authority: str = "") -> None:
-    if not extension and root == EMIX_LOCAL_OID:
-        _el(parent, "id", nullFlavor="UNK")
-    else:
-        _el(parent, "id", root=root, extension=extension, assigningAuthorityName=authority)
+def _ii(parent: etree._Element, tag: str, identifier: Identifier) -> etree._Element:
+    if not identifier:
+        return _el(parent, tag, nullFlavor="NI")
+    return _el(parent, tag, root=identifier.root, extension=identifier.extension)
 
 
 def _time(parent: etree._Element, tag: str, value: str) -> None:
@@ -101,13 +123,24 @@ def _name(parent: etree._Element, name: PersonName) -> None:
         _el(element, "suffix", name.suffix)
 
 
-def _person(parent: etree._Element, tag: str, author: Author | None, facility: str) -> None:
+def _person(parent: etree._Element, tag: str, report: Report, organization: bool = True) -> None:
     entity = _el(parent, tag)
-    _id(entity, EMIX_LOCAL_OID, author.id if author else "")
+    author = report.author
+    if author and author.id:
+        _el(entity, "id", root=identity.arc(report, identity.STAFF), extension=author.id)
+    else:
+        _el(entity, "id", nullFlavor="UNK")
     if author and author.name:
         _name(_el(entity, "assignedPerson"), author.name)
-    if facility:
-        _el(_el(entity, "representedOrganization"), "name", facility)
+    if organization and report.facility:
+        _organization(entity, "representedOrganization", report)
+
+
+def _organization(parent: etree._Element, tag: str, report: Report) -> None:
+    element = _el(parent, tag)
+    _el(element, "id", root=identity.facility_root(report))
+    if report.facility:
+        _el(element, "name", report.facility)
 
 
 def _text(parent: etree._Element, text: str) -> None:
@@ -119,21 +152,28 @@ def _text(parent: etree._Element, text: str) -> None:
         br.tail = line
 
 
-def _section(body: etree._Element, code: tuple[str, str], text: str) -> None:
+def _section(body: etree._Element, kind: Section, text: str) -> None:
     section = _el(_el(body, "component"), "section")
+    _el(section, "templateId", root=kind.template)
     _el(
-        section, "code", code=code[0], codeSystem=DCM_OID, codeSystemName="DCM", displayName=code[1]
+        section,
+        "code",
+        code=kind.code,
+        codeSystem=kind.system,
+        codeSystemName=kind.system_name,
+        displayName=kind.title,
     )
-    _el(section, "title", code[1])
+    _el(section, "title", kind.title)
     _text(section, text)
 
 
 def render(report: Report) -> bytes:
     """Render a CDA R2 ClinicalDocument (UTF-8 XML)."""
     doc = etree.Element(_V + "ClinicalDocument", nsmap={None: NS, "xsi": XSI})
+    _el(doc, "realmCode", code=REALM)
     _el(doc, "typeId", root="2.16.840.1.113883.1.3", extension="POCD_HD000040")
     _el(doc, "templateId", root=DIR_TEMPLATE)
-    _el(doc, "id", root=str(uuid.uuid4()))
+    _ii(doc, "id", identity.document_id(report))
     _el(
         doc,
         "code",
@@ -145,13 +185,18 @@ def render(report: Report) -> bytes:
     _el(doc, "title", "Diagnostic Imaging Report")
     _time(doc, "effectiveTime", format_ts(report.report_time))
     _el(doc, "confidentialityCode", code="N", codeSystem="2.16.840.1.113883.5.25")
+    _el(doc, "languageCode", code=report.language or DEFAULT_LANGUAGE)
+    _ii(doc, "setId", identity.set_id(report))
+    _el(doc, "versionNumber", value=str(report.version))
 
     patient = report.patient
     role = _el(_el(doc, "recordTarget"), "patientRole")
     if patient.id:
-        root = patient.issuer if is_oid(patient.issuer) else EMIX_LOCAL_OID
-        authority = "" if is_oid(patient.issuer) else patient.issuer
-        _id(role, root, patient.id, authority)
+        if is_oid(patient.issuer):
+            _el(role, "id", root=patient.issuer, extension=patient.id)
+        else:
+            root = identity.arc(report, identity.PATIENTS)
+            _el(role, "id", root=root, extension=patient.id, assigningAuthorityName=patient.issuer)
     else:
         _el(role, "id", nullFlavor="UNK")
     person = _el(role, "patient")
@@ -170,24 +215,21 @@ def render(report: Report) -> bytes:
 
     author = _el(doc, "author")
     _time(author, "time", format_ts(report.report_time))
-    _person(author, "assignedAuthor", report.author, report.facility)
+    _person(author, "assignedAuthor", report)
 
-    organization = _el(
-        _el(_el(doc, "custodian"), "assignedCustodian"), "representedCustodianOrganization"
-    )
-    _el(organization, "id", nullFlavor="UNK")
-    if report.facility:
-        _el(organization, "name", report.facility)
+    custodian = _el(_el(doc, "custodian"), "assignedCustodian")
+    _organization(custodian, "representedCustodianOrganization", report)
 
     if report.status in ("final", "amended"):
         signer = _el(doc, "legalAuthenticator")
         _time(signer, "time", format_ts(report.report_time))
         _el(signer, "signatureCode", code="S")
-        _person(signer, "assignedEntity", report.author, "")
+        _person(signer, "assignedEntity", report, organization=False)
 
     if report.accession_number:
         order = _el(_el(doc, "inFulfillmentOf"), "order")
-        _id(order, EMIX_LOCAL_OID, report.accession_number)
+        root = identity.arc(report, identity.ORDERS)
+        _el(order, "id", root=root, extension=report.accession_number)
 
     event = _el(_el(doc, "documentationOf"), "serviceEvent", classCode="ACT")
     if report.study_instance_uid:
@@ -205,9 +247,26 @@ def render(report: Report) -> bytes:
     if report.observation_time:
         _el(event, "effectiveTime", value=format_ts(report.observation_time))
 
-    if report.status == "amended":
-        related = _el(doc, "relatedDocument", typeCode="RPLC")
-        _el(_el(related, "parentDocument"), "id", nullFlavor="UNK")
+    if report.status == "amended" or report.replaces:
+        parent = _el(_el(doc, "relatedDocument", typeCode="RPLC"), "parentDocument")
+        _ii(parent, "id", report.replaces)
+        _ii(parent, "setId", identity.set_id(report))
+        if report.version > 1:
+            _el(parent, "versionNumber", value=str(report.version - 1))
+
+    if report.visit_number:
+        encounter = _el(_el(doc, "componentOf"), "encompassingEncounter")
+        root = identity.arc(report, identity.VISITS)
+        _el(encounter, "id", root=root, extension=report.visit_number)
+        if report.patient_class != "U":
+            _el(
+                encounter,
+                "code",
+                code=report.patient_class,
+                codeSystem=PATIENT_CLASS_OID,
+                codeSystemName="HL7 Table 0004",
+            )
+        _time(encounter, "effectiveTime", format_ts(report.observation_time))
 
     body = _el(_el(doc, "component"), "structuredBody")
     if report.findings:
@@ -352,6 +411,12 @@ def parse(data: bytes) -> Report:
     :raises ReportFormatError: a DOCTYPE, not well-formed, not a ClinicalDocument.
     """
     doc = _load(data)
+    custodian = _find(doc, "v:custodian/v:assignedCustodian/v:representedCustodianOrganization")
+    facility_oid = _attr(_find(custodian, "v:id"), "root")
+    facility_oid = facility_oid if is_oid(facility_oid) and len(facility_oid) <= 64 else ""
+    own_roots = {EMIX_LOCAL_OID, ""}
+    if facility_oid:
+        own_roots.add(f"{facility_oid}.{identity.PATIENTS}")
     role = _find(doc, "v:recordTarget/v:patientRole")
     patient_id = _find(role, "v:id")
     person = _find(role, "v:patient")
@@ -364,7 +429,7 @@ def parse(data: bytes) -> Report:
     patient = Patient(
         name=_parse_name(_find(person, "v:name")),
         id=_attr(patient_id, "extension"),
-        issuer=authority or ("" if root in ("", EMIX_LOCAL_OID) else root),
+        issuer=authority or ("" if root in own_roots else root),
         birth_date=parse_date(_attr(_find(person, "v:birthTime"), "value")),
         sex=sex,
     )
@@ -393,6 +458,7 @@ def parse(data: bytes) -> Report:
     observed = _find(event, "v:effectiveTime")
     observed_value = _attr(observed, "value") or _attr(_find(observed, "v:low"), "value")
 
+    replaced = _find(doc, "v:relatedDocument[@typeCode='RPLC']/v:parentDocument")
     if _find(doc, "v:relatedDocument[@typeCode='RPLC']") is not None:
         status = "amended"
     elif _find(doc, "v:legalAuthenticator") is not None:
@@ -414,7 +480,46 @@ def parse(data: bytes) -> Report:
         report_time=parse_ts(_attr(_find(doc, "v:effectiveTime"), "value")),
         attachments=attachments,
         facility=facility,
+        **_identifiers(doc, replaced, facility_oid),
+        **_encounter(doc),
     )
+
+
+def _identifier(element: etree._Element | None) -> Identifier:
+    """An II, or an empty identifier for a null or malformed one (never an error)."""
+    root, extension = _attr(element, "root"), _attr(element, "extension")
+    if not root or _attr(element, "nullFlavor"):
+        return Identifier()
+    try:
+        return Identifier(root, extension)
+    except ReportFormatError:
+        return Identifier()
+
+
+def _identifiers(
+    doc: etree._Element, replaced: etree._Element | None, facility_oid: str
+) -> dict[str, Any]:
+    version = _attr(_find(doc, "v:versionNumber"), "value")
+    language = _attr(_find(doc, "v:languageCode"), "code")
+    return {
+        "document_id": _identifier(_find(doc, "v:id")),
+        "set_id": _identifier(_find(doc, "v:setId")),
+        "version": int(version) if version.isdigit() and 1 <= int(version) <= 999_999 else 1,
+        "replaces": _identifier(_find(replaced, "v:id")),
+        "facility_oid": facility_oid,
+        "language": language if _LANGUAGE_RE.match(language) else "",
+    }
+
+
+def _encounter(doc: etree._Element) -> dict[str, Any]:
+    encounter = _find(doc, "v:componentOf/v:encompassingEncounter")
+    if encounter is None:
+        return {}
+    code = _attr(_find(encounter, "v:code"), "code").upper()
+    return {
+        "visit_number": _attr(_find(encounter, "v:id"), "extension"),
+        "patient_class": code if code in PATIENT_CLASSES else "",
+    }
 
 
 def _body(doc: etree._Element) -> tuple[str, str, list[Attachment]]:

@@ -20,6 +20,7 @@ __all__ = [
     "Attachment",
     "Author",
     "Code",
+    "Identifier",
     "MAX_LINE_CHARS",
     "MAX_TEXT_CHARS",
     "Patient",
@@ -46,6 +47,10 @@ MAX_LINE_CHARS = 1_000
 _MEDIA_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
 _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_LANGUAGE_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+_UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
+#: HL7 v2 PV1-2 patient classes (table 0004) a report may carry.
+PATIENT_CLASSES: tuple[str, ...] = ("E", "I", "O", "P", "R", "B", "C", "N", "U", "")
 _LINE_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TEXT_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -181,6 +186,33 @@ class Code:
         return bool(self.code or self.display)
 
 
+@dataclass(frozen=True)
+class Identifier:
+    """An instance identifier: HL7's II (CDA), EI (HL7 v2), a FHIR ``Identifier``.
+
+    :param root: who issued it, an OID (``1.2.276.0.7230010.3.1``) or a UUID; alone,
+        the root is the whole identifier.
+    :param extension: the value within the root (``RPT-2025-0001``); may be empty.
+    """
+
+    root: str = ""
+    extension: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", clean_line(self.root, "identifier root"))
+        object.__setattr__(self, "extension", clean_line(self.extension, "identifier"))
+        if self.root and not (is_valid_uid(self.root) or _UUID_RE.match(self.root)):
+            raise ReportFormatError("an identifier's root must be an OID or a UUID")
+        if self.extension and not self.root:
+            raise ReportFormatError("an identifier with a value needs the OID that issued it")
+
+    def __bool__(self) -> bool:
+        return bool(self.root)
+
+    def __str__(self) -> str:
+        return f"{self.root}^{self.extension}" if self.extension else self.root
+
+
 @dataclass
 class Attachment:
     """A document that travels inside the report (a PDF, a key image)."""
@@ -213,6 +245,22 @@ class Report:
     :param report_time: when the report was written or signed.
     :param attachments: documents carried with the report.
     :param facility: name of the performing facility.
+    :param visit_number: the patient's visit (encounter) number, HL7 PV1-19.
+    :param patient_class: PV1-2 (``I`` inpatient, ``O`` outpatient, ``E`` emergency...);
+        ``U`` when a visit number is known without its class.
+
+    Identifiers (see :mod:`emix_core.reports.identity`; they do not take part in
+    ``==``, which compares what two reports *say*: a renderer invents stable ids for a
+    report that has none, and a reader gives them back):
+
+    :param document_id: this document (this version of the report).
+    :param set_id: what every version of the report shares.
+    :param version: 1 for the first version, then 2, 3... with each amendment.
+    :param replaces: the document this one replaces (an amended report's predecessor).
+    :param facility_oid: the OID of the issuing facility: identifiers it issues
+        (documents, orders, authors) are made under it.
+    :param language: the report's language as an IETF tag (``de-DE``); ``""`` is
+        written as ``en-US``.
     """
 
     patient: Patient = field(default_factory=Patient)
@@ -227,6 +275,14 @@ class Report:
     report_time: datetime | None = None
     attachments: list[Attachment] = field(default_factory=list)
     facility: str = ""
+    visit_number: str = ""
+    patient_class: str = ""
+    document_id: Identifier = field(default_factory=Identifier, compare=False)
+    set_id: Identifier = field(default_factory=Identifier, compare=False)
+    version: int = field(default=1, compare=False)
+    replaces: Identifier = field(default_factory=Identifier, compare=False)
+    facility_oid: str = field(default="", compare=False)
+    language: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         self.accession_number = clean_line(self.accession_number, "accession number")
@@ -243,3 +299,17 @@ class Report:
         self.facility = clean_line(self.facility, "facility name")
         if self.author is not None and not (self.author.name or self.author.id):
             self.author = None
+        self.visit_number = clean_line(self.visit_number, "visit number")
+        self.patient_class = (self.patient_class or "").strip().upper()[:1]
+        if self.patient_class not in PATIENT_CLASSES:
+            raise ReportFormatError("the patient class must be an HL7 table 0004 code (I, O, E...)")
+        if self.visit_number and not self.patient_class:
+            self.patient_class = "U"
+        if not isinstance(self.version, int) or not 1 <= self.version <= 999_999:
+            raise ReportFormatError("a report's version number must be 1 to 999999")
+        self.facility_oid = clean_line(self.facility_oid, "facility OID")
+        if self.facility_oid and not is_valid_uid(self.facility_oid):
+            raise ReportFormatError("the facility OID is not a valid OID (digits and dots)")
+        self.language = clean_line(self.language, "language")
+        if self.language and not _LANGUAGE_RE.match(self.language):
+            raise ReportFormatError("the report's language is not a language tag like en-US")
