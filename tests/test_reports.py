@@ -224,7 +224,7 @@ def test_hl7_escapes_delimiters_and_segment_ends_in_our_own_text(pm):
     )
     data = render_report(pm, report, "hl7")
     segments = [s for s in data.decode().split("\r") if s]
-    assert [s[:3] for s in segments] == ["MSH", "PID", "OBR", "OBX", "OBX", "OBX", "OBX"]
+    assert [s[:3] for s in segments] == ["MSH", "PID", "ORC", "OBR", "OBX", "OBX", "OBX", "OBX"]
     check_hl7(data, report)
     assert parse_report(pm, data) == report
 

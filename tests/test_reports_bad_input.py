@@ -156,7 +156,7 @@ def test_hl7_escape_sequences_never_become_segments(pm):
     assert report.findings == "Findings\nOBX|2|TX|||EVIL"
     rendered = render_report(pm, report, "hl7")
     names = [segment[:3] for segment in rendered.split(b"\r") if segment]
-    assert names == [b"MSH", b"PID", b"OBR", b"OBX"]
+    assert names == [b"MSH", b"PID", b"ORC", b"OBR", b"OBX"]
     assert parse_report(pm, rendered) == report
 
 

@@ -2,13 +2,18 @@
 
 Layout written (and read back):
 
+- ``MSH``: MSH-4 the facility (``name^OID^ISO``), MSH-10 a control id derived from the
+  report's document id and version (the same report sent again has the same MSH-10).
 - ``PID``: PID-3 patient ID with its issuer (CX.4), PID-5 name, PID-7 birth date, PID-8 sex.
-- ``OBR``: OBR-3 accession number, OBR-4 procedure, OBR-7 observation time, OBR-22
-  report time, OBR-25 status (P, F, C = amended), OBR-32 the reporting radiologist.
+- ``PV1`` (when the visit is known): PV1-2 patient class, PV1-19 visit number.
+- ``ORC`` (when the order is known): ORC-1 ``RE``, ORC-3 accession number, ORC-5 ``CM``.
+- ``OBR``: OBR-3 accession number (an EI under the facility's orders OID), OBR-4
+  procedure, OBR-7 observation time, OBR-22 report time, OBR-25 status (P, F, C =
+  amended), OBR-32 the reporting radiologist.
 - ``OBX``: one per section, formatted text (``FT``, lines joined by ``\\.br\\``); OBX-3
   ``18782-3^Findings^LN`` or ``19005-8^Impression^LN``; the study instance UID as ``ST`` under
   ``113014^DICOM Study^DCM``; attachments as ``ED`` (Base64) under ``18748-4``;
-  OBX-23 the performing facility.
+  OBX-23 the performing facility (XON.10 its OID).
 
 Every value is escaped (``| ^ & ~ \\`` and control characters), so no text, ours or
 a sender's, can open a field or a segment. Reading accepts CR, CRLF or LF-only
@@ -27,13 +32,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import uuid
 from datetime import UTC, datetime
 
 from emix_core.errors import ReportFormatError
+from emix_core.reports import identity
 from emix_core.reports.codes import is_oid, system_from_hl7, system_to_hl7
 from emix_core.reports.dtm import format_date, format_ts, parse_date, parse_ts
 from emix_core.reports.model import (
+    PATIENT_CLASSES,
     Attachment,
     Author,
     Code,
@@ -143,18 +149,31 @@ def _segment(name: str, fields: dict[int, str]) -> str:
     return "|".join([name] + [fields.get(i, "") for i in range(1, last + 1)])
 
 
+def _ei(value: str, root: str) -> str:
+    """An entity identifier (EI): ``value^^root^ISO``."""
+    return f"{escape(value)}^^{root}^ISO" if value else ""
+
+
 def render(report: Report) -> bytes:
-    """Render an ORU^R01 message (segments end with CR, UTF-8)."""
+    """Render an ORU^R01 message (segments end with CR, UTF-8).
+
+    MSH-10 is derived from the report's document id and version
+    (:func:`~emix_core.reports.identity.message_control_id`): the same report sent
+    again carries the same control id, so an interface engine can drop the copy.
+    """
     status = _STATUS_TO_HL7[report.status]
     now = datetime.now(UTC).astimezone().replace(microsecond=0)
+    oid = identity.facility_root(report)
+    sending_facility = f"{escape(report.facility)}^{oid}^ISO"
     msh = (
-        f"MSH|{ENCODING_CHARACTERS}|EMIX||||{format_ts(now)}||ORU^R01^ORU_R01|"
-        f"{uuid.uuid4().hex[:20]}|P|{VERSION}||||||UNICODE UTF-8"
+        f"MSH|{ENCODING_CHARACTERS}|EMIX|{sending_facility}|||{format_ts(now)}||"
+        f"ORU^R01^ORU_R01|{identity.message_control_id(report)}|P|{VERSION}||||||UNICODE UTF-8"
     )
     patient = report.patient
-    issuer = ""
-    if patient.issuer:
-        issuer = f"&{patient.issuer}&ISO" if is_oid(patient.issuer) else escape(patient.issuer)
+    if is_oid(patient.issuer):
+        issuer = f"&{patient.issuer}&ISO"
+    else:
+        issuer = f"{escape(patient.issuer)}&{identity.arc(report, identity.PATIENTS)}&ISO"
     cx = f"{escape(patient.id)}^^^{issuer}^MR" if patient.id else NULL
     pid = _segment(
         "PID",
@@ -166,6 +185,15 @@ def render(report: Report) -> bytes:
             8: patient.sex,
         },
     )
+    segments = [msh, pid]
+    if report.visit_number:
+        visits = identity.arc(report, identity.VISITS)
+        visit = f"{escape(report.visit_number)}^^^&{visits}&ISO^VN"
+        segments.append(_segment("PV1", {1: "1", 2: report.patient_class, 19: visit}))
+    order = _ei(report.accession_number, identity.arc(report, identity.ORDERS))
+    if order:
+        # ORC-1 RE: observations to follow; ORC-5 CM: the order is complete
+        segments.append(_segment("ORC", {1: "RE", 3: order, 5: "CM"}))
     author = ""
     if report.author:
         author = escape(report.author.id) + "&" + _name(report.author.name, "&")
@@ -174,7 +202,7 @@ def render(report: Report) -> bytes:
         "OBR",
         {
             1: "1",
-            3: escape(report.accession_number),
+            3: order,
             4: _code(report.procedure) or NULL,
             7: format_ts(report.observation_time),
             22: format_ts(report.report_time),
@@ -182,11 +210,12 @@ def render(report: Report) -> bytes:
             32: author,
         },
     )
-    segments = [msh, pid, obr]
-    facility = escape(report.facility)
+    segments.append(obr)
+    header_count = len(segments)
+    facility = f"{escape(report.facility)}^^^^^^^^^{oid}"  # XON.10: the facility's OID
 
     def obx(value_type: str, code: tuple[str, str, str], sub_id: str, value: str) -> None:
-        number = str(len(segments) - 2)
+        number = str(len(segments) - header_count + 1)
         identifier = "^".join(escape(part) for part in code)
         segments.append(
             _segment(
@@ -215,7 +244,7 @@ def render(report: Report) -> bytes:
         data = base64.b64encode(attachment.data).decode("ascii")
         value = f"^{escape(kind)}^{escape(subtype)}^Base64^{data}"
         obx("ED", (ATTACHMENT, attachment.title, "LN"), str(number), value)
-    if len(segments) == 3 and report.facility:
+    if len(segments) == header_count and report.facility:
         obx("FT", FINDINGS, "2", "")  # an empty text, to carry the facility (OBX-23)
     message = "\r".join(segments) + "\r"
     _check_structure(message)
@@ -409,8 +438,13 @@ def parse(data: bytes) -> Report:
     if status_code.upper() in ("X", "D", "W"):
         raise ReportFormatError("the HL7 report is cancelled or deleted (result status X/D/W)")
 
+    facility_oid = next(
+        (o.component(23, 10) for o in observations if is_oid(o.component(23, 10))), ""
+    ) or (msh.component(4, 2) if is_oid(msh.component(4, 2)) else "")
+    pv1 = next((s for s in segments if s.name == "PV1"), None)
+    patient_class = pv1.component(2).upper()[:1] if pv1 else ""
     return Report(
-        patient=_patient(pid) if pid else Patient(),
+        patient=_patient(pid, facility_oid) if pid else Patient(),
         accession_number=obr.component(3) or obr.component(2) or obr.component(18),
         study_instance_uid=study_uid,
         procedure=Code(
@@ -424,6 +458,9 @@ def parse(data: bytes) -> Report:
         report_time=parse_ts(obr.component(22)),
         attachments=attachments,
         facility=facility or msh.component(4),
+        visit_number=pv1.component(19) if pv1 else "",
+        patient_class=patient_class if patient_class in PATIENT_CLASSES else "",
+        facility_oid=facility_oid if len(facility_oid) <= 64 else "",
     )
 
 
@@ -448,8 +485,11 @@ def _attachment(obx: _Segment, title: str) -> Attachment:
     return Attachment(media_type=media_type, data=data, title=title)
 
 
-def _patient(pid: _Segment) -> Patient:
-    issuer = pid.component(3, 4, 1) or pid.component(3, 4, 2)
+def _patient(pid: _Segment, facility_oid: str) -> Patient:
+    universal = pid.component(3, 4, 2)
+    if facility_oid and universal == f"{facility_oid}.{identity.PATIENTS}":
+        universal = ""  # the facility's own patient ids: no issuer was named
+    issuer = pid.component(3, 4, 1) or universal
     sex = pid.component(8).upper()[:1]
     return Patient(
         name=PersonName(
