@@ -106,10 +106,19 @@ def check_fhir(data: bytes, report: Report) -> None:
     bundle = json.loads(data)
     Bundle.model_validate(bundle)
     resources = {e["resource"]["resourceType"]: e["resource"] for e in bundle["entry"]}
-    assert {"Patient", "ImagingStudy", "DiagnosticReport"} <= set(resources)
-    assert bundle["type"] in fhir.BUNDLE_TYPES
+    assert {"Patient", "DiagnosticReport"} <= set(resources)
+    assert bundle["type"] == "transaction"
+    for entry in bundle["entry"]:
+        assert entry["request"] == {"method": "POST", "url": entry["resource"]["resourceType"]} | (
+            {"ifNoneExist": entry["request"]["ifNoneExist"]}
+            if "ifNoneExist" in entry["request"]
+            else {}
+        )
     assert resources["DiagnosticReport"]["status"] in fhir.REPORT_STATUSES
-    assert resources["ImagingStudy"]["status"] in fhir.IMAGING_STUDY_STATUSES
+    if report.study_instance_uid or report.accession_number or report.procedure:
+        assert resources["ImagingStudy"]["status"] in fhir.IMAGING_STUDY_STATUSES
+    if report.attachments:
+        assert {"Binary", "DocumentReference"} <= set(resources)
     if "gender" in resources["Patient"]:
         assert resources["Patient"]["gender"] in fhir.GENDERS
     if "Observation" in resources:

@@ -1,31 +1,49 @@
-"""FHIR R4: a DiagnosticReport in a ``collection`` Bundle with its Patient and ImagingStudy.
+"""FHIR R4: a ``transaction`` Bundle a FHIR server accepts in one POST to its base URL.
 
-Written: Patient (identifier type MR, issuer as ``assigner.display``), Organization
-(the performing facility), Practitioner (the radiologist, ``resultsInterpreter``),
-ImagingStudy (study instance UID as ``urn:dicom:uid``, accession number as an ACSN
-identifier, procedure code, start time), Observation (the findings, LOINC 18782-3),
-DiagnosticReport (status, LOINC 18748-4, ``conclusion`` = impression,
-``presentedForm`` = attachments). Validated with fhir.resources' R4B models (the
-same structures as R4 for these resources). fhir.resources checks structure but not
-code values, so status, gender and bundle type are checked here, on the way in and
-on the way out.
+Written, each entry ``POST`` with a ``urn:uuid:`` fullUrl that the server rewrites to
+the id it assigns, and an ``ifNoneExist`` on the resource's identifier where it has
+one (so a patient the EMR knows is linked, not duplicated, and the same report posted
+twice creates nothing the second time):
+
+- Patient (identifier type MR; system the issuer's OID, else the facility's patients
+  arc; issuer name as ``assigner.display``);
+- Organization (the facility, identified by its OID), Practitioner (the radiologist,
+  ``resultsInterpreter``), Encounter (the visit, when known);
+- ImagingStudy (study instance UID as ``urn:dicom:uid``, accession number as an ACSN
+  identifier, procedure code, start time), when a study, order or procedure is known;
+- Observation (the findings, LOINC 18782-3);
+- Binary (each attachment), referenced from ``presentedForm`` and from a
+  DocumentReference (``masterIdentifier`` the document id, ``relatesTo`` ``replaces``
+  the document an amendment replaces);
+- DiagnosticReport (identifiers: the document id ``official``, the set id
+  ``secondary``; status, LOINC 18748-4, ``conclusion`` = impression).
+
+Read back: this layout, the older ``collection`` Bundle and a bare DiagnosticReport.
+Validated with fhir.resources' R4B models (the same structures as R4 for these
+resources). fhir.resources checks structure but not code values, so status, gender,
+bundle type and transaction requests are checked here, on the way in and out.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import uuid
 from datetime import date, datetime
 from typing import Any
+from urllib.parse import quote
 
 from emix_core.errors import ReportFormatError
+from emix_core.reports import identity
 from emix_core.reports.codes import LOINC, is_oid
 from emix_core.reports.model import (
+    PATIENT_CLASSES,
     Attachment,
     Author,
     Code,
+    Identifier,
     Patient,
     PersonName,
     Report,
@@ -37,6 +55,8 @@ __all__ = ["MEDIA_TYPE", "parse", "render", "validate"]
 MEDIA_TYPE = "application/fhir+json"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
+V2_0004 = "http://terminology.hl7.org/CodeSystem/v2-0004"
+URI_SYSTEM = "urn:ietf:rfc:3986"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 
 REPORT_STATUSES = {
@@ -57,6 +77,7 @@ BUNDLE_TYPES = {
     "document", "message", "transaction", "transaction-response", "batch", "batch-response",
     "history", "searchset", "collection",
 }  # fmt: skip
+HTTP_VERBS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"}
 IMAGING_STUDY_STATUSES = {"registered", "available", "cancelled", "entered-in-error", "unknown"}
 GENDERS = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
 _GENDER_TO_FHIR = {v: k for k, v in GENDERS.items()}
@@ -104,93 +125,186 @@ def _coding(code: Code) -> dict[str, Any]:
     return {"coding": [coding] if code.code else [], "text": code.display}
 
 
+def _uri(root: str) -> str:
+    """An OID or UUID as a URI (``urn:oid:...``, ``urn:uuid:...``)."""
+    return f"urn:oid:{root}" if is_oid(root) else f"urn:uuid:{root.lower()}"
+
+
+def _identifier(identifier: Identifier, use: str = "") -> dict[str, Any]:
+    """An II as a FHIR Identifier: root as the system, extension as the value."""
+    if identifier.extension:
+        return {"use": use, "system": _uri(identifier.root), "value": identifier.extension}
+    return {"use": use, "system": URI_SYSTEM, "value": _uri(identifier.root)}
+
+
+def _from_identifier(identifier: dict[str, Any]) -> Identifier:
+    system, value = identifier.get("system") or "", identifier.get("value") or ""
+    if system == URI_SYSTEM:
+        system, value = value, ""
+    for prefix in ("urn:oid:", "urn:uuid:"):
+        if system.startswith(prefix):
+            try:
+                return Identifier(system[len(prefix) :], value)
+            except ReportFormatError:
+                return Identifier()
+    return Identifier()
+
+
+class _Transaction:
+    """Entries of a transaction Bundle: each a conditional create where it can be."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, resource: dict[str, Any], if_none_exist: dict[str, Any] | None) -> str:
+        """Add a resource (POST), created only if no resource has that identifier."""
+        url = f"urn:uuid:{_uuid()}"
+        request: dict[str, Any] = {"method": "POST", "url": resource["resourceType"]}
+        if if_none_exist and if_none_exist.get("value"):
+            system, value = if_none_exist.get("system", ""), if_none_exist["value"]
+            request["ifNoneExist"] = "identifier=" + quote(f"{system}|{value}", safe=":/.|")
+        self.entries.append({"fullUrl": url, "resource": resource, "request": request})
+        return url
+
+
 def render(report: Report) -> bytes:
-    """Render a FHIR R4 Bundle (JSON, UTF-8) and validate it."""
+    """Render a FHIR R4 transaction Bundle (JSON, UTF-8) and validate it.
+
+    Every resource is a conditional create (``ifNoneExist`` on its identifier) where
+    it has one, so the same report posted twice creates nothing the second time, and
+    a patient the EMR knows is linked, not duplicated.
+    """
     status = report.status
-    refs = {kind: f"urn:uuid:{_uuid()}" for kind in ("patient", "org", "author", "study", "obs")}
-    entries: list[tuple[str, dict[str, Any]]] = []
+    bundle = _Transaction()
+    document = identity.document_id(report)
 
     patient = report.patient
-    identifier: dict[str, Any] = {
+    patient_system = (
+        f"urn:oid:{patient.issuer}"
+        if is_oid(patient.issuer)
+        else f"urn:oid:{identity.arc(report, identity.PATIENTS)}"
+    )
+    patient_id: dict[str, Any] = {
         "use": "usual",
         "type": {"coding": [{"system": V2_0203, "code": "MR"}]},
+        "system": patient_system,
         "value": patient.id,
         "assigner": {"display": patient.issuer},
     }
-    if is_oid(patient.issuer):
-        identifier["system"] = f"urn:oid:{patient.issuer}"
-    entries.append(
-        (
-            refs["patient"],
+    subject = {
+        "reference": bundle.add(
             {
                 "resourceType": "Patient",
-                "identifier": [identifier] if patient.id else [],
+                "identifier": [patient_id] if patient.id else [],
                 "name": [_human_name(patient.name)],
                 "gender": _GENDER_TO_FHIR.get(patient.sex),
                 "birthDate": patient.birth_date.isoformat() if patient.birth_date else None,
             },
+            patient_id if patient.id else None,
         )
-    )
-    subject = {"reference": refs["patient"]}
-    if report.facility:
-        entries.append((refs["org"], {"resourceType": "Organization", "name": report.facility}))
+    }
+    performer: list[dict[str, Any]] = []
+    if report.facility or report.facility_oid:
+        organization_id = {"system": URI_SYSTEM, "value": _uri(identity.facility_root(report))}
+        resource = {
+            "resourceType": "Organization",
+            "identifier": [organization_id],
+            "name": report.facility,
+        }
+        performer.append({"reference": bundle.add(resource, organization_id)})
+    interpreter: list[dict[str, Any]] = []
     if report.author:
-        practitioner_id = {"value": report.author.id} if report.author.id else {}
-        entries.append(
-            (
-                refs["author"],
-                {
-                    "resourceType": "Practitioner",
-                    "identifier": [practitioner_id],
-                    "name": [_human_name(report.author.name)],
-                },
+        author_id = {}
+        if report.author.id:
+            author_id = {
+                "system": f"urn:oid:{identity.arc(report, identity.STAFF)}",
+                "value": report.author.id,
+            }
+        resource = {
+            "resourceType": "Practitioner",
+            "identifier": [author_id],
+            "name": [_human_name(report.author.name)],
+        }
+        interpreter.append({"reference": bundle.add(resource, author_id or None)})
+    encounter = None
+    if report.visit_number:
+        visit_id = {
+            "system": f"urn:oid:{identity.arc(report, identity.VISITS)}",
+            "value": report.visit_number,
+        }
+        resource = {
+            "resourceType": "Encounter",
+            "identifier": [visit_id],
+            "status": "unknown",
+            "class": {"system": V2_0004, "code": report.patient_class},
+            "subject": subject,
+        }
+        encounter = {"reference": bundle.add(resource, visit_id)}
+    studies: list[dict[str, Any]] = []
+    if report.study_instance_uid or report.accession_number or report.procedure:
+        study_ids: list[dict[str, Any]] = []
+        if report.study_instance_uid:
+            study_ids.append(
+                {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{report.study_instance_uid}"}
             )
-        )
-    study_ids: list[dict[str, Any]] = []
-    if report.study_instance_uid:
-        study_ids.append(
-            {"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{report.study_instance_uid}"}
-        )
-    if report.accession_number:
-        study_ids.append(
+        if report.accession_number:
+            study_ids.append(
+                {
+                    "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
+                    "system": f"urn:oid:{identity.arc(report, identity.ORDERS)}",
+                    "value": report.accession_number,
+                }
+            )
+        resource = {
+            "resourceType": "ImagingStudy",
+            "status": "available" if report.study_instance_uid else "unknown",
+            "subject": subject,
+            "encounter": encounter,
+            "identifier": study_ids,
+            "started": _iso(report.observation_time),
+            "procedureCode": [_coding(report.procedure)] if report.procedure else [],
+        }
+        studies.append({"reference": bundle.add(resource, next(iter(study_ids), None))})
+    results: list[dict[str, Any]] = []
+    if report.findings:
+        findings_value = f"{document.extension}-findings" if document.extension else "findings"
+        findings_id = {"system": _uri(document.root), "value": findings_value}
+        resource = {
+            "resourceType": "Observation",
+            "identifier": [findings_id],
+            "status": status,
+            "code": {
+                "coding": [{"system": LOINC.uri, "code": FINDINGS_CODE, "display": "Findings"}]
+            },
+            "subject": subject,
+            "encounter": encounter,
+            "effectiveDateTime": _iso(report.observation_time),
+            "valueString": report.findings,
+        }
+        results.append({"reference": bundle.add(resource, findings_id)})
+    forms = []
+    for attachment in report.attachments:
+        binary = {
+            "resourceType": "Binary",
+            "contentType": attachment.media_type,
+            "data": base64.b64encode(attachment.data).decode("ascii"),
+        }
+        forms.append(
             {
-                "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
-                "value": report.accession_number,
+                "contentType": attachment.media_type,
+                "url": bundle.add(binary, None),
+                "size": len(attachment.data),
+                "hash": base64.b64encode(hashlib.sha1(attachment.data).digest()).decode(),
+                "title": attachment.title,
             }
         )
-    entries.append(
-        (
-            refs["study"],
-            {
-                "resourceType": "ImagingStudy",
-                "status": "available" if report.study_instance_uid else "unknown",
-                "subject": subject,
-                "identifier": study_ids,
-                "started": _iso(report.observation_time),
-                "procedureCode": [_coding(report.procedure)] if report.procedure else [],
-            },
-        )
-    )
-    if report.findings:
-        entries.append(
-            (
-                refs["obs"],
-                {
-                    "resourceType": "Observation",
-                    "status": status,
-                    "code": {
-                        "coding": [
-                            {"system": LOINC.uri, "code": FINDINGS_CODE, "display": "Findings"}
-                        ]
-                    },
-                    "subject": subject,
-                    "effectiveDateTime": _iso(report.observation_time),
-                    "valueString": report.findings,
-                },
-            )
-        )
+    report_ids = [
+        _identifier(document, "official"),
+        _identifier(identity.set_id(report), "secondary"),
+    ]
     diagnostic_report = {
         "resourceType": "DiagnosticReport",
+        "identifier": report_ids,
         "status": status,
         "category": [{"coding": [{"system": V2_0074, "code": "RAD", "display": "Radiology"}]}],
         "code": {
@@ -199,34 +313,54 @@ def render(report: Report) -> bytes:
             ]
         },
         "subject": subject,
+        "encounter": encounter,
         "effectiveDateTime": _iso(report.observation_time),
         "issued": _iso(report.report_time),
-        "performer": [{"reference": refs["org"]}] if report.facility else [],
-        "resultsInterpreter": [{"reference": refs["author"]}] if report.author else [],
-        "result": [{"reference": refs["obs"]}] if report.findings else [],
-        "imagingStudy": [{"reference": refs["study"]}],
+        "performer": performer,
+        "resultsInterpreter": interpreter,
+        "result": results,
+        "imagingStudy": studies,
         "conclusion": report.impression,
-        "presentedForm": [
-            {
-                "contentType": a.media_type,
-                "data": base64.b64encode(a.data).decode("ascii"),
-                "title": a.title,
-            }
-            for a in report.attachments
-        ],
+        "presentedForm": forms,
     }
-    entries.append((f"urn:uuid:{_uuid()}", diagnostic_report))
-    bundle = _drop_empty(
+    report_url = bundle.add(diagnostic_report, report_ids[0])
+    if forms:
+        relates = []
+        if report.replaces:
+            relates.append(
+                {"code": "replaces", "target": {"identifier": _identifier(report.replaces)}}
+            )
+        reference = {
+            "resourceType": "DocumentReference",
+            "masterIdentifier": _identifier(document),
+            "identifier": [_identifier(identity.set_id(report), "secondary")],
+            "status": "current",
+            "docStatus": "amended" if status == "amended" else status,
+            "type": diagnostic_report["code"],
+            "category": diagnostic_report["category"],
+            "subject": subject,
+            "date": _iso(report.report_time),
+            "author": interpreter + performer,
+            "custodian": performer[0] if performer else None,
+            "relatesTo": relates,
+            "content": [{"attachment": form} for form in forms],
+            "context": {
+                "encounter": [encounter] if encounter else [],
+                "related": [{"reference": report_url}],
+            },
+        }
+        master = reference["masterIdentifier"]
+        bundle.add(reference, {"system": master["system"], "value": master["value"]})
+    result = _drop_empty(
         {
             "resourceType": "Bundle",
-            "id": _uuid(),
-            "type": "collection",
+            "type": "transaction",
             "timestamp": datetime.now().astimezone().replace(microsecond=0).isoformat(),
-            "entry": [{"fullUrl": url, "resource": resource} for url, resource in entries],
+            "entry": bundle.entries,
         }
     )
-    validate(bundle)
-    return json.dumps(bundle, ensure_ascii=False, indent=2).encode("utf-8")
+    validate(result)
+    return json.dumps(result, ensure_ascii=False, indent=2).encode("utf-8")
 
 
 # --------------------------------------------------------------------------- validate
@@ -254,7 +388,14 @@ def validate(bundle: dict[str, Any]) -> None:
         raise ReportFormatError("the FHIR Bundle is invalid") from None
     if bundle.get("type") not in BUNDLE_TYPES:
         raise ReportFormatError("the FHIR Bundle's type is not a Bundle.type code")
+    transaction = bundle.get("type") in ("transaction", "batch")
     for entry in bundle.get("entry", []):
+        request = entry.get("request") or {}
+        if transaction and request.get("method") not in HTTP_VERBS:
+            raise ReportFormatError(
+                "a FHIR transaction entry needs request.method (GET, POST, PUT, PATCH, DELETE)"
+            )
+
         resource = entry.get("resource") or {}
         _check_codes(resource)
 
@@ -371,7 +512,20 @@ def parse(data: bytes) -> Report:
         ),
         identifiers[0] if identifiers else {},
     )
+    organization = next(
+        (o for ref in report.get("performer", []) if (o := resolve(ref, "Organization"))), {}
+    )
+    facility_oid = next(
+        (
+            i.root
+            for i in map(_from_identifier, organization.get("identifier") or [])
+            if i and is_oid(i.root) and not i.extension
+        ),
+        "",
+    )
     system = identifier.get("system") or ""
+    if facility_oid and system == f"urn:oid:{facility_oid}.{identity.PATIENTS}":
+        system = ""  # the facility's own patient ids: no issuer was named
     issuer = (identifier.get("assigner") or {}).get("display") or (
         system[8:] if system.startswith("urn:oid:") else system
     )
@@ -414,9 +568,6 @@ def parse(data: bytes) -> Report:
         ),
         {},
     )
-    organization = next(
-        (o for ref in report.get("performer", []) if (o := resolve(ref, "Organization"))), {}
-    )
     findings = [
         obs.get("valueString", "")
         for ref in report.get("result", [])
@@ -436,9 +587,42 @@ def parse(data: bytes) -> Report:
         impression=report.get("conclusion") or "",
         observation_time=_parse_datetime(report.get("effectiveDateTime") or study.get("started")),
         report_time=_parse_datetime(report.get("issued")),
-        attachments=_attachments(report),
+        attachments=_attachments(report, resolve),
         facility=organization.get("name") or "",
+        facility_oid=facility_oid if len(facility_oid) <= 64 else "",
+        **_encounter(resolve(report.get("encounter"), "Encounter")),
+        **_identifiers(report, [e.get("resource") or {} for e in bundle.get("entry", [])]),
     )
+
+
+def _encounter(encounter: dict[str, Any]) -> dict[str, Any]:
+    visit = next((i.get("value") for i in encounter.get("identifier") or [] if i.get("value")), "")
+    if not visit:
+        return {}
+    code = str((encounter.get("class") or {}).get("code") or "").upper()
+    return {"visit_number": visit, "patient_class": code if code in PATIENT_CLASSES else ""}
+
+
+def _identifiers(report: dict[str, Any], resources: list[dict[str, Any]]) -> dict[str, Any]:
+    """Document id and set id of the DiagnosticReport; what its DocumentReference replaces."""
+    ids = report.get("identifier") or []
+    official = [i for i in ids if i.get("use") in (None, "official", "usual")]
+    secondary = [i for i in ids if i.get("use") == "secondary"]
+    result: dict[str, Any] = {}
+    document = next((d for d in map(_from_identifier, official) if d), Identifier())
+    if document:
+        result["document_id"] = document
+    set_id = next((d for d in map(_from_identifier, secondary) if d), Identifier())
+    if set_id:
+        result["set_id"] = set_id
+    for resource in resources:
+        if resource.get("resourceType") != "DocumentReference":
+            continue
+        for relation in resource.get("relatesTo") or []:
+            target = (relation.get("target") or {}).get("identifier") or {}
+            if relation.get("code") == "replaces" and (replaced := _from_identifier(target)):
+                result["replaces"] = replaced
+    return result
 
 
 def _procedure(study: dict[str, Any]) -> Code:
@@ -451,13 +635,16 @@ def _procedure(study: dict[str, Any]) -> Code:
     )
 
 
-def _attachments(report: dict[str, Any]) -> list[Attachment]:
+def _attachments(report: dict[str, Any], resolve: _Resolver) -> list[Attachment]:
     result = []
     for form in report.get("presentedForm", []):
-        if "data" not in form:
+        encoded = form.get("data")
+        if encoded is None and form.get("url"):  # a Binary of the same Bundle
+            encoded = resolve({"reference": form["url"]}, "Binary").get("data")
+        if encoded is None:
             continue  # a URL only: emix fetches nothing a document points at
         try:
-            data = base64.b64decode(form["data"], validate=True)
+            data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise ReportFormatError("a FHIR presentedForm holds invalid Base64") from None
         result.append(
