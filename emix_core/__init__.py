@@ -66,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "classify": "emix_core.content.documents",
     "safe_name": "emix_core.content.documents",
     "generate_study": "emix_core.content.samples",
+    "new_uid": "emix_core.content.uids",
     "write_sample_report_pdf": "emix_core.content.samples",
     "write_sample_report_txt": "emix_core.content.samples",
     # the facility side
@@ -109,6 +110,7 @@ _EXPORTS: dict[str, str] = {
     "Author": "emix_core.reports.model",
     "Code": "emix_core.reports.model",
     "Attachment": "emix_core.reports.model",
+    "Identifier": "emix_core.reports.model",
     "ReportFormat": "emix_core.reports.convert",
     "report_formats": "emix_core.reports.convert",
     "parse_report": "emix_core.reports.convert",
@@ -172,6 +174,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         write_sample_report_pdf,
         write_sample_report_txt,
     )
+    from emix_core.content.uids import new_uid
     from emix_core.crypto import sha256_file
     from emix_core.errors import (
         AuthenticationError,
@@ -243,4 +246,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         sniff_report_format,
     )
     from emix_core.reports.hl7 import with_header as hl7_routing_header
-    from emix_core.reports.model import Attachment, Author, Code, Patient, PersonName, Report
+    from emix_core.reports.model import (
+        Attachment,
+        Author,
+        Code,
+        Identifier,
+        Patient,
+        PersonName,
+        Report,
+    )

@@ -11,6 +11,7 @@ local audit log. One folder may be both.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from emix_core.errors import ConfigError
 
 CONFIG_NAME = "emix.toml"
+_OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*)){1,40}$")
 DEFAULT_HOME = Path.home() / ".emix"
 
 
@@ -85,6 +87,18 @@ class SmtpSettings:
 
 
 @dataclass
+class IdentifierSettings:
+    """How this facility names what emix makes (the ``[identifiers]`` table)."""
+
+    #: The facility's own OID: report document ids, set ids, accession numbers, staff and
+    #: visit ids in the HL7, CDA and FHIR it writes are issued under it (``<oid>.1`` ...).
+    #: Empty: an OID derived from the facility's address (unique, but not registered).
+    facility_oid: str = ""
+    #: DICOM organisation root for the UIDs emix generates. Empty: UUID-derived ``2.25``.
+    uid_root: str = ""
+
+
+@dataclass
 class Config:
     """The whole configuration of one home."""
 
@@ -92,6 +106,7 @@ class Config:
     hub: HubSettings = field(default_factory=HubSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    identifiers: IdentifierSettings = field(default_factory=IdentifierSettings)
 
     @property
     def database_url(self) -> str:
@@ -119,7 +134,7 @@ def load_config(home: str | os.PathLike[str] | None = None) -> Config:
             data = tomllib.loads(file.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
-        for table in ("hub", "client", "smtp"):
+        for table in ("hub", "client", "smtp", "identifiers"):
             _apply(getattr(config, table), data.get(table, {}), table)
     env = os.environ
     if env.get("EMIX_HUB_URL"):
@@ -130,7 +145,26 @@ def load_config(home: str | os.PathLike[str] | None = None) -> Config:
         config.smtp.url = env["EMIX_SMTP_URL"]
     if env.get("EMIX_PUBLIC_URL"):
         config.hub.public_url = env["EMIX_PUBLIC_URL"]
+    if env.get("EMIX_FACILITY_OID"):
+        config.identifiers.facility_oid = env["EMIX_FACILITY_OID"]
+    if env.get("EMIX_UID_ROOT"):
+        config.identifiers.uid_root = env["EMIX_UID_ROOT"]
+    _check_identifiers(config.identifiers)
     return config
+
+
+def _check_identifiers(settings: IdentifierSettings) -> None:
+    from emix_core.content.uids import check_uid_root
+
+    oid = str(settings.facility_oid).strip()
+    if oid and (len(oid) > 60 or not _OID_RE.match(oid)):
+        raise ConfigError(
+            "[identifiers] facility_oid must be an OID: at most 60 digits and dots, starting "
+            "0, 1 or 2, no component with a leading zero (e.g. 1.2.276.0.7230010.3.1)"
+        )
+    settings.facility_oid = oid
+    if str(settings.uid_root).strip():
+        settings.uid_root = check_uid_root(str(settings.uid_root))
 
 
 def write_config(home: Path, text: str) -> Path:

@@ -127,6 +127,7 @@ def _reports_in_preferred_format(
     targets: list[tuple[Item, Path]],
     studies: list[dict[str, Any]],
     preferred: str,
+    facility: str = "",
 ) -> list[Path]:
     """Write each report's copy in the recipient's format beside the original.
 
@@ -134,7 +135,10 @@ def _reports_in_preferred_format(
     """
     if not preferred:
         return []
-    context = context_from_studies(studies)
+    from emix_core.reports.identity import oid_for_facility
+
+    oid = home.config.identifiers.facility_oid or oid_for_facility(facility)
+    context = context_from_studies(studies, facility_oid=oid)
     converted = []
     for item, path in targets:
         if item.media_type == DICOM_MEDIA_TYPE:
@@ -189,7 +193,11 @@ def receive_package(
                 job.result()
         (staging / MANIFEST_NAME).write_bytes(crypto.canonical_json(signed))
         converted = _reports_in_preferred_format(
-            home, targets, document.get("studies", []), me.get("report_format", "")
+            home,
+            targets,
+            document.get("studies", []),
+            me.get("report_format", ""),
+            str(me.get("facility") or ""),
         )
         os.replace(staging, final)
     except BaseException:

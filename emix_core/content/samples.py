@@ -18,7 +18,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from emix_core.errors import InvalidInput
 
@@ -81,11 +81,14 @@ def generate_study(
     accession_number: str = "A0001",
     study_uid: str | None = None,
     seed: int | None = None,
+    uid_root: str | None = None,
 ) -> list[Path]:
     """Write a synthetic CT study of ``slices`` instances spread over ``series`` series.
 
     Files are named ``series-01/slice-0001.dcm`` under ``out_dir``. Pixels are 16-bit
-    signed noise; with a ``seed`` the pixels, UIDs and dates are reproducible.
+    signed noise; with a ``seed`` the pixels, UIDs and dates are reproducible. UIDs
+    are made under ``uid_root`` (default: the configured ``[identifiers] uid_root``, else
+    UUID-derived).
 
     :returns: the paths written, series by series, in slice order.
     :raises InvalidInput: a count or a dimension below 1.
@@ -95,7 +98,7 @@ def generate_study(
     series = min(series, slices)
     rng = random.Random(seed)
     noise: Callable[[int], bytes] = os.urandom if seed is None else rng.randbytes
-    uid = _uid_source(seed)
+    uid = _uid_source(seed, uid_root)
     when = SEEDED_DATETIME if seed is not None else datetime.now().replace(microsecond=0)
     study = _study_dataset(
         study_uid or uid("study"), patient_name, patient_id, accession_number, when
@@ -126,10 +129,13 @@ def generate_study(
     return written
 
 
-def _uid_source(seed: int | None) -> Callable[[str], str]:
+def _uid_source(seed: int | None, root: str | None) -> Callable[[str], str]:
+    from emix_core.content.uids import new_uid, uid_root
+
+    prefix = uid_root(root)
     if seed is None:
-        return lambda _purpose: generate_uid()
-    return lambda purpose: generate_uid(entropy_srcs=["emix-sample", str(seed), purpose])
+        return lambda _purpose: new_uid(prefix)
+    return lambda purpose: new_uid(prefix, entropy=["emix-sample", str(seed), purpose])
 
 
 def _f(value: float) -> float:

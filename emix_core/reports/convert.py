@@ -214,14 +214,18 @@ def read_report_file(path: Path) -> bytes:
 # --------------------------------------------------------------------------- delivery
 
 
-def context_from_studies(studies: list[dict[str, Any]], facility: str = "") -> Report | None:
+def context_from_studies(
+    studies: list[dict[str, Any]], facility: str = "", facility_oid: str = ""
+) -> Report | None:
     """What a package's study summary says about the report's subject, as a report.
 
-    Only for a package of exactly one study (with several, a report's study is not
-    known): patient name and ID, accession number, study instance UID.
+    Patient name and ID, accession number, study instance UID: only for a package of
+    exactly one study (with several, a report's study is not known). ``facility_oid``
+    is the receiving facility's, for the identifiers it issues when it writes a report
+    that carries none (a PDF made into HL7, say).
     """
     if len(studies) != 1:
-        return None
+        return Report(facility=facility, facility_oid=facility_oid) if facility_oid else None
     study = studies[0]
     uid = str(study.get("study_uid") or "")
     return Report(
@@ -232,6 +236,7 @@ def context_from_studies(studies: list[dict[str, Any]], facility: str = "") -> R
         accession_number=str(study.get("accession_number") or ""),
         study_instance_uid=uid if is_valid_uid(uid) else "",
         facility=facility,
+        facility_oid=facility_oid,
     )
 
 
@@ -240,9 +245,11 @@ def fill_from(report: Report, context: Report | None) -> Report:
     if context is None:
         return report
     changes: dict[str, Any] = {}
-    if not report.patient.id and not report.patient.name:
+    if not (report.patient.id or report.patient.name) and (
+        context.patient.id or context.patient.name
+    ):
         changes["patient"] = context.patient
-    for name in ("accession_number", "study_instance_uid", "facility"):
+    for name in ("accession_number", "study_instance_uid", "facility", "facility_oid"):
         if not getattr(report, name) and getattr(context, name):
             changes[name] = getattr(context, name)
     return replace(report, **changes) if changes else report

@@ -38,6 +38,7 @@ __all__ = [
     "document_id",
     "facility_root",
     "message_control_id",
+    "oid_for_facility",
     "set_id",
 ]
 
@@ -45,12 +46,15 @@ DOCUMENTS, ORDERS, STAFF, PATIENTS, VISITS = 1, 2, 3, 4, 5
 _NAMESPACE = uuid.UUID("6f0e3c52-7d3b-4b8e-9a51-2f4c1e6b0a77")
 
 
+def oid_for_facility(name: str) -> str:
+    """The OID derived for a facility that registered none: ``2.25.<UUID of its name>``."""
+    key = name.strip().casefold() or "unnamed facility"
+    return f"2.25.{uuid.uuid5(_NAMESPACE, 'facility:' + key).int}"
+
+
 def facility_root(report: Report) -> str:
     """The OID the report's facility issues identifiers under (configured or derived)."""
-    if report.facility_oid:
-        return report.facility_oid
-    name = report.facility.strip().casefold() or "unnamed facility"
-    return f"2.25.{uuid.uuid5(_NAMESPACE, 'facility:' + name).int}"
+    return report.facility_oid or oid_for_facility(report.facility)
 
 
 def arc(report: Report, kind: int) -> str:

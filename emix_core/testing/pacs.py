@@ -25,7 +25,6 @@ import pydicom
 import pytest
 import requests
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
 from emix_core.testing import free_port
 
@@ -226,9 +225,9 @@ def make_sample_study(
 ) -> SampleStudy:
     """Rewrite the bundled files into one study (pixel data bytes untouched), plus a
     generated CT series of ``slices`` slices."""
-    from emix_core import generate_study
+    from emix_core import generate_study, new_uid
 
-    study_uid = generate_uid()
+    study_uid = new_uid()
     today = time.strftime("%Y%m%d")
     folder.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
@@ -236,8 +235,8 @@ def make_sample_study(
         ds = pydicom.dcmread(cast(str, get_testdata_file(name)))
         assert ds.file_meta.TransferSyntaxUID == BUNDLED[name]
         ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = generate_uid()
-        ds.SOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = new_uid()
+        ds.SOPInstanceUID = new_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.PatientID = patient_id
         ds.PatientName = "TEST^DICOMWEB"
