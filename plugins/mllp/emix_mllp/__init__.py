@@ -9,7 +9,10 @@ Configured in ``gateway.toml``::
 
 Every report in an arrived package (HL7, CDA, FHIR, text; a PDF or RTF travels
 inside the message as an ED attachment) is sent as an HL7 v2.5.1 ORU^R01 and must be
-acknowledged (AA) by the interface engine; a NAK or a timeout is retried with backoff.
+acknowledged by the interface engine: ``AA`` (or ``CA`` then the application ACK in
+enhanced mode) is delivered, ``AR``/``CR`` is final and never resent, ``AE``/``CE`` or a
+timeout is retried with backoff. Each message's outcome is in the delivery report and
+the audit trail.
 """
 
 from __future__ import annotations
@@ -18,10 +21,18 @@ from collections.abc import Callable
 from typing import Any
 
 from emix_core import hookimpl
-from emix_mllp.client import Ack, MllpClient, MllpError
+from emix_mllp.client import Ack, Delivery, MllpClient, MllpError, MllpRejected
 from emix_mllp.destination import SETTINGS, MllpDestination
 
-__all__ = ["Ack", "MllpClient", "MllpDestination", "MllpError", "SETTINGS"]
+__all__ = [
+    "Ack",
+    "Delivery",
+    "MllpClient",
+    "MllpDestination",
+    "MllpError",
+    "MllpRejected",
+    "SETTINGS",
+]
 
 
 @hookimpl

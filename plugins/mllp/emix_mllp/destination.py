@@ -4,12 +4,18 @@ For each report item of the package (any format emix reads; a PDF or RTF is carr
 as an ED attachment, with the patient and study of the package's summary), the
 destination renders HL7 v2.5.1 with the core report API, sets the MSH routing
 fields from its settings and sends it with :class:`~emix_mllp.client.MllpClient`.
+Its control id (MSH-10) derives from the report, so a copy sent again carries the
+same one and the engine can drop it.
 
-A report the engine accepted is written to a journal (package id and the report's
-SHA-256, no PHI) before the next one is sent, so a package handed over again after a
-crash or a failed attempt resends only what was not acknowledged. Transport failures
-raise :class:`~emix_mllp.client.MllpError`, which the gateway retries with backoff; a
-report emix cannot read is not sent and is listed, without PHI, in the result.
+What became of each message is journaled (package id, the report's SHA-256 and the
+outcome: no PHI) before the next one is sent, reported in the delivery result
+(``messages``: item, control id, outcome, ACK code, attempts) and audited. A package
+handed over again after a crash or a failed attempt resends only what was neither
+acknowledged nor rejected: a rejection (``AR``/``CR``) is final and its identical
+bytes are never resent. Transport failures and ``AE``/``CE`` raise
+:class:`~emix_mllp.client.MllpError` after the client's retries, which the gateway
+retries with backoff; a report emix cannot read is not sent and is listed, without
+PHI, in the result.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from typing import Any
 from emix_core import (
     DICOM_MEDIA_TYPE,
     Attachment,
+    AuditAction,
+    AuditEvent,
+    AuditOutcome,
     ConfigError,
     Package,
     PayloadTooLarge,
@@ -40,7 +49,7 @@ from emix_core import (
     report_formats,
     sniff_report_format,
 )
-from emix_mllp.client import MllpClient
+from emix_mllp.client import MllpClient, MllpError, MllpRejected, control_id
 
 __all__ = ["SETTINGS", "MllpDestination"]
 
@@ -56,8 +65,10 @@ SETTINGS = {
     "retries": "retries of one message on NAK or timeout, before the gateway's own (default 3)",
     "backoff": "seconds before the first retry, doubled each time (default 1)",
     "tls": "true to speak MLLP over TLS, or the path of a CA bundle (default false)",
+    "ack_mode": '"original" (default) or "enhanced": a CA is then followed by the application ACK',
+    "application_ack_timeout": "enhanced mode: seconds to wait for the application ACK (30)",
     "sending_application": "MSH-3 (default EMIX)",
-    "sending_facility": "MSH-4 (default: empty)",
+    "sending_facility": "MSH-4 (default: the facility's name^OID^ISO)",
     "receiving_application": "MSH-5 (default: empty)",
     "receiving_facility": "MSH-6 (default: empty)",
     "journal": "folder of the sent-reports journal (default: <gateway state>/mllp)",
@@ -83,6 +94,10 @@ class MllpDestination:
             raise ConfigError(
                 f'mllp destination {self.name!r} needs host = "..." and port = 1..65535'
             )
+        mode = settings.get("ack_mode", "original")
+        if mode not in ("original", "enhanced"):
+            raise ConfigError('mllp destination setting ack_mode must be "original" or "enhanced"')
+        self.enhanced = mode == "enhanced"
         self.client = MllpClient(
             str(host),
             port,
@@ -90,16 +105,21 @@ class MllpDestination:
             retries=int(settings.get("retries", 3)),
             backoff=_positive(settings, "backoff", 1.0),
             tls=_tls(settings.get("tls", False)),
+            enhanced=self.enhanced,
+            application_ack_timeout=_positive(settings, "application_ack_timeout", 30.0),
         )
-        self.header = {
-            key: str(settings.get(key, default))
+        self.header: dict[str, str | None] = {
+            key: None if settings.get(key, default) is None else str(settings.get(key, default))
             for key, default in (
                 ("sending_application", "EMIX"),
-                ("sending_facility", ""),
+                ("sending_facility", None),
                 ("receiving_application", ""),
                 ("receiving_facility", ""),
             )
         }
+        self.home = getattr(gateway, "home", None)
+        config = getattr(self.home, "config", None)
+        self.facility_oid = config.identifiers.facility_oid if config is not None else ""
         self.pm = getattr(gateway, "pm", None)
         if self.pm is None:
             from emix_core import default_plugin_manager
@@ -111,19 +131,29 @@ class MllpDestination:
         self.journal = _Journal(folder / _safe(self.name) if folder else None)
 
     def deliver(self, package: Package, path: Path) -> dict[str, Any]:
-        """Send every report of the package not yet acknowledged.
+        """Send every report of the package neither acknowledged nor rejected yet.
 
-        :return: ``{"sent", "already_sent", "not_sent": [{"item", "reason"}]}``.
+        :return: ``{"sent", "already_sent", "rejected", "not_sent": [{"item",
+            "reason"}], "messages": [{"item", "control_id", "outcome", "ack",
+            "attempts"}]}``; outcomes are ``accepted``, ``committed``, ``rejected``,
+            and, for a report handled before, ``already_`` and its outcome.
         :raises MllpError: the engine did not accept a report after every retry.
         """
-        context = context_from_studies(package.studies)
-        result: dict[str, Any] = {"sent": 0, "already_sent": 0, "not_sent": []}
+        context = context_from_studies(package.studies, facility_oid=self.facility_oid)
+        result: dict[str, Any] = {
+            "sent": 0, "already_sent": 0, "rejected": 0, "not_sent": [], "messages": []
+        }  # fmt: skip
         for label, file in _report_files(package, path):
             try:
                 data = read_report_file(file)
                 key = hashlib.sha256(data).hexdigest()
-                if self.journal.has(package.id, key):
+                earlier = self.journal.get(package.id, key)
+                if earlier is not None:
                     result["already_sent"] += 1
+                    outcome, _, control = earlier.partition(" ")
+                    result["messages"].append(
+                        {"item": label, "control_id": control, "outcome": f"already_{outcome}"}
+                    )
                     continue
                 message = self._message(data, context)
             except (ReportFormatError, PayloadTooLarge) as exc:
@@ -135,10 +165,66 @@ class MllpDestination:
                 continue
             if message is None:
                 continue
-            self.client.send(message)
-            self.journal.add(package.id, key)
-            result["sent"] += 1
+            result["messages"].append(self._send(package, label, key, message, result))
         return result
+
+    def _send(
+        self, package: Package, label: str, key: str, message: bytes, result: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Send one message; journal, audit and report what became of it."""
+        control = control_id(message)
+        try:
+            delivery = self.client.deliver(message)
+        except MllpRejected as exc:
+            delivery = exc.delivery
+            self.journal.add(package.id, key, f"rejected {control}")
+            result["rejected"] += 1
+            self._audit(package, label, control, delivery.ack.code, exc.message)
+            log.warning(
+                "mllp.rejected",
+                extra={"emix": {"package": package.id, "item": label, "ack": delivery.ack.code}},
+            )
+        except MllpError as exc:
+            self._audit(package, label, control, "", exc.message)
+            raise
+        else:
+            self.journal.add(package.id, key, f"{delivery.outcome} {control}")
+            result["sent"] += 1
+            self._audit(package, label, control, delivery.ack.code, "")
+        entry = {
+            "item": label,
+            "control_id": control,
+            "outcome": delivery.outcome,
+            "ack": delivery.ack.code,
+            "attempts": delivery.attempts,
+        }
+        if delivery.commit is not None:
+            entry["commit"] = delivery.commit.code
+        return entry
+
+    def _audit(self, package: Package, label: str, control: str, ack: str, error: str) -> None:
+        """An Export audit event per message (no PHI in the detail; studies sealed)."""
+        if self.home is None:
+            return
+        if error and ack:
+            outcome, what = AuditOutcome.SERIOUS_FAILURE, f"rejected ({ack})"
+        elif error:
+            outcome, what = AuditOutcome.MINOR_FAILURE, f"not acknowledged, to be retried: {error}"
+        else:
+            outcome, what = AuditOutcome.SUCCESS, f"accepted ({ack})"
+        self.home.audit(
+            AuditEvent(
+                event_type="export",
+                action=AuditAction.READ,
+                outcome=outcome,
+                actor="system",
+                source=self.client.address,
+                package_id=package.id,
+                phi={"studies": [s.get("study_uid") for s in package.studies]},
+                detail=f"report {label} sent to the EMR by destination {self.name} as HL7 "
+                f"message {control}: {what}",
+            )
+        )
 
     def _message(self, data: bytes, context: Report | None) -> bytes | None:
         fmt = sniff_report_format(data)
@@ -153,7 +239,17 @@ class MllpDestination:
             return None
         assert self.pm is not None
         hl7 = render_report(self.pm, fill_from(report, context), "hl7")
-        return hl7_routing_header(hl7, **self.header)
+        hl7 = hl7_routing_header(hl7, **self.header)
+        return _acknowledgement_types(hl7) if self.enhanced else hl7
+
+
+def _acknowledgement_types(message: bytes) -> bytes:
+    """MSH-15 and MSH-16 ``AL``: ask for the commit and the application ACK."""
+    msh, sep, rest = message.partition(b"\r")
+    fields = msh.split(b"|")
+    fields += [b""] * max(0, 16 - len(fields))
+    fields[14] = fields[15] = b"AL"
+    return b"|".join(fields) + sep + rest
 
 
 def _report_files(package: Package, path: Path) -> list[tuple[str, Path]]:
@@ -177,11 +273,15 @@ def _report_files(package: Package, path: Path) -> list[tuple[str, Path]]:
 
 
 class _Journal:
-    """Which reports of which package the engine acknowledged (durable, no PHI)."""
+    """What became of which report of which package (durable, no PHI).
+
+    One line per message: the report file's SHA-256, then ``accepted`` or
+    ``rejected`` and the control id (a bare hash, from older versions, is accepted).
+    """
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
-        self.memory: set[tuple[str, str]] = set()
+        self.memory: dict[tuple[str, str], str] = {}
 
     def _file(self, package_id: str) -> Path | None:
         if self.folder is None:
@@ -189,20 +289,27 @@ class _Journal:
         name = package_id if _SAFE_RE.match(package_id) else _digest(package_id)
         return self.folder / f"{name}.sent"
 
-    def has(self, package_id: str, key: str) -> bool:
+    def get(self, package_id: str, key: str) -> str | None:
+        """``"accepted <control id>"``, ``"rejected <control id>"`` or ``None``."""
         if (package_id, key) in self.memory:
-            return True
+            return self.memory[(package_id, key)]
         file = self._file(package_id)
-        return bool(file and file.is_file() and key in file.read_text("ascii").split())
+        if not (file and file.is_file()):
+            return None
+        for line in file.read_text("ascii").splitlines():
+            digest, _, state = line.partition(" ")
+            if digest == key:
+                return state or "accepted "
+        return None
 
-    def add(self, package_id: str, key: str) -> None:
-        self.memory.add((package_id, key))
+    def add(self, package_id: str, key: str, state: str) -> None:
+        self.memory[(package_id, key)] = state
         file = self._file(package_id)
         if file is None:
             return
         file.parent.mkdir(parents=True, exist_ok=True)
         with file.open("a", encoding="ascii") as handle:
-            handle.write(key + "\n")
+            handle.write(f"{key} {state}\n")
             handle.flush()
             os.fsync(handle.fileno())
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import socketserver
 import threading
 import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import emix_mllp
@@ -20,6 +21,7 @@ from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 
 from emix_core import (
+    AuditOutcome,
     ConfigError,
     Item,
     Package,
@@ -27,6 +29,7 @@ from emix_core import (
     PersonName,
     Report,
     get_plugin_manager,
+    hookimpl,
     item_relative_path,
     load_gateway,
     parse_report,
@@ -49,12 +52,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class AuditRecorder:
+    """A plugin that keeps the audit events of the MLLP destination."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    @hookimpl
+    def emix_audit_event(self, event) -> None:  # type: ignore[no-untyped-def]
+        if event.event_type == "export":
+            self.events.append(event)
+
+
+def ack_frame(code: str, control: str, *, wants_ack: bool = False) -> str:
+    """One framed ACK (MSH-15 ``AL`` when it asks to be acknowledged in turn)."""
+    accept = "AL" if wants_ack else ""
+    ack = (
+        f"MSH|^~\\&|ENGINE|EMR|EMIX||20250115120000||ACK^R01^ACK|A-{code}|P|2.5.1|||{accept}\r"
+        f"MSA|{code}|{control}|{'ok' if code in ('AA', 'CA') else 'Müller: unknown PID'}\r"
+    )
+    return "\x0b" + ack + "\x1c\r"
+
+
 @dataclass
 class Engine:
-    """An EMR interface engine: answers each message with the next scripted reply."""
+    """An EMR interface engine: answers each message with the next scripted reply.
+
+    A reply is an ACK code (``AA``, ``AE``, ``AR``, ``CA``, ``CE``, ``CR``), several
+    sent one after the other (``CA+AA``: a commit, then the application ACK), or
+    ``silence`` (no answer until the test ends).
+    """
 
     port: int
-    script: list[str] = field(default_factory=list)  # "AA", "AE", "AR" or "silence"
+    script: list[str] = field(default_factory=list)
     received: list[str] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -65,11 +95,7 @@ class Engine:
             self.release.wait(30)
             return ""
         control = message.split("\r")[0].split("|")[9]
-        ack = (
-            "MSH|^~\\&|ENGINE|EMR|EMIX||20250115120000||ACK^R01^ACK|A1|P|2.5.1\r"
-            f"MSA|{reply}|{control}|{'ok' if reply == 'AA' else 'try again'}\r"
-        )
-        return "\x0b" + ack + "\x1c\r"
+        return "".join(ack_frame(code, control) for code in reply.split("+"))
 
     def messages(self) -> list:
         return [
@@ -169,28 +195,43 @@ def test_acknowledged_report_is_sent_once_as_a_valid_oru(tmp_path, pm, engine):
     package, folder = received_package(
         tmp_path, {"report.xml": cda}, {"report.xml": "application/cda+xml"}
     )
-    assert destination.deliver(package, folder) == {"sent": 1, "already_sent": 0, "not_sent": []}
+    result = destination.deliver(package, folder)
     [message] = engine.messages()
     message.validate()
+    control = message.msh.msh_10.to_er7()
+    assert result == {
+        "sent": 1,
+        "already_sent": 0,
+        "rejected": 0,
+        "not_sent": [],
+        "messages": [
+            {"item": "item-1", "control_id": control, "outcome": "accepted", "ack": "AA",
+             "attempts": 1}
+        ],
+    }  # fmt: skip
     assert message.msh.msh_5.to_er7() == "EPIC" and message.msh.msh_6.to_er7() == "LAKESIDE"
     assert parse_report(pm, engine.received[0].encode()) == sample_report()
     # handed over again (after a crash, say): nothing is sent twice
     again = make_gateway(tmp_path, pm, engine).destinations[0]
-    assert again.deliver(package, folder) == {"sent": 0, "already_sent": 1, "not_sent": []}
+    result = again.deliver(package, folder)
+    assert (result["sent"], result["already_sent"]) == (0, 1)
+    assert result["messages"] == [
+        {"item": "item-1", "control_id": control, "outcome": "already_accepted"}
+    ]
     assert len(engine.received) == 1
 
 
-def test_negative_acknowledgement_is_retried_until_accepted(tmp_path, pm, engine):
-    engine.script = ["AE", "AR", "AA"]
+def test_application_and_commit_errors_are_retried_until_accepted(tmp_path, pm, engine):
+    engine.script = ["AE", "CE", "AA"]
     destination = make_gateway(tmp_path, pm, engine).destinations[0]
     hl7 = render_report(pm, sample_report(), "hl7")
     package, folder = received_package(
         tmp_path, {"report.hl7": hl7}, {"report.hl7": "application/hl7-v2"}
     )
-    assert destination.deliver(package, folder)["sent"] == 1
+    result = destination.deliver(package, folder)
+    assert result["sent"] == 1 and result["messages"][0]["attempts"] == 3
     assert len(engine.received) == 3
-    controls = {m.split("\r")[0].split("|")[9] for m in engine.received}
-    assert len(controls) == 1  # the same message, resent
+    assert len(set(engine.received)) == 1  # the same bytes, resent
 
 
 def test_timeout_is_retried_then_reported_without_phi(tmp_path, pm, engine):
@@ -211,17 +252,33 @@ def test_timeout_is_retried_then_reported_without_phi(tmp_path, pm, engine):
     assert destination.deliver(package, folder)["sent"] == 1
 
 
-def test_persistent_reject_fails_the_delivery_for_the_gateway_to_retry(tmp_path, pm, engine):
-    engine.script = ["AR"] * 3
-    destination = make_gateway(tmp_path, pm, engine).destinations[0]
-    package, folder = received_package(
-        tmp_path,
-        {"report.hl7": render_report(pm, sample_report(), "hl7")},
-        {"report.hl7": "application/hl7-v2"},
-    )
-    with pytest.raises(MllpError, match="negative acknowledgement AR"):
-        destination.deliver(package, folder)
-    assert len(engine.received) == 3
+@pytest.mark.parametrize("code", ["AR", "CR"])
+def test_an_application_reject_is_final_and_never_resent(tmp_path, pm, engine, code):
+    engine.script = [code]
+    audit = AuditRecorder()
+    pm.register(audit)
+    try:
+        destination = make_gateway(tmp_path, pm, engine).destinations[0]
+        package, folder = received_package(
+            tmp_path,
+            {"report.hl7": render_report(pm, sample_report(), "hl7")},
+            {"report.hl7": "application/hl7-v2"},
+        )
+        result = destination.deliver(package, folder)  # no exception: nothing to retry
+        assert (result["sent"], result["rejected"]) == (0, 1)
+        [message] = result["messages"]
+        assert (message["outcome"], message["ack"], message["attempts"]) == ("rejected", code, 1)
+        assert len(engine.received) == 1
+        # the gateway hands the package over again: the rejected bytes are not resent
+        again = make_gateway(tmp_path, pm, engine).destinations[0].deliver(package, folder)
+        assert again["messages"][0]["outcome"] == "already_rejected"
+        assert len(engine.received) == 1
+        [event] = audit.events
+        assert event.outcome == AuditOutcome.SERIOUS_FAILURE and event.event_type == "export"
+        assert f"rejected ({code})" in event.detail and message["control_id"] in event.detail
+        assert "Müller" not in event.detail and "PID-1" not in event.detail
+    finally:
+        pm.unregister(audit)
 
 
 def test_pdf_report_travels_as_an_attachment_with_the_package_subject(tmp_path, pm, engine):
@@ -302,3 +359,149 @@ def test_missing_or_unknown_settings_are_config_errors(tmp_path, pm, engine):
         make_gateway(tmp_path, pm, engine, colour="blue")
     with pytest.raises(ConfigError, match="host"):
         emix_mllp.MllpDestination({"kind": "mllp", "host": "127.0.0.1"}, None)
+
+
+# --------------------------------------------------------------------------- enhanced mode
+
+
+def hl7_package(tmp_path: Path, pm, report: Report | None = None):  # type: ignore[no-untyped-def]
+    return received_package(
+        tmp_path,
+        {"report.hl7": render_report(pm, report or sample_report(), "hl7")},
+        {"report.hl7": "application/hl7-v2"},
+    )
+
+
+def test_enhanced_mode_commit_then_application_accept(tmp_path, pm, engine):
+    engine.script = ["CA+AA"]
+    destination = make_gateway(tmp_path, pm, engine, ack_mode="enhanced").destinations[0]
+    result = destination.deliver(*hl7_package(tmp_path, pm))
+    [message] = result["messages"]
+    assert (message["outcome"], message["commit"], message["ack"]) == ("accepted", "CA", "AA")
+    [sent] = engine.messages()
+    assert (sent.msh.msh_15.to_er7(), sent.msh.msh_16.to_er7()) == ("AL", "AL")
+
+
+def test_enhanced_mode_commit_then_application_reject_is_final(tmp_path, pm, engine):
+    engine.script = ["CA+AR"]
+    destination = make_gateway(tmp_path, pm, engine, ack_mode="enhanced").destinations[0]
+    result = destination.deliver(*hl7_package(tmp_path, pm))
+    assert result["rejected"] == 1 and result["messages"][0]["ack"] == "AR"
+    assert len(engine.received) == 1
+
+
+def test_enhanced_mode_commit_without_application_ack_is_committed_not_resent(tmp_path, pm, engine):
+    engine.script = ["CA"]  # the engine commits, then closes the connection
+    gateway = make_gateway(tmp_path, pm, engine, ack_mode="enhanced", application_ack_timeout=1)
+    package, folder = hl7_package(tmp_path, pm)
+    result = gateway.destinations[0].deliver(package, folder)
+    assert result["messages"][0]["outcome"] == "committed" and result["sent"] == 1
+    again = make_gateway(tmp_path, pm, engine, ack_mode="enhanced").destinations[0]
+    assert again.deliver(package, folder)["messages"][0]["outcome"] == "already_committed"
+    assert len(engine.received) == 1
+
+
+def test_original_mode_takes_a_commit_accept_as_accepted(tmp_path, pm, engine):
+    engine.script = ["CA"]
+    destination = make_gateway(tmp_path, pm, engine).destinations[0]
+    result = destination.deliver(*hl7_package(tmp_path, pm))
+    assert result["messages"][0]["outcome"] == "accepted"
+    assert engine.messages()[0].msh.msh_15.to_er7() == ""
+
+
+class SlowEngine(socketserver.ThreadingTCPServer):
+    """Commits at once, sends the application ACK later on the same connection (asking
+    for a commit accept), and keeps what the sender answers to it."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.answers: list[bytes] = []
+        super().__init__(("127.0.0.1", 0), self.Handler)
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            server: SlowEngine = self.server  # type: ignore[assignment]
+            self.request.settimeout(5)
+            data = b""
+            while not data.endswith(b"\x1c\r"):
+                data += self.request.recv(4096)
+            control = data[1:].split(b"\r")[0].split(b"|")[9].decode()
+            self.request.sendall(ack_frame("CA", control).encode())
+            time.sleep(server.delay)
+            self.request.sendall(ack_frame("AA", control, wants_ack=True).encode())
+            answer = b""
+            while not answer.endswith(b"\x1c\r"):
+                chunk = self.request.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            server.answers.append(answer)
+
+
+def test_enhanced_mode_waits_for_a_late_application_ack_and_acknowledges_it(pm):
+    server = SlowEngine(delay=0.4)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = MllpClient(
+            "127.0.0.1", server.server_address[1], timeout=0.2, enhanced=True,
+            application_ack_timeout=3, retries=0,
+        )  # fmt: skip
+        message = render_report(pm, sample_report(), "hl7")
+        delivery = client.deliver(message)
+        assert (delivery.outcome, delivery.commit.code, delivery.ack.code) == (
+            "accepted",
+            "CA",
+            "AA",
+        )
+        deadline = time.monotonic() + 5
+        while not server.answers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        [answer] = server.answers
+        assert b"MSA|CA|A-AA" in answer  # our commit accept of the engine's application ACK
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_every_message_is_audited_with_its_outcome(tmp_path, pm, engine):
+    engine.script = ["AA", "silence"]
+    audit = AuditRecorder()
+    pm.register(audit)
+    try:
+        destination = make_gateway(tmp_path, pm, engine, timeout=0.3, retries=0).destinations[0]
+        first, second = sample_report(), replace(sample_report(), impression="Haemorrhage.")
+        package, folder = received_package(
+            tmp_path,
+            {"a.hl7": render_report(pm, first, "hl7"), "b.hl7": render_report(pm, second, "hl7")},
+            {"a.hl7": "application/hl7-v2", "b.hl7": "application/hl7-v2"},
+        )
+        with pytest.raises(MllpError, match="no acknowledgement"):
+            destination.deliver(package, folder)
+        accepted, failed = audit.events
+        assert accepted.outcome == AuditOutcome.SUCCESS and "accepted (AA)" in accepted.detail
+        assert failed.outcome == AuditOutcome.MINOR_FAILURE
+        assert "not acknowledged, to be retried" in failed.detail
+        assert all(e.package_id == package.id and e.phi["studies"] for e in audit.events)
+    finally:
+        pm.unregister(audit)
+
+
+def test_the_same_report_sent_again_carries_the_same_control_id(tmp_path, pm, engine):
+    destination = make_gateway(tmp_path, pm, engine).destinations[0]
+    cda = render_report(pm, sample_report(), "cda")
+    for name in ("first", "second"):  # the sender sends its report twice, in two packages
+        package, folder = received_package(
+            tmp_path / name, {"report.xml": cda}, {"report.xml": "application/cda+xml"}
+        )
+        destination.deliver(replace(package, id=f"{name}-package-0001"), folder)
+    first, second = (m.msh.msh_10.to_er7() for m in engine.messages())
+    assert first == second
+
+
+def test_a_bad_ack_mode_is_a_config_error(tmp_path, pm, engine):
+    with pytest.raises(ConfigError, match="ack_mode"):
+        make_gateway(tmp_path, pm, engine, ack_mode="fast")
