@@ -31,7 +31,7 @@ from emix_core.reports.model import Attachment, Identifier, Patient, PersonName,
 from tests.test_reports import full_report
 
 NS = {"v": "urn:hl7-org:v3"}
-MERCY_OID = "1.2.276.0.7230010.3.1.4.8323329"
+MERCY_OID = "2.999.4711.1"  # the ISO example arc
 PYDICOM_PREFIX = "1.2.826.0.1.3680043.8.498."
 #: POCD_MT000040.ClinicalDocument, in the order the CDA R2 schema's sequence fixes.
 CDA_HEADER_ORDER = [

@@ -189,7 +189,7 @@ def render(report: Report) -> bytes:
         "type": {"coding": [{"system": V2_0203, "code": "MR"}]},
         "system": patient_system,
         "value": patient.id,
-        "assigner": {"display": patient.issuer},
+        "assigner": {"display": "" if is_oid(patient.issuer) else patient.issuer},
     }
     subject = {
         "reference": bundle.add(

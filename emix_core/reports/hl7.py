@@ -164,7 +164,8 @@ def render(report: Report) -> bytes:
     status = _STATUS_TO_HL7[report.status]
     now = datetime.now(UTC).astimezone().replace(microsecond=0)
     oid = identity.facility_root(report)
-    sending_facility = f"{escape(report.facility)}^{oid}^ISO"
+    # HD.1 is an IS of 20 characters: the full name travels in OBX-23
+    sending_facility = f"{escape(report.facility[:20].strip())}^{oid}^ISO"
     msh = (
         f"MSH|{ENCODING_CHARACTERS}|EMIX|{sending_facility}|||{format_ts(now)}||"
         f"ORU^R01^ORU_R01|{identity.message_control_id(report)}|P|{VERSION}||||||UNICODE UTF-8"
