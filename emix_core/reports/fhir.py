@@ -206,7 +206,7 @@ def render(report: Report) -> bytes:
     performer: list[dict[str, Any]] = []
     if report.facility or report.facility_oid:
         organization_id = {"system": URI_SYSTEM, "value": _uri(identity.facility_root(report))}
-        resource = {
+        resource: dict[str, Any] = {
             "resourceType": "Organization",
             "identifier": [organization_id],
             "name": report.facility,
@@ -284,7 +284,7 @@ def render(report: Report) -> bytes:
         results.append({"reference": bundle.add(resource, findings_id)})
     forms = []
     for attachment in report.attachments:
-        binary = {
+        binary: dict[str, Any] = {
             "resourceType": "Binary",
             "contentType": attachment.media_type,
             "data": base64.b64encode(attachment.data).decode("ascii"),
@@ -302,7 +302,7 @@ def render(report: Report) -> bytes:
         _identifier(document, "official"),
         _identifier(identity.set_id(report), "secondary"),
     ]
-    diagnostic_report = {
+    diagnostic_report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "identifier": report_ids,
         "status": status,
@@ -330,7 +330,7 @@ def render(report: Report) -> bytes:
             relates.append(
                 {"code": "replaces", "target": {"identifier": _identifier(report.replaces)}}
             )
-        reference = {
+        reference: dict[str, Any] = {
             "resourceType": "DocumentReference",
             "masterIdentifier": _identifier(document),
             "identifier": [_identifier(identity.set_id(report), "secondary")],
