@@ -161,7 +161,9 @@ def test_report_arrives_in_the_recipients_preferred_format_with_the_original_kep
         impression="Unauffällig.",
     )
     package = emix_json("send", str(folder), "--to", "lakeside", env=mercy.env)["package"]
-    got = emix_json("receive", package, "--out", str(tmp_path / "in"), env=lakeside.env)
+    lakeside_oid = "2.999.4711.7"  # lakeside's [identifiers] facility_oid
+    env = {**lakeside.env, "EMIX_FACILITY_OID": lakeside_oid}
+    got = emix_json("receive", package, "--out", str(tmp_path / "in"), env=env)
     # lakeside prefers HL7 v2: the copy sits beside the untouched original
     assert len(got["converted"]) == 1 and got["converted"][0].endswith(".hl7")
     docs = tmp_path / "in" / package / "documents"
@@ -178,6 +180,8 @@ def test_report_arrives_in_the_recipients_preferred_format_with_the_original_kep
     )
     assert message.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
     assert "Unauffällig." in message.to_er7()
+    # the copy is lakeside's document: its identifiers are issued under lakeside's OID
+    assert message.msh.msh_4.to_er7().split("^")[1:] == [lakeside_oid, "ISO"]
 
 
 def test_command_line_errors_say_what_to_do(hub, mercy, tmp_path):

@@ -488,3 +488,18 @@ def test_a_received_pdf_becomes_a_report_under_the_recipients_oid(pm, tmp_path):
     assert report.attachments == [
         Attachment("application/pdf", pdf.read_bytes(), report.attachments[0].title)
     ]
+
+
+def test_report_convert_issues_ids_under_the_homes_facility_oid(pm, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from emix_core.reports.cli import report as report_group
+
+    source = tmp_path / "report.txt"
+    source.write_bytes(render_report(pm, full_report(), "txt"))  # text carries no ids
+    monkeypatch.setenv("EMIX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EMIX_FACILITY_OID", MERCY_OID)
+    result = CliRunner().invoke(report_group, ["convert", str(source), "--to", "cda"])
+    assert result.exit_code == 0, result.output
+    root = cda_tree(result.stdout_bytes)
+    assert root.find("v:id", NS).get("root") == f"{MERCY_OID}.1"

@@ -11,6 +11,7 @@ import click
 
 from emix_core.cli.util import emit_json, handle_errors, json_option
 from emix_core.reports.convert import FORMATS
+from emix_core.reports.model import Report
 
 __all__ = ["report"]
 
@@ -52,7 +53,8 @@ def convert(file: Path, to: str, out: Path | None, media_type: str | None, as_js
     \b
     The input's format is recognised from its content (HL7 v2, CDA, FHIR JSON, emix
     text); PDF and RTF are output only. Text formats go to standard output unless
-    --out is given.
+    --out is given. Identifiers the report lacks are issued under the home's
+    [identifiers] facility_oid (EMIX_FACILITY_OID).
     """
     from emix_core.plugins import default_plugin_manager
     from emix_core.reports.convert import (
@@ -76,6 +78,7 @@ def convert(file: Path, to: str, out: Path | None, media_type: str | None, as_js
     if fmt not in formats:
         raise click.BadParameter(f"must be one of {', '.join(formats)}", param_hint="--to")
     document = parse_report(pm, read_report_file(file), media_type)
+    document = _with_facility_oid(document)
     data = render_report(pm, document, fmt)
     if out is None:
         stdout.write(data)
@@ -87,6 +90,15 @@ def convert(file: Path, to: str, out: Path | None, media_type: str | None, as_js
         emit_json({"out": str(out), "format": fmt, "media_type": media, "bytes": len(data)})
     else:
         click.echo(f"wrote {out} ({fmt}, {len(data)} bytes)", err=True)
+
+
+def _with_facility_oid(document: Report) -> Report:
+    """A report carrying no facility OID is issued under the home's ``facility_oid``."""
+    from emix_core.config import load_config
+    from emix_core.reports.convert import fill_from
+
+    oid = load_config().identifiers.facility_oid
+    return fill_from(document, Report(facility_oid=oid)) if oid else document
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -505,3 +505,18 @@ def test_the_same_report_sent_again_carries_the_same_control_id(tmp_path, pm, en
 def test_a_bad_ack_mode_is_a_config_error(tmp_path, pm, engine):
     with pytest.raises(ConfigError, match="ack_mode"):
         make_gateway(tmp_path, pm, engine, ack_mode="fast")
+
+
+def test_reports_are_issued_under_the_gateway_homes_facility_oid(tmp_path, pm, engine):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "emix.toml").write_text('[identifiers]\nfacility_oid = "2.999.4711.9"\n')
+    destination = make_gateway(tmp_path, pm, engine).destinations[0]
+    pdf = render_report(pm, sample_report(), "pdf")  # a PDF carries no ids of its own
+    package, folder = received_package(
+        tmp_path, {"report.pdf": pdf}, {"report.pdf": "application/pdf"}
+    )
+    destination.deliver(package, folder)
+    [message] = engine.received  # an ED with a whole PDF: past hl7apy's strict lengths
+    msh = message.split("\r")[0].split("|")
+    assert (msh[2], msh[3]) == ("EMIX", "^2.999.4711.9^ISO")
