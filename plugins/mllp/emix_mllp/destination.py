@@ -162,6 +162,7 @@ class MllpDestination:
                     "mllp.report_unreadable",
                     extra={"emix": {"package": package.id, "item": label, "reason": exc.code}},
                 )
+                self._audit(package, label, "", "", f"not sent, unreadable ({exc.code})")
                 continue
             if message is None:
                 continue
@@ -208,6 +209,8 @@ class MllpDestination:
             return
         if error and ack:
             outcome, what = AuditOutcome.SERIOUS_FAILURE, f"rejected ({ack})"
+        elif error.startswith("not sent"):
+            outcome, what = AuditOutcome.SERIOUS_FAILURE, error
         elif error:
             outcome, what = AuditOutcome.MINOR_FAILURE, f"not acknowledged, to be retried: {error}"
         else:
@@ -221,8 +224,9 @@ class MllpDestination:
                 source=self.client.address,
                 package_id=package.id,
                 phi={"studies": [s.get("study_uid") for s in package.studies]},
-                detail=f"report {label} sent to the EMR by destination {self.name} as HL7 "
-                f"message {control}: {what}",
+                detail=f"report {label} for the EMR of destination {self.name}"
+                + (f", HL7 message {control}" if control else "")
+                + f": {what}",
             )
         )
 

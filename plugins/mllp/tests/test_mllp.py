@@ -307,10 +307,19 @@ def test_unreadable_report_is_listed_and_the_rest_is_sent(tmp_path, pm, engine):
         {"bad.xml": hostile, "good.json": render_report(pm, sample_report(), "fhir")},
         {"bad.xml": "application/cda+xml", "good.json": "application/fhir+json"},
     )
-    result = destination.deliver(package, folder)
+    audit = AuditRecorder()
+    pm.register(audit)
+    try:
+        result = destination.deliver(package, folder)
+    finally:
+        pm.unregister(audit)
     assert result["sent"] == 1
     assert result["not_sent"] == [{"item": "item-1", "reason": result["not_sent"][0]["reason"]}]
     assert "DOCTYPE" in result["not_sent"][0]["reason"]
+    unreadable, sent = audit.events
+    assert unreadable.outcome == AuditOutcome.SERIOUS_FAILURE
+    assert "item-1" in unreadable.detail and "not sent, unreadable" in unreadable.detail
+    assert sent.outcome == AuditOutcome.SUCCESS and "item-2" in sent.detail
 
 
 def test_client_reads_a_fragmented_ack_and_refuses_one_for_another_message():
