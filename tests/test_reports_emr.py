@@ -503,3 +503,31 @@ def test_report_convert_issues_ids_under_the_homes_facility_oid(pm, tmp_path, mo
     assert result.exit_code == 0, result.output
     root = cda_tree(result.stdout_bytes)
     assert root.find("v:id", NS).get("root") == f"{MERCY_OID}.1"
+
+
+def test_an_amendment_without_its_predecessor_still_names_the_set(pm):
+    report = mercy_report(status="amended", version=3)
+    root = cda_tree(render_report(pm, report, "cda"))
+    parent = root.find("v:relatedDocument[@typeCode='RPLC']/v:parentDocument", NS)
+    assert parent.find("v:id", NS).attrib == {"nullFlavor": "NI"}
+    assert parent.find("v:setId", NS).attrib == root.find("v:setId", NS).attrib
+    assert parent.find("v:versionNumber", NS).get("value") == "2"
+    check_cda_structure(root)
+
+
+def test_hostile_identifiers_in_received_hl7_and_fhir_are_dropped_not_trusted(pm):
+    hl7 = render_report(pm, mercy_report(), "hl7").decode()
+    hl7 = hl7.replace("PV1|1|I|", "PV1|1|Z|").replace(f"^^^^^^^^^{MERCY_OID}", "^^^^^^^^^1.2.x")
+    hl7 = hl7.replace(f"^{MERCY_OID}^ISO", "^../etc^ISO", 1)
+    report = parse_report(pm, hl7.encode())
+    assert report.patient_class == "U" and report.facility_oid == ""  # a visit, class unknown
+    bundle = json.loads(
+        render_report(pm, mercy_report(replaces=Identifier("2.999.1", "X")), "fhir")
+    )
+    for entry in bundle["entry"]:
+        if entry["resource"]["resourceType"] == "DocumentReference":
+            entry["resource"]["relatesTo"][0]["target"]["identifier"]["system"] = "javascript:x"
+        if entry["resource"]["resourceType"] == "DiagnosticReport":
+            entry["resource"]["identifier"][0]["system"] = "urn:oid:not-an-oid"
+    report = parse_report(pm, json.dumps(bundle).encode())
+    assert not report.replaces and not report.document_id
