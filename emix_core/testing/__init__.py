@@ -350,3 +350,7 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
             pacs.stop(wait=False)
         for pacs in started:
             pacs.stop()
+
+
+# In-process hubs (the fast loop): fixtures hub_app and hub_server.
+from emix_core.testing.inprocess import HubApp, HubServer, hub_app, hub_server  # noqa: E402, F401
