@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Any
 
+from emix_core.errors import InvalidInput
+
 #: A facility address: lowercase slug; ``hub`` is reserved.
 ADDRESS_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 RESERVED_ADDRESSES = frozenset({"hub", "api", "static"})
@@ -162,5 +164,11 @@ class AuditEvent:
 
     def __post_init__(self) -> None:
         # Refuse a code outside PS3.15 at once, where it is made, not when it is exported.
-        self.action = AuditAction(self.action)
-        self.outcome = AuditOutcome(self.outcome)
+        try:
+            self.action = AuditAction(self.action)
+        except ValueError:
+            raise InvalidInput("audit action must be one of C, R, U, D, E") from None
+        try:
+            self.outcome = AuditOutcome(self.outcome)
+        except ValueError:
+            raise InvalidInput("audit outcome must be one of 0, 4, 8, 12") from None
