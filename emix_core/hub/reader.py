@@ -15,6 +15,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import select
 
+from emix_core.config import HubSettings
 from emix_core.content.layout import DICOM_MEDIA_TYPE
 from emix_core.errors import NotFoundError
 from emix_core.hub import packages as svc
@@ -26,6 +27,7 @@ __all__ = [
     "PackageContent",
     "audit_hub_event",
     "hub_public_url",
+    "hub_settings",
     "open_package",
     "readable_packages",
 ]
@@ -122,6 +124,11 @@ def readable_packages(limit: int = 1000) -> Iterator[PackageContent]:
 def hub_public_url() -> str:
     """The hub's configured public URL, without a trailing slash (for links in answers)."""
     return str(current_app.extensions["emix"].config.hub.public_url).rstrip("/")
+
+
+def hub_settings() -> HubSettings:
+    """The hub's settings (the ``[hub]`` table of its configuration), read-only by custom."""
+    return current_app.extensions["emix"].config.hub
 
 
 def audit_hub_event(event: AuditEvent) -> None:
