@@ -35,6 +35,7 @@ JPEG_2000 = "1.2.840.10008.1.2.4.90"
 RLE = "1.2.840.10008.1.2.5"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 MPEG2 = "1.2.840.10008.1.2.4.100"
+VIEWER_ORIGIN = "https://viewer.example.org"
 
 
 @dataclass
@@ -62,7 +63,7 @@ def exchange(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exchange]:
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.StudyDescription = "CT Chest"
         ds.save_as(path)
-    hub = make_hub(root)
+    hub = make_hub(root, f'cors_origins = ["{VIEWER_ORIGIN}"]')
     try:
         hub.add_facility("Mercy General", "admin@mercy.example.org", "mercy")
         hub.add_facility("Lakeside Imaging", "it@lakeside.example.org", "lakeside")
@@ -354,3 +355,101 @@ def test_per_package_service_still_answers(hub, lakeside, shared, study):
     whole = client.retrieve_study(study.study_uid, media_types=(("application/dicom", "*"),))
     assert {d.SOPInstanceUID for d in whole} == set(study.pixel_data())
     assert len(BUNDLED) + 16 == len(whole)
+
+
+def test_ohif_viewer_calls_to_open_a_study(hub, lakeside, shared, study):
+    """The requests OHIF Viewer 3 makes (study list, series, metadata, frames), verbatim."""
+    auth = {"Authorization": f"Bearer {lakeside.token}"}
+    qido = {**auth, "Accept": "application/dicom+json"}
+    root = f"{hub.url}/dicomweb"
+    listing = requests.get(
+        f"{root}/studies?limit=101&offset=0&fuzzymatching=false"
+        "&includefield=00081030%2C00080060%2C00080090%2C00100030&PatientName=*ller*",
+        headers=qido,
+        timeout=30,
+    )
+    assert listing.status_code == 200 and "Warning" not in listing.headers
+    row = listing.json()[0]
+    for tag in ("0020000D", "00100010", "00100020", "00080020", "00080030", "00080050"):
+        assert row[tag].get("Value"), tag
+    assert row["00081030"]["Value"] == ["CT Chest"]  # from includefield
+    assert row["00201208"]["Value"] == [len(study.files)]
+    assert row["00080061"]["Value"]
+    again = requests.get(
+        f"{root}/studies?limit=101&offset=0&fuzzymatching=false"
+        f"&includefield=00081030%2C00080060&StudyInstanceUID={study.study_uid}",
+        headers=qido,
+        timeout=30,
+    ).json()
+    assert [r["0020000D"]["Value"][0] for r in again] == [study.study_uid]
+    prior = requests.get(
+        f"{root}/studies?00100020={PATIENT_ID}&limit=101&offset=0&fuzzymatching=false",
+        headers=qido,
+        timeout=30,
+    ).json()
+    assert len(prior) == 1
+    series = requests.get(
+        f"{root}/studies/{study.study_uid}/series"
+        "?includefield=00080021%2C00080031%2C0008103E%2C00200011",
+        headers=qido,
+        timeout=30,
+    ).json()
+    for entry in series:
+        assert entry["0020000E"]["Value"] and entry["00080060"]["Value"]
+        assert entry["00200011"]["Value"]  # SeriesNumber
+    frame_accept = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+    for entry in series:
+        uid = entry["0020000E"]["Value"][0]
+        metadata = requests.get(
+            f"{root}/studies/{study.study_uid}/series/{uid}/metadata", headers=qido, timeout=30
+        )
+        assert metadata.headers["Content-Type"].startswith("application/dicom+json")
+        instances = metadata.json()
+        assert len(instances) == entry["00201209"]["Value"][0]
+        first = instances[0]
+        for tag in ("00080016", "00080018", "00280010", "00280011", "00280100", "00280004"):
+            assert first[tag].get("Value"), tag
+        sop = first["00080018"]["Value"][0]
+        frame = requests.get(
+            f"{root}/studies/{study.study_uid}/series/{uid}/instances/{sop}/frames/1",
+            headers={**auth, "Accept": frame_accept},
+            timeout=30,
+        )
+        assert frame.status_code == 200
+        content_type = frame.headers["Content-Type"]
+        assert content_type.startswith("multipart/related")
+        assert "transfer-syntax=" in content_type  # cornerstone needs it for compressed data
+        original = next(d for d in map(pydicom.dcmread, study.files) if d.SOPInstanceUID == sop)
+        syntax = original.file_meta.TransferSyntaxUID
+        expected = syntax if syntax.is_compressed else EXPLICIT_LE
+        assert f"transfer-syntax={expected}" in content_type
+        assert f"transfer-syntax={expected}" in frame.content.split(b"\r\n\r\n")[0].decode()
+
+
+def test_cors_only_for_allow_listed_origins(hub, lakeside, shared):
+    preflight = requests.options(
+        f"{hub.url}/dicomweb/studies",
+        headers={
+            "Origin": VIEWER_ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+        timeout=30,
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    answer = requests.get(
+        f"{hub.url}/dicomweb/studies",
+        headers={"Origin": VIEWER_ORIGIN, "Authorization": f"Bearer {lakeside.token}"},
+        timeout=30,
+    )
+    assert answer.headers["Access-Control-Allow-Origin"] == VIEWER_ORIGIN
+    assert "Warning" in answer.headers["Access-Control-Expose-Headers"]
+    stranger = requests.get(
+        f"{hub.url}/dicomweb/studies",
+        headers={"Origin": "https://evil.example.com", "Authorization": f"Bearer {lakeside.token}"},
+        timeout=30,
+    )
+    assert stranger.status_code == 200
+    assert "Access-Control-Allow-Origin" not in stranger.headers
