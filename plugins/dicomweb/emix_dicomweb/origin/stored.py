@@ -45,20 +45,25 @@ class ForwardReader:
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks = iter(chunks)
-        self._buffer = bytearray()
+        self._buffer = b""
+        self._at = 0  # read position in the buffer (no copying on each small read)
         self.position = 0
 
+    def _available(self) -> int:
+        return len(self._buffer) - self._at
+
     def _fill(self, n: int) -> None:
-        while len(self._buffer) < n:
+        while self._available() < n:
             chunk = next(self._chunks, None)
             if chunk is None:
                 return
-            self._buffer += chunk
+            self._buffer = self._buffer[self._at :] + chunk
+            self._at = 0
 
     def read(self, n: int) -> bytes:
         self._fill(n)
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        data = self._buffer[self._at : self._at + n]
+        self._at += len(data)
         self.position += len(data)
         return data
 
@@ -70,16 +75,17 @@ class ForwardReader:
 
     def skip(self, n: int) -> None:
         while n > 0:
-            if not self._buffer:
+            if not self._available():
                 self._fill(1)
-                if not self._buffer:
+                if not self._available():
                     raise InvalidInput("a stored instance ends early")
-            step = min(n, len(self._buffer))
-            del self._buffer[:step]
+            step = min(n, self._available())
+            self._at += step
             self.position += step
             n -= step
 
     def close(self) -> None:
+        self._buffer, self._at = b"", 0
         close = getattr(self._chunks, "close", None)
         if close is not None:
             close()
