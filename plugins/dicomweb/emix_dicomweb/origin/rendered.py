@@ -9,8 +9,11 @@ VOI (Window Center/Width), else its minimum and maximum, and fitted into ``viewp
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from flask import Response, request
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from emix_core import InvalidInput, NotAcceptable, NotFoundError
 from emix_dicomweb.origin.blueprint import route
@@ -71,13 +74,12 @@ def _window() -> tuple[float, float, str] | None:
     return center, width, function
 
 
-def _first(value: object) -> float | None:
+def _first(value: Any) -> float | None:
+    """The first value of a possibly multi-valued number (Window Center may hold several)."""
     if value is None:
         return None
     try:
-        return float(
-            value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value
-        )  # type: ignore[index]
+        return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
     except (TypeError, ValueError, IndexError):
         return None
 
@@ -133,7 +135,7 @@ def render(
     return out.getvalue()
 
 
-def _window_values(values: object, ds: object) -> object:
+def _window_values(values: Any, ds: Dataset) -> Any:
     import numpy as np
 
     array = np.asarray(values)
@@ -141,12 +143,14 @@ def _window_values(values: object, ds: object) -> object:
     if asked is not None:
         center, width, function = asked
     else:
-        center = _first(getattr(ds, "get", lambda *_: None)("WindowCenter"))
-        width = _first(getattr(ds, "get", lambda *_: None)("WindowWidth"))
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").lower()  # type: ignore[attr-defined]
-        if center is None or not width or width <= 0:
+        voi_center = _first(ds.get("WindowCenter"))
+        voi_width = _first(ds.get("WindowWidth"))
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").lower()
+        if voi_center is None or voi_width is None or voi_width <= 0:
             low, high = float(array.min()), float(array.max())
             center, width, function = (low + high) / 2, max(high - low, 1.0), "linear-exact"
+        else:
+            center, width = voi_center, voi_width
     if function == "sigmoid":
         out = 255 / (1 + np.exp(-4 * (array - center) / width))
     elif function == "linear-exact":
@@ -154,7 +158,7 @@ def _window_values(values: object, ds: object) -> object:
     else:  # PS3.3 C.11.2.1.2.1
         out = ((array - (center - 0.5)) / max(width - 1, 1) + 0.5) * 255
     out = np.clip(out, 0, 255)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":  # type: ignore[attr-defined]
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         out = 255 - out
     return np.round(out).astype(np.uint8)
 

@@ -124,7 +124,7 @@ class StoredInstance:
         self.pixel = None
         element = ds.get("PixelData")
         if element is not None:
-            ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(EXPLICIT_LE)
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
             buffer.seek(0)
@@ -185,7 +185,8 @@ class StoredInstance:
             data = bytes(extended.value if hasattr(extended, "value") else extended)
             offsets = list(struct.unpack(f"<{len(data) // 8}Q", data))
         wanted = set(indices)
-        frame, parts, last = 0, [], max(indices)
+        frame, last = 0, max(indices)
+        parts: list[bytes] = []
         for position, fragment in fragments:
             if offsets and frame + 1 < len(offsets) and position >= offsets[frame + 1]:
                 if frame in wanted:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -171,7 +172,8 @@ def instance_stream(stored: StoredInstance) -> Iterator[bytes]:
     if "ExtendedOffsetTableLengths" in out:
         del out["ExtendedOffsetTableLengths"]
     buffer = io.BytesIO()
-    with _quiet():
+    with warnings.catch_warnings():  # pydicom's warnings may quote values (PHI)
+        warnings.simplefilter("ignore")
         pydicom.dcmwrite(buffer, out, enforce_file_format=True)
     yield buffer.getvalue()
     if decoded is None or first is None:
@@ -188,15 +190,3 @@ def instance_stream(stored: StoredInstance) -> Iterator[bytes]:
         yield frame
     if length % 2:
         yield b"\0"
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc: object) -> None:
-        self._catch.__exit__(*exc)
