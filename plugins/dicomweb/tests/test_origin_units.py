@@ -193,3 +193,63 @@ def test_frames_negotiation_and_406():
     mpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.100'
     with app.test_request_context(headers={"Accept": mpeg}), pytest.raises(NotAcceptable):
         instance_syntax("1.2.840.10008.1.2.4.50")
+
+
+class OlderPackage:
+    """A package whose manifest predates the recorded search attributes."""
+
+    id = "0" * 32
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def read_item(self, item_id: int):
+        return chunks_of(self.path)
+
+
+class OneStudyScope:
+    def study_summary(self, study: str) -> dict:
+        return {"study_uid": study, "series": 1, "instances": 1}  # no series_details
+
+    def series_summary(self, study: str, series: str) -> None:
+        return None
+
+    def url(self, study: str, series: str | None = None, sop: str | None = None) -> str:
+        return "https://hub/dicomweb/studies/" + "/".join(x for x in (study, series, sop) if x)
+
+
+def test_packages_from_an_older_sender_are_answered_from_the_stored_headers():
+    from emix_dicomweb.origin.qido import instance_record, series_record
+    from emix_dicomweb.origin.scope import Located
+
+    from emix_core import Item
+
+    path = get_testdata_file("MR_small_RLE.dcm")
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    item = Item(
+        id=1,
+        name="x.dcm",
+        media_type="application/dicom",
+        size=1,
+        sha256="",
+        study_uid=ds.StudyInstanceUID,
+        series_uid=ds.SeriesInstanceUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+    )
+    entry = Located(OlderPackage(path), item)  # type: ignore[arg-type]
+    scope = OneStudyScope()
+    series = series_record(scope, item.study_uid, item.series_uid, [entry])  # type: ignore[arg-type]
+    assert series["Modality"] == ["MR"] and series["SeriesNumber"] == [ds.SeriesNumber]
+    instance = instance_record(scope, entry)  # type: ignore[arg-type]
+    assert instance["Rows"] == [64] and instance["NumberOfFrames"] == [1]
+    assert instance["InstanceNumber"] == [int(ds.InstanceNumber)]
+
+
+@pytest.mark.parametrize("window", ["nan,10", "40,inf", "40,0", "40", "40,400,cubic", "a,b"])
+def test_a_hostile_window_is_refused(window: str):
+    from emix_dicomweb.origin.rendered import _window
+
+    context = Flask(__name__).test_request_context(query_string={"window": window})
+    with context, pytest.raises(InvalidInput):
+        _window()

@@ -9,6 +9,7 @@ VOI (Window Center/Width), else its minimum and maximum, and fitted into ``viewp
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 from flask import Response, request
@@ -67,7 +68,8 @@ def _window() -> tuple[float, float, str] | None:
     except (ValueError, IndexError):
         raise InvalidInput("window is center,width[,function]") from None
     function = parts[2].strip().lower() if len(parts) > 2 else "linear"
-    if width <= 0 or function not in ("linear", "linear-exact", "sigmoid"):
+    finite = math.isfinite(center) and math.isfinite(width)
+    if not finite or width <= 0 or function not in ("linear", "linear-exact", "sigmoid"):
         raise InvalidInput(
             "window width must be positive; function linear, linear-exact or sigmoid"
         )

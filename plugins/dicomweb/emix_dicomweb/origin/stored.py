@@ -36,7 +36,9 @@ SEQUENCE_DELIMITER = 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 #: Attributes before the pixel data larger than this are refused (a hostile header).
-MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 32 * 1024 * 1024
+#: A deflated data set is read whole; the sender refuses more than 64 MiB inflated.
+MAX_DEFLATED_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 32
 
 
@@ -114,7 +116,7 @@ class StoredInstance:
         except _Deflated as deflated:
             # deflated data sets are small (the sender refuses more than 64 MiB inflated):
             # inflate this one in memory and go on from a plain copy of it
-            self._from_whole(deflated.prefix + self.reader.read(MAX_HEADER_BYTES))
+            self._from_whole(deflated.prefix + self.reader.read(MAX_DEFLATED_BYTES))
             return
         self.header = _parse(raw)
 
@@ -335,7 +337,7 @@ class _Walker:
 
     def _copy(self, n: int) -> None:
         if len(self.out) + n > MAX_HEADER_BYTES:
-            raise InvalidInput("a stored instance has a header larger than 64 MiB")
+            raise InvalidInput("a stored instance has a header larger than 32 MiB")
         data = self._take(n)
         if len(data) < n:
             raise InvalidInput("a stored instance ends inside its header")
