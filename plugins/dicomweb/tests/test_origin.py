@@ -4,6 +4,7 @@ a real hub process: search, metadata, frames, transcoding, rendered images, WADO
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -143,6 +144,10 @@ def test_root_search_finds_the_shared_study_with_the_required_attributes(
     assert get(hub, mercy, f"/dicomweb/studies/{study.study_uid}/metadata").status_code == 404
     hub_events = LocalHome(hub.home).audit_log.events(package_id=shared, limit=None)
     assert {"query"} <= {e["event_type"] for e in hub_events}
+    everything = LocalHome(hub.home).audit_log.events(limit=None, include_phi=True)
+    empty = [e for e in everything if e["event_type"] == "query" and not e["package_id"]]
+    assert empty and empty[-1]["actor"] == "admin@mercy.example.org"  # nothing found, audited
+    assert study.study_uid not in json.dumps([e["detail"] for e in everything])
 
 
 @pytest.mark.parametrize(

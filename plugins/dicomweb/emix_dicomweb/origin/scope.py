@@ -18,6 +18,7 @@ from emix_core import (
     NotFoundError,
     PackageContent,
     audit_hub_event,
+    current_principal,
     hub_public_url,
     open_package,
     readable_packages,
@@ -117,6 +118,15 @@ class Scope:
             by_package.setdefault(entry.view.id, (entry.view, set()))[1].add(entry.study)
         if not by_package and self.package_id is not None:
             by_package[self.package_id] = (self.views[0], set())
+        if not by_package:  # a search at the root that found nothing is audited too
+            audit_hub_event(
+                AuditEvent(
+                    event_type=event_type,
+                    action=action,
+                    actor=current_principal().email,
+                    detail=detail,
+                )
+            )
         for view, studies in by_package.values():
             audit_hub_event(
                 AuditEvent(
