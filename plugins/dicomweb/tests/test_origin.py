@@ -236,6 +236,13 @@ def test_series_metadata_has_bulk_data_uris_and_frames_decode(hub, lakeside, sha
     assert frames[0] == first.PixelData
     bulk = client.retrieve_bulkdata(one["7FE00010"]["BulkDataURI"])
     assert bulk[0] == first.PixelData
+    xml = get(
+        hub,
+        lakeside,
+        f"/dicomweb/studies/{study.study_uid}/series/{first.SeriesInstanceUID}/metadata",
+        accept="multipart/related; type=application/dicom+xml",
+    )
+    assert xml.status_code == 406
 
 
 @pytest.mark.parametrize("syntax", [JPEG_BASELINE, JPEG_2000, RLE, "1.2.840.10008.1.2.4.80"])

@@ -16,9 +16,9 @@ from typing import Any
 
 from flask import Response, stream_with_context
 
-from emix_core import DICOM_MEDIA_TYPE, InvalidInput, NotFoundError
+from emix_core import DICOM_MEDIA_TYPE, InvalidInput, NotAcceptable, NotFoundError
 from emix_dicomweb.origin.blueprint import route
-from emix_dicomweb.origin.negotiate import Choice, frame_choice, instance_syntax
+from emix_dicomweb.origin.negotiate import Choice, accepted, frame_choice, instance_syntax
 from emix_dicomweb.origin.qido import DICOM_JSON
 from emix_dicomweb.origin.scope import Located, Scope
 from emix_dicomweb.origin.stored import PIXEL_DATA, StoredInstance
@@ -26,6 +26,7 @@ from emix_dicomweb.origin.transcode import decode_frame, instance_stream
 
 __all__ = ["metadata_json", "parse_frame_list"]
 
+JSON_TYPES = frozenset({"", "*/*", "application/*", DICOM_JSON, "application/json"})
 #: Binary values longer than this are given as a BulkDataURI in metadata.
 BULK_THRESHOLD = 1024
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
@@ -140,6 +141,9 @@ def metadata_json(stored: StoredInstance, url: str) -> dict[str, Any]:
 
 
 def _metadata(scope: Scope, located: list[Located], what: str) -> Response:
+    if not any(a.media_type in JSON_TYPES for a in accepted()):
+        raise NotAcceptable("metadata is sent as application/dicom+json only")
+
     def generate() -> Iterator[bytes]:
         yield b"["
         for index, entry in enumerate(located):
