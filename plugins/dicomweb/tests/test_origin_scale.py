@@ -60,6 +60,14 @@ def test_series_metadata_and_first_frame_of_300_slices_stream(tmp_path: Path):
             pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files
         }
 
+        warm = []  # two more: at least one is answered by a worker that has it cached
+        for _ in range(2):
+            started = time.perf_counter()
+            again = requests.get(f"{series}/metadata", headers=auth, timeout=120)
+            warm.append(time.perf_counter() - started)
+            assert again.content == metadata.content
+        assert min(warm) < metadata_seconds
+
         started = time.perf_counter()
         frame = requests.get(
             f"{series}/instances/{first.SOPInstanceUID}/frames/1",
@@ -83,7 +91,7 @@ def test_series_metadata_and_first_frame_of_300_slices_stream(tmp_path: Path):
         assert received > SLICES * 512 * 512 * 2
         after = peak_rss_mib(hub)
         print(
-            f"\n300-slice series: metadata {metadata_seconds:.2f} s "
+            f"\n300-slice series: metadata {metadata_seconds:.2f} s (again {min(warm):.2f} s) "
             f"({len(metadata.content) / 1e6:.1f} MB), first frame {frame_seconds * 1000:.0f} ms, "
             f"series retrieve {received / 1e6:.0f} MB; hub peak RSS {before:.0f} -> {after:.0f} MiB"
         )

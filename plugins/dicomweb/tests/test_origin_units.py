@@ -253,3 +253,18 @@ def test_a_hostile_window_is_refused(window: str):
     context = Flask(__name__).test_request_context(query_string={"window": window})
     with context, pytest.raises(InvalidInput):
         _window()
+
+
+def test_metadata_cache_is_bounded_in_size_and_time(monkeypatch):
+    from emix_dicomweb.origin import cache
+
+    kept = cache.MetadataCache(max_bytes=1600, ttl=60)
+    for n in range(20):
+        kept.put(("p", str(n)), b"x" * 100)
+    assert len(kept) == 16 and kept.get(("p", "0")) is None  # the oldest went first
+    assert kept.get(("p", "19")) == b"x" * 100
+    kept.put(("p", "big"), b"x" * 1000)  # larger than a sixteenth: not kept
+    assert kept.get(("p", "big")) is None
+    now = cache.time.monotonic()
+    monkeypatch.setattr(cache.time, "monotonic", lambda: now + 61)
+    assert kept.get(("p", "19")) is None  # expired

@@ -18,6 +18,7 @@ from flask import Response, stream_with_context
 
 from emix_core import DICOM_MEDIA_TYPE, InvalidInput, NotAcceptable, NotFoundError
 from emix_dicomweb.origin.blueprint import route
+from emix_dicomweb.origin.cache import metadata_cache
 from emix_dicomweb.origin.negotiate import Choice, accepted, frame_choice, instance_syntax
 from emix_dicomweb.origin.qido import DICOM_JSON
 from emix_dicomweb.origin.scope import Located, Scope
@@ -147,10 +148,15 @@ def _metadata(scope: Scope, located: list[Located], what: str) -> Response:
     def generate() -> Iterator[bytes]:
         yield b"["
         for index, entry in enumerate(located):
-            stored = StoredInstance(entry.view.read_item(entry.item.id))
-            stored.close()  # only the header is needed
             url = scope.url(entry.study, entry.series, entry.sop)
-            yield (b"," if index else b"") + json.dumps(metadata_json(stored, url)).encode()
+            key = (entry.view.id, str(entry.item.id), url)
+            data = metadata_cache.get(key)
+            if data is None:
+                stored = StoredInstance(entry.view.read_item(entry.item.id))
+                stored.close()  # only the header is needed
+                data = json.dumps(metadata_json(stored, url)).encode()
+                metadata_cache.put(key, data)
+            yield (b"," if index else b"") + data
         yield b"]"
 
     chunks = generate()
