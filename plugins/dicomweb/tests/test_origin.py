@@ -220,6 +220,8 @@ def test_series_metadata_has_bulk_data_uris_and_frames_decode(hub, lakeside, sha
     first = pydicom.dcmread(ct[0])
     metadata = client.retrieve_series_metadata(study.study_uid, first.SeriesInstanceUID)
     assert len(metadata) == len(ct)
+    numbers = [m["00200013"]["Value"][0] for m in metadata]
+    assert numbers == sorted(numbers)  # in Instance Number order, as viewers stack them
     one = next(m for m in metadata if m["00080018"]["Value"] == [first.SOPInstanceUID])
     assert one["7FE00010"]["BulkDataURI"].endswith(
         f"/instances/{first.SOPInstanceUID}/bulk/7FE00010"
@@ -406,6 +408,8 @@ def test_ohif_viewer_calls_to_open_a_study(hub, lakeside, shared, study):
         headers=qido,
         timeout=30,
     ).json()
+    numbers = [entry["00200011"]["Value"][0] for entry in series]
+    assert numbers == sorted(numbers)
     for entry in series:
         assert entry["0020000E"]["Value"] and entry["00080060"]["Value"]
         assert entry["00200011"]["Value"]  # SeriesNumber

@@ -193,7 +193,8 @@ def search_series(package_id: str | None = None, study: str | None = None) -> Re
     query = parse_query(request.args)
     scope = Scope(package_id)
     located = scope.found(study) if study else scope.instances()
-    rows, touched = [], []
+    ordered: list[tuple[tuple[str, bool, int], dict[str, Any]]] = []
+    touched: list[Located] = []
     for study_uid, in_study in _by(located, "study").items():
         study_rec = study_record(scope, study_uid, in_study) if study is None else {}
         if study is None and not query.matches(study_rec, STUDY_LEVEL):
@@ -206,8 +207,10 @@ def search_series(package_id: str | None = None, study: str | None = None) -> Re
             if study is None:
                 record = {**study_rec, **record}
                 keys = query.returned(STUDY_KEYS + SERIES_KEYS, record)
-            rows.append(to_json(record, keys))
+            number = (record.get("SeriesNumber") or [None])[0]
+            ordered.append(((study_uid, number is None, number or 0), to_json(record, keys)))
             touched += members[:1]
+    rows = [row for _, row in sorted(ordered, key=lambda pair: pair[0])]
     return _answer(scope, query, rows, touched, "series")
 
 

@@ -68,6 +68,10 @@ class Scope:
                 if item.sop_instance_uid not in seen:
                     seen.add(item.sop_instance_uid or "")
                     self._instances.append(Located(view, item))
+        # viewers show instances in this order: by Instance Number where the sender knew it
+        self._instances.sort(
+            key=lambda e: (e.item.instance_number is None, e.item.instance_number or 0)
+        )
 
     def instances(
         self, study: str | None = None, series: str | None = None, sop: str | None = None
