@@ -102,6 +102,7 @@ _EXPORTS: dict[str, str] = {
     "open_package": "emix_core.hub.reader",
     "readable_packages": "emix_core.hub.reader",
     "hub_public_url": "emix_core.hub.reader",
+    "hub_settings": "emix_core.hub.reader",
     "audit_hub_event": "emix_core.hub.reader",
     # reports
     "Report": "emix_core.reports.model",
@@ -213,6 +214,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         PackageContent,
         audit_hub_event,
         hub_public_url,
+        hub_settings,
         open_package,
         readable_packages,
     )

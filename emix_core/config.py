@@ -64,6 +64,9 @@ class HubSettings:
     threads: int = 8
     #: Failed logins from one address before it is throttled for a minute.
     max_failed_logins: int = 10
+    #: Web origins (``https://viewer.example.org``) whose pages may call the hub's DICOMweb
+    #: service from a browser (CORS). Empty: none, the default.
+    cors_origins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +146,8 @@ def load_config(home: str | os.PathLike[str] | None = None) -> Config:
         config.client.token = env["EMIX_TOKEN"]
     if env.get("EMIX_SMTP_URL"):
         config.smtp.url = env["EMIX_SMTP_URL"]
+    if env.get("EMIX_CORS_ORIGINS"):
+        config.hub.cors_origins = [o.strip() for o in env["EMIX_CORS_ORIGINS"].split(",")]
     if env.get("EMIX_PUBLIC_URL"):
         config.hub.public_url = env["EMIX_PUBLIC_URL"]
     if env.get("EMIX_FACILITY_OID"):

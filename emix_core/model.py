@@ -82,6 +82,12 @@ class Item:
     sop_instance_uid: str | None = None
     sop_class_uid: str | None = None
     transfer_syntax_uid: str | None = None
+    #: Image attributes a DICOMweb search answers with (absent in older manifests).
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    bits_allocated: int | None = None
+    number_of_frames: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

@@ -113,17 +113,38 @@ def summarize_studies(prepared: Sequence[PreparedFile]) -> list[dict[str, Any]]:
                 "accession_number": inst.accession_number,
                 "study_date": inst.study_date,
                 "study_description": inst.study_description,
+                "study_time": inst.study_time,
+                "study_id": inst.study_id,
+                "referring_physician_name": inst.referring_physician_name,
+                "patient_birth_date": inst.patient_birth_date,
+                "patient_sex": inst.patient_sex,
+                "specific_character_set": inst.specific_character_set,
                 "modalities": [],
+                "series_details": {},
                 "series": set(),
                 "instances": 0,
             },
         )
         study["instances"] += 1
         study["series"].add(inst.series_uid)
+        study["series_details"].setdefault(
+            inst.series_uid,
+            {
+                "series_uid": inst.series_uid,
+                "modality": inst.modality,
+                "series_number": inst.series_number,
+                "series_description": inst.series_description,
+                "series_date": inst.series_date,
+                "series_time": inst.series_time,
+            },
+        )
         if inst.modality and inst.modality not in study["modalities"]:
             study["modalities"].append(inst.modality)
     for study in studies.values():
         study["series"] = len(study["series"])
+        study["series_details"] = sorted(
+            study["series_details"].values(), key=lambda s: s["series_uid"]
+        )
     return list(studies.values())
 
 
@@ -140,6 +161,11 @@ def _item(item_id: int, p: PreparedFile) -> Item:
         sop_instance_uid=inst.sop_instance_uid if inst else None,
         sop_class_uid=inst.sop_class_uid if inst else None,
         transfer_syntax_uid=inst.transfer_syntax_uid if inst else None,
+        instance_number=inst.instance_number if inst else None,
+        rows=inst.rows if inst else None,
+        columns=inst.columns if inst else None,
+        bits_allocated=inst.bits_allocated if inst else None,
+        number_of_frames=inst.number_of_frames if inst else None,
     )
 
 

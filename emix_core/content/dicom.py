@@ -84,6 +84,19 @@ HEADER_TAGS = [
         "SeriesInstanceUID",
         "SeriesNumber",
         "InstanceNumber",
+        "SpecificCharacterSet",
+        "StudyTime",
+        "StudyID",
+        "ReferringPhysicianName",
+        "PatientBirthDate",
+        "PatientSex",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "NumberOfFrames",
     )
 ]
 
@@ -106,6 +119,19 @@ class DicomInstance:
     :param series_number: Series Number (0020,0011), ``None`` when absent or not a number.
     :param instance_number: Instance Number (0020,0013), ``None`` likewise.
     :param size: size of the file in bytes.
+    :param specific_character_set: Specific Character Set (0008,0005), ``""`` for the default.
+    :param study_time: Study Time (0008,0030).
+    :param study_id: Study ID (0020,0010).
+    :param referring_physician_name: Referring Physician's Name (0008,0090).
+    :param patient_birth_date: Patient's Birth Date (0010,0030).
+    :param patient_sex: Patient's Sex (0010,0040).
+    :param series_description: Series Description (0008,103E).
+    :param series_date: Series Date (0008,0021).
+    :param series_time: Series Time (0008,0031).
+    :param rows: Rows (0028,0010), ``None`` when not an image.
+    :param columns: Columns (0028,0011).
+    :param bits_allocated: Bits Allocated (0028,0100).
+    :param number_of_frames: Number of Frames (0028,0008), 1 for a single-frame image.
     """
 
     study_uid: str
@@ -122,6 +148,19 @@ class DicomInstance:
     series_number: int | None
     instance_number: int | None
     size: int
+    specific_character_set: str = ""
+    study_time: str = ""
+    study_id: str = ""
+    referring_physician_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    series_description: str = ""
+    series_date: str = ""
+    series_time: str = ""
+    rows: int | None = None
+    columns: int | None = None
+    bits_allocated: int | None = None
+    number_of_frames: int | None = None
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -552,6 +591,21 @@ def _instance(ds: pydicom.Dataset, structure: _Structure, name: str, size: int) 
             series_number=_number(ds.get("SeriesNumber")),
             instance_number=_number(ds.get("InstanceNumber")),
             size=size,
+            specific_character_set=_text(ds.get("SpecificCharacterSet")),
+            study_time=_text(ds.get("StudyTime")),
+            study_id=_text(ds.get("StudyID")),
+            referring_physician_name=_text(ds.get("ReferringPhysicianName")),
+            patient_birth_date=_text(ds.get("PatientBirthDate")),
+            patient_sex=_text(ds.get("PatientSex")),
+            series_description=_text(ds.get("SeriesDescription")),
+            series_date=_text(ds.get("SeriesDate")),
+            series_time=_text(ds.get("SeriesTime")),
+            rows=_number(ds.get("Rows")),
+            columns=_number(ds.get("Columns")),
+            bits_allocated=_number(ds.get("BitsAllocated")),
+            number_of_frames=(
+                (_number(ds.get("NumberOfFrames")) or 1) if structure.has_pixel_data else None
+            ),
         )
     except InvalidInput:  # TruncatedDicomError included
         raise

@@ -15,6 +15,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import select
 
+from emix_core.config import HubSettings
 from emix_core.content.layout import DICOM_MEDIA_TYPE
 from emix_core.errors import NotFoundError
 from emix_core.hub import packages as svc
@@ -26,6 +27,7 @@ __all__ = [
     "PackageContent",
     "audit_hub_event",
     "hub_public_url",
+    "hub_settings",
     "open_package",
     "readable_packages",
 ]
@@ -100,28 +102,43 @@ def open_package(package_id: str, action: str = "package:read") -> PackageConten
 
 
 def readable_packages(limit: int = 1000) -> Iterator[PackageContent]:
-    """Every sealed, unexpired package the current caller may read, newest first."""
+    """Every sealed, unexpired package the current caller may read, newest first, at most
+    ``limit`` of them (counted among the readable ones, not among all the hub's)."""
     principal = current_principal()
     hub = current_app.extensions["emix"]
-    with hub.db.session() as session:
-        ids = list(
-            session.scalars(
-                select(PackageRow.id)
-                .where(PackageRow.state == "sealed")
-                .order_by(PackageRow.created.desc())
-                .limit(limit)
-            )
-        )
-    for package_id in ids:
+    page, offset, given = 500, 0, 0
+    while given < limit:
         with hub.db.session() as session:
-            row, package = svc.load_package(session, package_id)
-        if row.state == "sealed" and is_allowed(principal, "package:read", package):
-            yield _content(row, package, principal)
+            ids = list(
+                session.scalars(
+                    select(PackageRow.id)
+                    .where(PackageRow.state == "sealed")
+                    .order_by(PackageRow.created.desc(), PackageRow.id)
+                    .offset(offset)
+                    .limit(page)
+                )
+            )
+        for package_id in ids:
+            with hub.db.session() as session:
+                row, package = svc.load_package(session, package_id)
+            if row.state == "sealed" and is_allowed(principal, "package:read", package):
+                yield _content(row, package, principal)
+                given += 1
+                if given >= limit:
+                    return
+        if len(ids) < page:
+            return
+        offset += page
 
 
 def hub_public_url() -> str:
     """The hub's configured public URL, without a trailing slash (for links in answers)."""
     return str(current_app.extensions["emix"].config.hub.public_url).rstrip("/")
+
+
+def hub_settings() -> HubSettings:
+    """The hub's settings (the ``[hub]`` table of its configuration), read-only by custom."""
+    return current_app.extensions["emix"].config.hub
 
 
 def audit_hub_event(event: AuditEvent) -> None:

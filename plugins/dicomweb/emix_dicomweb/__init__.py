@@ -45,6 +45,6 @@ def emix_register_destinations(register: Callable[..., None]) -> None:
 
 @hookimpl
 def emix_register_blueprints(register: Callable[..., Any]) -> None:
-    from emix_dicomweb.hub_api import bp
+    from emix_dicomweb.origin import bp
 
     register(bp)

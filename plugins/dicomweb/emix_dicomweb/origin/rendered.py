@@ -1,0 +1,224 @@
+"""Rendered resources and thumbnails (PS3.18 8.3.5, 10.4.1.1.3, 10.7): JPEG or PNG.
+
+One frame is decoded, rescaled (Rescale Slope/Intercept), windowed with ``window`` from
+the request (``center,width[,linear|linear-exact|sigmoid]``) or else the instance's own
+VOI (Window Center/Width), else its minimum and maximum, and fitted into ``viewport``
+(``width,height``). MONOCHROME1 is inverted; colour images are sent in RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from flask import Response, request
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from emix_core import InvalidInput, NotAcceptable, NotFoundError
+from emix_dicomweb.origin.blueprint import route
+from emix_dicomweb.origin.negotiate import accepted
+from emix_dicomweb.origin.scope import Located, Scope
+from emix_dicomweb.origin.stored import StoredInstance
+from emix_dicomweb.origin.transcode import can_decode, decode_frame
+
+__all__ = ["render"]
+
+FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG"}
+THUMBNAIL_SIZE = 128
+MAX_VIEWPORT = 4096
+
+
+def _media_type() -> str:
+    wanted = request.args.get("accept")
+    entries = [wanted] if wanted else [a.media_type for a in accepted()]
+    for media_type in entries:
+        media_type = (media_type or "").split(";")[0].strip().lower()
+        if media_type in FORMATS:
+            return media_type
+        if media_type in ("", "*/*", "image/*"):
+            return "image/jpeg"
+    raise NotAcceptable("rendered images are sent as image/jpeg or image/png")
+
+
+def _viewport(default: int | None) -> tuple[int, int] | None:
+    text = request.args.get("viewport")
+    if not text:
+        return (default, default) if default else None
+    try:
+        parts = [int(p) for p in text.split(",")[:2]]
+    except ValueError:
+        raise InvalidInput("viewport is width,height in pixels") from None
+    if len(parts) != 2 or not all(0 < p <= MAX_VIEWPORT for p in parts):
+        raise InvalidInput("viewport is width,height in pixels, each 1 to 4096")
+    return parts[0], parts[1]
+
+
+def _window() -> tuple[float, float, str] | None:
+    args = request.args
+    text = args.get("window")
+    if not text and args.get("windowCenter") and args.get("windowWidth"):  # WADO-URI
+        text = f"{args['windowCenter']},{args['windowWidth']}"
+    if not text:
+        return None
+    parts = text.split(",")
+    try:
+        center, width = float(parts[0]), float(parts[1])
+    except (ValueError, IndexError):
+        raise InvalidInput("window is center,width[,function]") from None
+    function = parts[2].strip().lower() if len(parts) > 2 else "linear"
+    finite = math.isfinite(center) and math.isfinite(width)
+    if not finite or width <= 0 or function not in ("linear", "linear-exact", "sigmoid"):
+        raise InvalidInput(
+            "window width must be positive; function linear, linear-exact or sigmoid"
+        )
+    return center, width, function
+
+
+def _first(value: Any) -> float | None:
+    """The first value of a possibly multi-valued number (Window Center may hold several)."""
+    if value is None:
+        return None
+    try:
+        return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def render(
+    stored: StoredInstance, frame: int, media_type: str, viewport: tuple[int, int] | None
+) -> bytes:
+    """One frame as a JPEG or PNG image."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.pixels import convert_color_space
+
+    ds = stored.header
+    if stored.pixel is None:
+        raise NotFoundError("the instance has no pixel data")
+    if not 1 <= frame <= stored.number_of_frames:
+        raise NotFoundError("the instance has no such frame")
+    if not can_decode(stored.transfer_syntax):
+        raise NotAcceptable("the hub cannot decode this instance's pixel data")
+    _, data = next(stored.frames([frame - 1]))
+    stored.close()
+    decoded = decode_frame(stored, data)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if bits not in (8, 16, 32):
+        raise NotAcceptable("the hub renders 8, 16 and 32-bit pixel data only")
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}").newbyteorder("<")
+    pixels = np.frombuffer(decoded.data, dtype=dtype)
+    if samples == 1:
+        values = pixels.reshape(rows, columns).astype(np.float64)
+        values = values * float(ds.get("RescaleSlope", 1) or 1) + float(
+            ds.get("RescaleIntercept", 0) or 0
+        )
+        image = Image.fromarray(_window_values(values, ds), mode="L")
+    else:
+        if decoded.planar_configuration == 1:
+            array = pixels.reshape(samples, rows, columns).transpose(1, 2, 0)
+        else:
+            array = pixels.reshape(rows, columns, samples)
+        if decoded.photometric_interpretation.startswith("YBR"):
+            array = convert_color_space(array, "YBR_FULL", "RGB")
+        if bits > 8:
+            array = array.astype(np.float64) / (2 ** int(ds.get("BitsStored", bits)) - 1) * 255
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)[:, :, :3], mode="RGB")
+    if viewport:
+        image.thumbnail(viewport)
+    out = io.BytesIO()
+    image.save(
+        out, format=FORMATS[media_type], **({"quality": 90} if media_type == "image/jpeg" else {})
+    )
+    return out.getvalue()
+
+
+def _window_values(values: Any, ds: Dataset) -> Any:
+    import numpy as np
+
+    array = np.asarray(values)
+    asked = _window()
+    if asked is not None:
+        center, width, function = asked
+    else:
+        voi_center = _first(ds.get("WindowCenter"))
+        voi_width = _first(ds.get("WindowWidth"))
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").lower()
+        if voi_center is None or voi_width is None or voi_width <= 0:
+            low, high = float(array.min()), float(array.max())
+            center, width, function = (low + high) / 2, max(high - low, 1.0), "linear-exact"
+        else:
+            center, width = voi_center, voi_width
+    if function == "sigmoid":
+        out = 255 / (1 + np.exp(-4 * (array - center) / width))
+    elif function == "linear-exact":
+        out = (array - (center - width / 2)) / width * 255
+    else:  # PS3.3 C.11.2.1.2.1
+        out = ((array - (center - 0.5)) / max(width - 1, 1) + 0.5) * 255
+    out = np.clip(out, 0, 255)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        out = 255 - out
+    return np.round(out).astype(np.uint8)
+
+
+def _answer(
+    scope: Scope, entry: Located, frame: int, default_size: int | None, what: str
+) -> Response:
+    media_type = _media_type()
+    viewport = _viewport(default_size)
+    stored = StoredInstance(entry.view.read_item(entry.item.id))
+    try:
+        image = render(stored, frame, media_type, viewport)
+    finally:
+        stored.close()
+    scope.audit("instances-transferred", [entry], f"DICOMweb WADO-RS {what}")
+    return Response(image, content_type=media_type)
+
+
+def _pick(scope: Scope, study: str, series: str | None, sop: str | None) -> Located:
+    """The instance a study or series is shown by: the middle image of its first series."""
+    located = scope.found(study, series, sop)
+    if sop:
+        return located[0]
+    first_series = located[0].series
+    members = sorted(
+        (e for e in located if e.series == first_series),
+        key=lambda e: (e.item.instance_number or 0, e.sop),
+    )
+    return members[len(members) // 2]
+
+
+@route("/studies/<study>/series/<series>/instances/<sop>/rendered")
+def rendered_instance(study: str, series: str, sop: str, package_id: str | None = None) -> Response:
+    scope = Scope(package_id)
+    return _answer(scope, _pick(scope, study, series, sop), 1, None, "rendered")
+
+
+@route("/studies/<study>/series/<series>/instances/<sop>/frames/<int:frame>/rendered")
+def rendered_frame(
+    study: str, series: str, sop: str, frame: int, package_id: str | None = None
+) -> Response:
+    scope = Scope(package_id)
+    return _answer(scope, _pick(scope, study, series, sop), frame, None, "rendered frame")
+
+
+@route("/studies/<study>/thumbnail")
+@route("/studies/<study>/series/<series>/thumbnail")
+@route("/studies/<study>/series/<series>/instances/<sop>/thumbnail")
+def thumbnail(
+    study: str, series: str | None = None, sop: str | None = None, package_id: str | None = None
+) -> Response:
+    scope = Scope(package_id)
+    return _answer(scope, _pick(scope, study, series, sop), 1, THUMBNAIL_SIZE, "thumbnail")
+
+
+@route("/studies/<study>/series/<series>/instances/<sop>/frames/<int:frame>/thumbnail")
+def frame_thumbnail(
+    study: str, series: str, sop: str, frame: int, package_id: str | None = None
+) -> Response:
+    scope = Scope(package_id)
+    return _answer(scope, _pick(scope, study, series, sop), frame, THUMBNAIL_SIZE, "thumbnail")
