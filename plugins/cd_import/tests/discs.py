@@ -3,6 +3,8 @@ generated series, disc images written by pycdlib or by xorriso, zip archives."""
 
 from __future__ import annotations
 
+import io
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,10 +25,21 @@ def dicomdir_set(dest: Path) -> Path:
     return dest
 
 
+LEVEL1 = re.compile(r"[A-Z0-9_]{1,8}(\.[A-Z0-9_]{1,3})?")
+
+
+def level1(name: str, number: int, is_dir: bool) -> str:
+    """The name itself when ISO 9660 Level 1 allows it, else a made-up one (as burning
+    software does; Rock Ridge and Joliet then carry the real name)."""
+    upper = name.upper()
+    if LEVEL1.fullmatch(upper) and not (is_dir and "." in upper):
+        return upper
+    return f"{'D' if is_dir else 'F'}{number:07d}"
+
+
 def iso_name(name: str) -> str:
-    """An ISO 9660 Level 1 name with its version: ``6154`` -> ``6154.;1``."""
-    base, dot, extension = name.upper().partition(".")
-    return f"{base[:8]}.{extension[:3]};1" if dot else f"{base[:8]}.;1"
+    """An ISO 9660 Level 1 file name with its version: ``6154`` -> ``6154.;1``."""
+    return f"{name};1" if "." in name else f"{name}.;1"
 
 
 def pycdlib_iso(
@@ -41,19 +54,22 @@ def pycdlib_iso(
     import pycdlib
 
     iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=1, rock_ridge="1.09" if rock_ridge else None, joliet=3 if joliet else None)
+    iso.new(
+        interchange_level=1, rock_ridge="1.09" if rock_ridge else None, joliet=3 if joliet else None
+    )
     handles = []
-    for path in sorted(folder.rglob("*")):
+    names: dict[Path, str] = {folder: ""}
+    for number, path in enumerate(sorted(folder.rglob("*"))):
         relative = path.relative_to(folder)
-        iso_path = "/" + "/".join(p.upper()[:8] for p in relative.parts[:-1])
-        iso_path = iso_path.rstrip("/")
+        iso_path = names[path.parent]
+        names[path] = f"{iso_path}/{level1(path.name, number, path.is_dir())}"
         extra: dict = {}
         if path.is_dir():
             if rock_ridge:
                 extra["rr_name"] = relative.name
             if joliet:
                 extra["joliet_path"] = "/" + relative.as_posix()
-            iso.add_directory(f"{iso_path}/{relative.name.upper()[:8]}", **extra)
+            iso.add_directory(names[path], **extra)
         else:
             if rock_ridge:
                 extra["rr_name"] = relative.name
@@ -61,7 +77,7 @@ def pycdlib_iso(
                 extra["joliet_path"] = "/" + relative.as_posix()
             handle = open(path, "rb")  # noqa: SIM115 - closed below
             handles.append(handle)
-            iso.add_fp(handle, path.stat().st_size, f"{iso_path}/{iso_name(relative.name)}", **extra)
+            iso.add_fp(handle, path.stat().st_size, iso_name(names[path]), **extra)
     for number, (name, target) in enumerate((symlinks or {}).items()):
         iso.add_symlink(symlink_path=f"/LINK{number}.;1", rr_symlink_name=name, rr_path=target)
     with open(out, "wb") as sink:
@@ -76,8 +92,71 @@ def xorriso_iso(folder: Path, out: Path) -> Path:
     """Write ``folder`` as an ISO image with xorriso (Rock Ridge and Joliet), as burning
     software does."""
     subprocess.run(
-        ["xorriso", "-as", "mkisofs", "-quiet", "-R", "-J", "-V", "PATIENT_CD", "-o", str(out), str(folder)],
+        [
+            "xorriso",
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-R",
+            "-J",
+            "-V",
+            "PATIENT_CD",
+            "-o",
+            str(out),
+            str(folder),
+        ],
         check=True,
         capture_output=True,
     )
     return out
+
+
+def rewrite_dicomdir(path: Path, change) -> None:  # noqa: ANN001 - a test helper
+    """Change a DICOMDIR's records with ``change(ds, records)``, keeping its offsets right.
+
+    ``change`` may edit values (lengths change) and set offsets to record *indexes*
+    through :func:`point`; every offset is then translated to the records' new positions.
+    Offsets that name no record (hostile ones) are kept as given.
+    """
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    records = list(ds.DirectoryRecordSequence)
+    old = {r.seq_item_tell: i for i, r in enumerate(records)}
+    keys = (
+        "OffsetOfTheNextDirectoryRecord",
+        "OffsetOfReferencedLowerLevelDirectoryEntity",
+    )
+    roots = (
+        "OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity",
+        "OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity",
+    )
+    # offsets as record indexes (or ("raw", value) for offsets that name no record)
+    as_index = {
+        (id(r), k): (old[r[k].value] if r[k].value in old else ("raw", r[k].value))
+        for r in records
+        for k in keys
+        if r[k].value
+    }
+    root_index = {k: old.get(ds[k].value, ("raw", ds[k].value)) for k in roots}
+    overrides: dict = {}
+    change(ds, records, overrides)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    tells = [
+        r.seq_item_tell
+        for r in pydicom.dcmread(io.BytesIO(buffer.getvalue())).DirectoryRecordSequence
+    ]
+
+    def resolve(value):  # noqa: ANN001, ANN202
+        if isinstance(value, tuple):
+            return value[1]
+        return tells[value]
+
+    for r in records:
+        for k in keys:
+            target = overrides.get((id(r), k), as_index.get((id(r), k)))
+            r[k].value = 0 if target is None else resolve(target)
+    for k in roots:
+        ds[k].value = resolve(overrides.get(k, root_index[k]))
+    ds.save_as(path, enforce_file_format=True)
