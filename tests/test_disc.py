@@ -106,7 +106,7 @@ def test_iso_is_plain_iso9660_level_1_and_streams_item_by_item(study, tmp_path):
     try:
         assert not iso.has_joliet() and not iso.has_rock_ridge()
         assert iso.pvd.volume_identifier.strip() == b"MERCY_2026"
-        listing = [name for name in iso.list_dir(iso_path="/")]
+        listing = list(iso.list_children(iso_path="/"))
         names = sorted(r.file_identifier().decode() for r in listing)
         assert names == [".", "..", "DICOM", "DICOMDIR.;1", "INDEX.HTM;1", "README.TXT;1"]
         data = io.BytesIO()
