@@ -134,6 +134,8 @@ def import_command(
     local = LocalHome(resolve_home(home))
     client = local.client(hub_url, token) if to else None
     pacs = pacs_settings(pacs_url, username=pacs_user, password=pacs_password) if pacs_url else None
+    work_dir = local.path / "tmp"  # staged copies stay in the facility's own home
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with transfer_progress("importing", not as_json) as progress:
         result = import_medium(
             source,
@@ -142,6 +144,7 @@ def import_command(
             client=client,
             pacs=pacs,
             local_patient_id=patient_id,
+            work_dir=work_dir,
             parallel=local.config.client.parallel,
             progress=progress,
         )

@@ -9,11 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from discs import dicomdir_set  # noqa: E402
+from discs import FOREIGN_ID, dicomdir_set  # noqa: E402
 
 from emix_core import generate_study  # noqa: E402
-
-FOREIGN_ID = "EXT-55-0917"
 
 
 @pytest.fixture

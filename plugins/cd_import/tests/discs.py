@@ -11,6 +11,9 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
+#: The patient id of the generated "foreign" series.
+FOREIGN_ID = "EXT-55-0917"
+
 #: The folders of pydicom's DICOMDIR test set that its DICOMDIR references.
 DICOMDIR_FOLDERS = ("77654033", "98892001", "98892003")
 

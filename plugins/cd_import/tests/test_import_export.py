@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import FOREIGN_ID
-from discs import pycdlib_iso, xorriso_iso
+from discs import FOREIGN_ID, pycdlib_iso, xorriso_iso
 from pydicom.fileset import FileSet
 
 from emix_core import write_sample_report_pdf
