@@ -198,12 +198,12 @@ def _dicomdir_bytes(layout: _Layout, file_set_id: str) -> bytes:
     """The DICOMDIR; offsets are set in a second pass (UL values keep the length fixed)."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import generate_uid
+    from pydicom.uid import UID, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MEDIA_STORAGE_DIRECTORY
+    meta.MediaStorageSOPClassUID = UID(MEDIA_STORAGE_DIRECTORY)
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = EXPLICIT_VR_LITTLE
+    meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE)
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.FileSetID = file_set_id
@@ -231,7 +231,7 @@ def _dicomdir_bytes(layout: _Layout, file_set_id: str) -> bytes:
         study_indexes: list[int] = []
         for study in patient.studies.values():
             h = study.header
-            values = {
+            values: dict[str, Any] = {
                 "StudyDate": h["StudyDate"],
                 "StudyTime": h["StudyTime"],
                 "StudyDescription": h["StudyDescription"],
@@ -474,7 +474,8 @@ def write_pdi_iso(entries: Iterable[Entry], out: BinaryIO, *, volume_id: str = "
     }
     for parts, data in texts.items():
         add(parts, io.BytesIO(data), len(data))
-    for thing in [*layout.instances(), *layout.documents]:
+    things: list[_Instance | _Document] = [*layout.instances(), *layout.documents]
+    for thing in things:
         lazy = _LazyStream(thing.opener, thing.item.size)
         lazies.append(lazy)
         add(thing.file_id, lazy, thing.item.size)
@@ -500,7 +501,8 @@ def write_pdi_folder(entries: Iterable[Entry], folder: Path) -> Path:
     (folder / "DICOMDIR").write_bytes(_dicomdir_bytes(layout, "EMIX"))
     (folder / "INDEX.HTM").write_text(_index_html(layout), "utf-8")
     (folder / "README.TXT").write_text(_readme(layout), "utf-8", newline="")
-    for thing in [*layout.instances(), *layout.documents]:
+    things: list[_Instance | _Document] = [*layout.instances(), *layout.documents]
+    for thing in things:
         target = folder.joinpath(*thing.file_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         with thing.opener() as source, open(target, "wb") as sink:

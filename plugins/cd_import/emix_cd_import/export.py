@@ -7,6 +7,7 @@ renamed when complete, so a half-written image is never left under that name.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,10 @@ from emix_core import (
 __all__ = ["export_package"]
 
 
+def _open(path: Path) -> BinaryIO:
+    return open(path, "rb")  # noqa: SIM115 - the writer closes it
+
+
 def _entries(folder: Path) -> tuple[Any, list[tuple[Item, Callable[[], BinaryIO]]]]:
     if not (folder / "emix-manifest.json").is_file():
         raise NotFoundError("the folder is not a received package (no emix-manifest.json)")
@@ -34,14 +39,14 @@ def _entries(folder: Path) -> tuple[Any, list[tuple[Item, Callable[[], BinaryIO]
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput("the package's manifest cannot be read") from exc
     root = folder.resolve()
-    entries = []
+    entries: list[tuple[Item, Callable[[], BinaryIO]]] = []
     for item in package.items:
         path = (folder / item_relative_path(item)).resolve()
         if not path.is_relative_to(root):
             raise UnsafePathError("an item path leaves the package folder")
         if not path.is_file():
             raise NotFoundError(f"item {item.id} of the package is missing from its folder")
-        entries.append((item, lambda path=path: open(path, "rb")))  # noqa: SIM115
+        entries.append((item, functools.partial(_open, path)))
     return package, entries
 
 

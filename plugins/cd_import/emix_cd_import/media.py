@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from emix_core import InvalidInput, PayloadTooLarge, UnsafePathError
 
@@ -325,7 +325,7 @@ class DiscImage(Medium):
                 self._add(path[1:], record.get_data_length(), ref, limits)
 
     def open(self, file: MediumFile) -> BinaryIO:
-        return self.iso.open_file_from_iso(**{self.namespace: file.ref})  # type: ignore[no-any-return]
+        return cast(BinaryIO, self.iso.open_file_from_iso(**{self.namespace: file.ref}))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a damaged image must not hide why
