@@ -38,6 +38,7 @@ def codes(data: dict) -> list[str]:
 # --------------------------------------------------------------------------- good media
 
 
+@pytest.mark.e2e  # runs the command line in a child process
 def test_pycdlib_iso_of_the_dicomdir_test_set_lists_every_study(cd_folder, tmp_path):
     data = emix_json("cd", "inspect", str(pycdlib_iso(cd_folder, tmp_path / "cd.iso")))
     assert data["kind"] == "iso" and data["dicomdir"] is True
@@ -99,6 +100,7 @@ def test_autorun_and_viewer_programs_are_reported_never_copied(cd_folder, tmp_pa
         assert not any("EXE" in f.path or "DLL" in f.path for f in medium.files)
 
 
+@pytest.mark.e2e  # runs the command line in a child process
 def test_human_output_lists_patients_studies_and_series(cd_folder):
     out = emix("cd", "inspect", str(cd_folder)).stdout
     assert "2 patients, 6 studies, 13 series, 31 instances, read from its DICOMDIR" in out
@@ -256,6 +258,7 @@ def test_zip_over_the_total_size_cap_is_refused(cd_folder, tmp_path):
         inspect(archive, Limits(max_total_bytes=100_000))  # the set unpacks to ~140 kB
 
 
+@pytest.mark.e2e  # runs the command line in a child process
 def test_a_file_that_is_not_an_iso_is_refused_clearly(tmp_path):
     fake = tmp_path / "holiday.iso"
     fake.write_bytes(os.urandom(200_000))
@@ -275,6 +278,7 @@ def test_a_damaged_iso_is_refused_clearly(cd_folder, tmp_path):
         open_medium(damaged)
 
 
+@pytest.mark.e2e  # runs the command line in a child process
 def test_a_4_gb_sparse_iso_is_read_with_little_memory(cd_folder, tmp_path):
     iso = pycdlib_iso(cd_folder, tmp_path / "big.iso")
     with open(iso, "r+b") as fp:
