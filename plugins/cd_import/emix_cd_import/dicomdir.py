@@ -129,7 +129,11 @@ def read_dicomdir(data: bytes) -> DicomdirContent:
                 return
             kind = str(record.get("DirectoryRecordType", "") or "").strip().upper()
             in_use = record.get("RecordInUseFlag", 0xFFFF)
-            here = {**above, kind: record} if kind in LEVELS else above
+            if kind in LEVELS:  # read once per record, not once per file below it
+                keys = dict(zip(LEVELS, (PATIENT_KEYS, STUDY_KEYS, SERIES_KEYS), strict=True))
+                here = {**above, kind: _values(record, keys[kind])}
+            else:
+                here = above
             if in_use != 0 and "ReferencedFileID" in record and kind not in LEVELS:
                 _reference(record, kind, here)
             child = int(record.get("OffsetOfReferencedLowerLevelDirectoryEntity", 0) or 0)
@@ -143,16 +147,15 @@ def read_dicomdir(data: bytes) -> DicomdirContent:
         except UnsafePathError as exc:
             content.problems.append(Problem("unsafe-path", exc.message, "DICOMDIR"))
             return
-        empty: dict[str, Any] = {}
         content.references.append(
             Reference(
                 path=path,
                 record_type=kind,
                 sop_instance_uid=str(record.get("ReferencedSOPInstanceUIDInFile", "") or ""),
                 sop_class_uid=str(record.get("ReferencedSOPClassUIDInFile", "") or ""),
-                patient=_values(above.get("PATIENT", empty), PATIENT_KEYS),
-                study=_values(above.get("STUDY", empty), STUDY_KEYS),
-                series=_values(above.get("SERIES", empty), SERIES_KEYS),
+                patient=above.get("PATIENT") or dict.fromkeys(PATIENT_KEYS, ""),
+                study=above.get("STUDY") or dict.fromkeys(STUDY_KEYS, ""),
+                series=above.get("SERIES") or dict.fromkeys(SERIES_KEYS, ""),
             )
         )
 
