@@ -55,6 +55,14 @@ def test_xorriso_image_with_rock_ridge_and_joliet_reads_the_same(cd_folder, tmp_
     assert counts(data) == ALL and data["problems"] == []
 
 
+def test_joliet_names_are_used_when_there_is_no_rock_ridge(series_300, tmp_path):
+    # generated names ("slice-0001.dcm") are not ISO 9660 Level 1 names: only Joliet has them
+    iso = pycdlib_iso(series_300, tmp_path / "joliet.iso", joliet=True)
+    with open_medium(iso) as medium:
+        paths = sorted(f.path for f in medium.files)
+    assert paths[0] == "series-01/slice-0001.dcm" and len(paths) == 300
+
+
 def test_mounted_folder_and_zip_read_the_same(cd_folder, tmp_path):
     assert counts(inspect(cd_folder)) == ALL
     archive = tmp_path / "cd.zip"
