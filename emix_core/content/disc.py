@@ -198,11 +198,13 @@ def _dicomdir_bytes(layout: _Layout, file_set_id: str) -> bytes:
     """The DICOMDIR; offsets are set in a second pass (UL values keep the length fixed)."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import UID, generate_uid
+    from pydicom.uid import UID
+
+    from emix_core.content.uids import new_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(MEDIA_STORAGE_DIRECTORY)
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = UID(new_uid())  # under the organisation's root
     meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE)
     ds = pydicom.Dataset()
     ds.file_meta = meta
