@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,8 @@ def inspect_command(source: Path, as_json: bool) -> None:
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "to", multiple=True, help="Recipient address (repeat for several).")
 @click.option(
-    "--pacs", "pacs_url", envvar="EMIX_PACS_URL", default=None,
-    help="Store into this PACS instead (DICOMweb base URL; env EMIX_PACS_URL).",
+    "--pacs", "pacs_url", default=None,
+    help="Store into this PACS instead (its DICOMweb base URL).",
 )  # fmt: skip
 @click.option("--pacs-user", envvar="EMIX_PACS_USER", default="", help="PACS basic auth user.")
 @click.option(
@@ -129,8 +130,11 @@ def import_command(
 
     if bool(to) == bool(pacs_url):
         raise click.UsageError("give either --to ADDRESS or --pacs URL")
-    if patient_id is not None and not patient_id.strip():
-        raise click.UsageError("--patient-id must not be empty")
+    if patient_id is not None and not re.fullmatch(r"[^\\\x00-\x1f]{1,64}", patient_id.strip()):
+        raise click.UsageError(
+            "--patient-id must be 1 to 64 characters, without backslash or control characters"
+        )
+    patient_id = patient_id.strip() if patient_id else None
     local = LocalHome(resolve_home(home))
     client = local.client(hub_url, token) if to else None
     pacs = pacs_settings(pacs_url, username=pacs_user, password=pacs_password) if pacs_url else None

@@ -79,6 +79,11 @@ def test_one_local_id_for_a_disc_of_two_patients_is_refused(cd_folder, tmp_path,
     )  # fmt: skip
     assert out.returncode == 1
     assert "holds 2 patients" in out.stderr
+    out = emix(
+        "cd", "import", str(cd_folder), "--to", "lakeside", "--patient-id", "MRN\\1",
+        env=mercy.env, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2 and "without backslash" in out.stderr
 
 
 def test_disc_imported_into_orthanc_with_damage_reported(cd_folder, tmp_path, orthanc_factory):
