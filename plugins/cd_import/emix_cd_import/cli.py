@@ -168,21 +168,50 @@ def import_command(
 
 
 @cd.command("export")
-@click.argument("package", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("package")
 @click.option("--iso", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write an ISO 9660 disc image here.")  # fmt: skip
 @click.option("--folder", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the disc's content into this (new or empty) folder.")  # fmt: skip
+@hub_option
+@token_option
+@home_option
 @json_option
 @handle_errors
-def export_command(package: Path, iso: Path | None, folder: Path | None, as_json: bool) -> None:
-    """Write a received PACKAGE folder as IHE PDI media: a DICOMDIR, the images under
-    DICOM/, INDEX.HTM and README.TXT; as an ISO image ready to burn, or a folder."""
-    from emix_cd_import.export import export_package
+def export_command(
+    package: str,
+    iso: Path | None,
+    folder: Path | None,
+    hub_url: str | None,
+    token: str | None,
+    home: str | None,
+    as_json: bool,
+) -> None:
+    """Write PACKAGE as IHE PDI media: a DICOMDIR, the images under DICOM/, INDEX.HTM and
+    README.TXT; as an ISO image ready to burn, or a folder.
+
+    PACKAGE is a received package's folder, or a package id in your inbox (it is then
+    received, verified, written as media, and the downloaded copy removed)."""
+    from emix_cd_import.export import export_inbox_package, export_package
+    from emix_core import PACKAGE_ID_RE, LocalHome, resolve_home
 
     if (iso is None) == (folder is None):
         raise click.UsageError("give either --iso OUT.iso or --folder OUT")
-    data = export_package(package, iso=iso, out=folder)
+    if Path(package).is_dir():
+        data = export_package(Path(package), iso=iso, out=folder)
+    elif PACKAGE_ID_RE.fullmatch(package):
+        local = LocalHome(resolve_home(home))
+        with transfer_progress("receiving", not as_json) as progress:
+            data = export_inbox_package(
+                package,
+                client=local.client(hub_url, token),
+                home=local,
+                iso=iso,
+                out=folder,
+                progress=progress,
+            )
+    else:
+        raise click.UsageError("PACKAGE must be a received package's folder or a package id")
     if as_json:
         emit_json(data)
     else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,15 +18,17 @@ from typing import Any, BinaryIO
 from emix_core import (
     InvalidInput,
     Item,
+    LocalHome,
     NotFoundError,
     UnsafePathError,
     item_relative_path,
     package_from_folder,
+    receive_package,
     write_pdi_folder,
     write_pdi_iso,
 )
 
-__all__ = ["export_package"]
+__all__ = ["export_inbox_package", "export_package"]
 
 
 def _open(path: Path) -> BinaryIO:
@@ -83,3 +87,24 @@ def export_package(
         "documents": len(entries) - dicom,
         "bytes": size,
     }
+
+
+def export_inbox_package(
+    package_id: str,
+    *,
+    client: Any,
+    home: LocalHome,
+    iso: Path | None = None,
+    out: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Receive a package from the inbox (verified, receipt posted), write it as media,
+    and remove the downloaded copy."""
+    work = home.path / "tmp"
+    work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = Path(tempfile.mkdtemp(prefix="emix-cd-export-", dir=work))
+    try:
+        received = receive_package(package_id, staging, client=client, home=home, progress=progress)
+        return export_package(received.path, iso=iso, out=out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

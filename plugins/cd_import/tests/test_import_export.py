@@ -157,6 +157,12 @@ def test_received_package_exported_as_pdi_disc_reads_back(series_300, tmp_path, 
         text=True,
     )
     assert rebuilt.returncode == 0, rebuilt.stderr
+    # straight from the inbox, by package id: received, written, the download removed
+    usb = tmp_path / "usb"
+    data = emix_json("cd", "export", sent["package"], "--folder", str(usb), env=lakeside.env)
+    assert data["instances"] == 300 and (usb / "DICOMDIR").is_file()
+    assert len(FileSet(usb / "DICOMDIR")) == 300
+    assert not any((lakeside.home / "tmp").iterdir())
     readme = (disc / "README.TXT").read_text()
     assert "DICOM" in readme and "Nothing on this disc runs by itself" in readme
     assert "<table" in (disc / "INDEX.HTM").read_text()
