@@ -78,6 +78,26 @@ def test_discs_dropped_at_the_station_are_shared_and_sorted(cd_folder, tmp_path,
         runner.join(timeout=60)
 
 
+def test_a_station_storing_into_the_pacs(cd_folder, tmp_path, hub, orthanc_factory):
+    pacs = orthanc_factory("station-pacs")
+    station = tmp_path / "station"
+    station.mkdir()
+    config = write_config(
+        tmp_path, hub, f'path = "station"\npacs = "{pacs.url}"\nsettle_seconds = 0.5\n'
+    )
+    gateway = load_gateway(config)
+    stop = threading.Event()
+    runner = threading.Thread(target=gateway.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        os.replace(pycdlib_iso(cd_folder, tmp_path / "patient.iso"), station / "patient.iso")
+        wait_for(lambda: (station / "done" / "patient.iso").exists(), 90, "the ISO in done/")
+        assert len(pacs.sop_instance_uids()) == 31
+    finally:
+        stop.set()
+        runner.join(timeout=60)
+
+
 def test_a_cd_source_needs_a_path_and_one_target(tmp_path, hub):
     with pytest.raises(ConfigError, match="either to"):
         load_gateway(write_config(tmp_path, hub, 'path = "station"\n'))
