@@ -69,6 +69,8 @@ _EXPORTS: dict[str, str] = {
     "new_uid": "emix_core.content.uids",
     "write_sample_report_pdf": "emix_core.content.samples",
     "write_sample_report_txt": "emix_core.content.samples",
+    "write_pdi_iso": "emix_core.content.disc",
+    "write_pdi_folder": "emix_core.content.disc",
     # the facility side
     "HubClient": "emix_core.client.hub",
     "PACKAGE_ID_RE": "emix_core.client.hub",
@@ -168,6 +170,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from emix_core.client.sender import SKIPPED_NAMES, SendResult, send_paths
     from emix_core.config import resolve_home
     from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom, is_valid_uid
+    from emix_core.content.disc import write_pdi_folder, write_pdi_iso
     from emix_core.content.documents import classify, safe_name
     from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
     from emix_core.content.samples import (

@@ -31,6 +31,7 @@ __all__ = [
     "emix_render_report",
     "emix_parse_report",
     "emix_notify",
+    "emix_reconcile_patient",
     "emix_register_report_formats",
     "emix_authenticate",
     "emix_authorize",
@@ -147,6 +148,35 @@ def emix_notify(recipient: Recipient, email: str, package: Package, link: str) -
     :return: ``True`` once the notice was sent.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def emix_reconcile_patient(
+    patient: dict[str, str], local_patient_id: str | None, source: str
+) -> dict[str, str] | None:
+    """Reconcile a foreign patient with the local one before an import (IHE IRWF.b).
+
+    Studies that arrive on a CD or USB stick carry the patient id of the hospital that
+    wrote them. An importer asks this hook which local identity they take; a plugin may
+    look the patient up in a master patient index. The importer writes the answer into
+    the patient attributes of every instance, keeps the foreign id and its issuer in
+    *Other Patient IDs Sequence*, and never changes pixel data.
+
+    firstresult: stops at the first plugin that returns a dict; the built-in default
+    (registered ``trylast``) maps to ``local_patient_id`` when one was given and keeps
+    the instances unchanged otherwise.
+
+    :param patient: the foreign identity as read from the media, by DICOM keyword:
+        ``PatientID``, ``IssuerOfPatientID``, ``PatientName``, ``PatientBirthDate``,
+        ``PatientSex`` (empty strings when absent). PHI: never log it.
+    :param local_patient_id: the local id the user asked for (``--patient-id``), or
+        ``None``.
+    :param source: where the studies come from, e.g. ``cd``.
+    :return: the attributes to write (same keywords; ``{}`` keeps the instances as they
+        are), or ``None`` to let the next plugin answer.
+
+    .. versionadded:: 0.2
     """
 
 

@@ -275,6 +275,15 @@ class Hooks:
                 )
         return False
 
+    def reconcile_patient(
+        self, patient: dict[str, str], local_patient_id: str | None, source: str
+    ) -> dict[str, str]:
+        """Answer: the local identity for a foreign patient (``{}``: keep it as it is)."""
+        result: dict[str, str] | None = self.pm.hook.emix_reconcile_patient(
+            patient=patient, local_patient_id=local_patient_id, source=source
+        )
+        return dict(result or {})
+
     # ------------------------------------------------------------------ security
 
     def authenticate(self, request: Any) -> Principal | None:
