@@ -41,10 +41,14 @@ class HubSettings:
     #: Address and port ``emix hub serve`` binds to.
     host: str = "127.0.0.1"
     port: int = 8480
-    #: Blob store URL; ``file:`` (default, under the home) or a scheme a plugin registers.
+    #: Blob store URL; ``file:`` (default, under the home), ``s3://BUCKET/PREFIX`` or a
+    #: scheme a plugin registers. ``EMIX_BLOB_URL`` overrides.
     blob_store: str = "file:blobs"
-    #: Metadata database URL (SQLAlchemy). Default: SQLite file in the home.
+    #: Metadata database URL (SQLAlchemy). Default: SQLite file in the home;
+    #: ``postgresql://USER:PASS@HOST:PORT/DB`` at scale. ``EMIX_DATABASE_URL`` overrides.
     database_url: str = ""
+    #: Database connections each worker process keeps open (PostgreSQL); 0: one per thread.
+    db_pool_size: int = 0
     #: Largest single item accepted, bytes (413 above).
     max_item_bytes: int = 4 * 1024**3
     #: Largest package accepted, bytes (413 above).
@@ -150,6 +154,10 @@ def load_config(home: str | os.PathLike[str] | None = None) -> Config:
         config.hub.cors_origins = [o.strip() for o in env["EMIX_CORS_ORIGINS"].split(",")]
     if env.get("EMIX_PUBLIC_URL"):
         config.hub.public_url = env["EMIX_PUBLIC_URL"]
+    if env.get("EMIX_DATABASE_URL"):
+        config.hub.database_url = env["EMIX_DATABASE_URL"]
+    if env.get("EMIX_BLOB_URL"):
+        config.hub.blob_store = env["EMIX_BLOB_URL"]
     if env.get("EMIX_FACILITY_OID"):
         config.identifiers.facility_oid = env["EMIX_FACILITY_OID"]
     if env.get("EMIX_UID_ROOT"):

@@ -12,9 +12,11 @@ to the log and the row), so nothing of it is in plaintext in the database file.
 The audit key is not a package key: retention never destroys it, and audit rows are
 kept for :data:`AUDIT_RETENTION_DAYS`.
 
-One log is one SQLite file in WAL mode. Writers may be several processes at once: each
-append reads the head and inserts the next row inside one ``BEGIN IMMEDIATE``
-transaction, so there is exactly one chain with no gaps.
+One log is one SQLite file in WAL mode, or (hub instances sharing PostgreSQL) tables in
+the hub's database. Writers may be several processes, or several machines, at once: each
+append reads the head and inserts the next row inside one transaction that first takes
+the log's write lock (``BEGIN IMMEDIATE`` on SQLite, a transaction-scoped advisory lock
+on PostgreSQL), so there is exactly one chain with no gaps and no fork.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+)
+from sqlalchemy import (
+    text as sql,
 )
 from sqlalchemy.pool import NullPool
 
@@ -92,6 +97,8 @@ _GENESIS_CONTEXT = b"emix audit genesis v1\x00"
 _PHI_CONTEXT = b"emix audit phi v1\x00"
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _BUSY_TIMEOUT_S = 60
+#: ``pg_advisory_xact_lock`` key serializing appends on PostgreSQL (bytes of "emixaudt").
+AUDIT_LOCK = 0x656D6978_61756474
 
 _metadata = MetaData()
 audit_events = Table(
@@ -174,26 +181,49 @@ class _Expectation:
 
 
 class AuditLog:
-    """An append-only, hash-chained audit log in one SQLite file.
+    """An append-only, hash-chained audit log in one SQLite file or a shared database.
 
-    :param path: the database file (created with its tables if missing).
+    :param path: the SQLite file (created with its tables if missing), or a database
+        URL (``postgresql://...``) or engine whose ``audit_*`` tables hold the log.
     :param audit_key: 32-byte key sealing the PHI of every row.
     :param signing_key: signs checkpoints of this log; verifies them by default.
+    :param pool_size: connections kept per process (database URL only).
     """
 
-    def __init__(self, path: Path, audit_key: bytes, signing_key: SigningKey | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str | Engine,
+        audit_key: bytes,
+        signing_key: SigningKey | None = None,
+        *,
+        pool_size: int = 5,
+    ) -> None:
         if not isinstance(audit_key, bytes | bytearray) or len(audit_key) != KEY_SIZE:
             raise ConfigError(f"the audit key must be {KEY_SIZE} bytes; check keys/audit.key")
-        self.path = Path(path)
         self.audit_key = bytes(audit_key)
         self.signing_key = signing_key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._engine = _open_engine(self.path)
-        self._writer = self._engine.execution_options(emix_begin="IMMEDIATE")
+        self.path: Path | None = None
+        if isinstance(path, Engine):
+            self._engine = self._writer = path
+        elif isinstance(path, str) and "://" in path:
+            from emix_core.store.db import open_engine
+
+            self._engine = self._writer = open_engine(path, pool_size)
+        else:
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._engine = _open_engine(self.path)
+            self._writer = self._engine.execution_options(emix_begin="IMMEDIATE")
         self.log_id = self._create()
+
+    def _lock(self, conn: Any) -> None:
+        """Take the log's write lock for this transaction (SQLite: BEGIN IMMEDIATE did)."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(sql("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK})
 
     def _create(self) -> str:
         with self._writer.begin() as conn:
+            self._lock(conn)
             _metadata.create_all(conn)
             log_id = conn.scalar(select(audit_meta.c.value).where(audit_meta.c.name == "log_id"))
             if log_id is None:
@@ -224,6 +254,7 @@ class AuditLog:
             raise InvalidInput(f"audit outcome must be 0, 4, 8 or 12, not {event.outcome!r}")
         phi_json = json.dumps(event.phi or {}, sort_keys=True, ensure_ascii=False, default=str)
         with self._writer.begin() as conn:
+            self._lock(conn)
             prev_seq, prev_hash = self._head(conn)
             seq = prev_seq + 1
             row: dict[str, Any] = {
@@ -271,6 +302,7 @@ class AuditLog:
         if self.signing_key is None:
             raise ConfigError("this audit log has no signing key, so it cannot sign checkpoints")
         with self._writer.begin() as conn:
+            self._lock(conn)
             seq, head = self._head(conn)
             document = {"log": self.log_id, "seq": seq, "head": head, "time": _iso(utcnow())}
             signed = sign_document(self.signing_key, document)
@@ -334,7 +366,15 @@ class AuditLog:
         :return: the first problem found, in row order.
         """
         key = public_key_b64 or (self.signing_key.public_key_b64 if self.signing_key else None)
-        with self._engine.connect() as conn, conn.begin():  # one consistent snapshot
+        with self._engine.connect() as conn:
+            if conn.dialect.name != "sqlite":  # one consistent snapshot, as SQLite's is
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            return self._verify(conn, external_checkpoints, key)
+
+    def _verify(
+        self, conn: Any, external_checkpoints: Iterable[dict[str, Any]], key: str | None
+    ) -> VerifyResult:
+        with conn.begin():
             expected: dict[int, list[_Expectation]] = {}
             problem = self._collect_checkpoints(conn, external_checkpoints, key, expected)
             if problem is not None:

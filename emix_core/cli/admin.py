@@ -40,15 +40,50 @@ def hub() -> None:
     "--public-url", default=None, help="URL recipients reach the hub at (used in email links)."
 )
 @click.option("--port", type=int, default=8480, show_default=True)
+@click.option(
+    "--database",
+    default=None,
+    metavar="URL",
+    help="Metadata database, e.g. postgresql://USER:PASS@HOST:PORT/DB (default: SQLite in "
+    "the home; EMIX_DATABASE_URL overrides at run time).",
+)
+@click.option(
+    "--blobs",
+    default=None,
+    metavar="URL",
+    help="Blob store, e.g. s3://BUCKET/PREFIX (default: file:blobs in the home; "
+    "EMIX_BLOB_URL overrides at run time).",
+)
 @json_option
 @handle_errors
-def hub_init(home: str | None, public_url: str | None, port: int, as_json: bool) -> None:
-    """Create a hub's home: config, keys (mode 0600), database, audit log."""
-    from emix_core.hub.context import init_hub_home
+def hub_init(
+    home: str | None,
+    public_url: str | None,
+    port: int,
+    database: str | None,
+    blobs: str | None,
+    as_json: bool,
+) -> None:
+    """Create a hub's home: config, keys (mode 0600), database, audit log.
 
-    config = init_hub_home(resolve_home(home), public_url=public_url, port=port)
+    Several instances share one PostgreSQL database and one S3 bucket: run init once,
+    copy keys/ to every instance's home, and init each with the same --database/--blobs.
+    """
+    from emix_core.hub.context import init_hub_home
+    from emix_core.store.db import redact_url
+
+    config = init_hub_home(
+        resolve_home(home), public_url=public_url, port=port, database_url=database, blob_url=blobs
+    )
     if as_json:
-        emit_json({"home": str(config.home), "public_url": config.hub.public_url})
+        emit_json(
+            {
+                "home": str(config.home),
+                "public_url": config.hub.public_url,
+                "database": redact_url(config.database_url),
+                "blobs": config.hub.blob_store,
+            }
+        )
     else:
         click.echo(
             f"hub home ready at {config.home}\n"
@@ -95,6 +130,64 @@ def hub_serve(
         behind_proxy=behind_proxy,
         purge_interval=settings.purge_interval_seconds,
     )
+
+
+@hub.command("migrate")
+@home_option
+@click.option(
+    "--to",
+    "revision",
+    default="head",
+    show_default=True,
+    help="Schema revision to reach; an older one than the current downgrades.",
+)
+@click.option("--status", is_flag=True, help="Only print the current and newest revision.")
+@json_option
+@handle_errors
+def hub_migrate(home: str | None, revision: str, status: bool, as_json: bool) -> None:
+    """Upgrade (or downgrade) the metadata database schema, SQLite and PostgreSQL alike.
+
+    Safe to run on a live hub and from several instances at once (one migrates, the
+    others wait). Back the database up before a downgrade.
+    """
+    from emix_core.config import CONFIG_NAME, load_config
+    from emix_core.store import migrate
+    from emix_core.store.db import Database, redact_url
+
+    config = load_config(resolve_home(home))
+    if not (config.home / CONFIG_NAME).exists():
+        raise InvalidInput(f"{config.home} is not a hub home; run `emix hub init` first")
+    db = Database(config.database_url, pool_size=1)
+    try:
+        before = migrate.current(db.engine)
+        if status:
+            after = before
+        elif revision == "head" or _is_newer(revision, before):
+            after = migrate.upgrade(db.engine, revision)
+        else:
+            after = migrate.downgrade(db.engine, revision)
+    finally:
+        db.engine.dispose()
+    data = {
+        "database": redact_url(config.database_url),
+        "before": before,
+        "current": after,
+        "head": migrate.head(),
+    }
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(
+            f"{data['database']}: schema {before or 'none'} -> {after or 'none'} "
+            f"(newest: {data['head']})"
+        )
+
+
+def _is_newer(revision: str, current: str | None) -> bool:
+    """Revisions are numbered ``0001``, ``0002``, ...; ``base`` is older than all."""
+    if revision == "base":
+        return False
+    return current is None or revision > current
 
 
 @hub.group("facility")

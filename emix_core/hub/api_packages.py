@@ -166,6 +166,7 @@ def seal(package_id: str) -> Response:
     hub = _hub()
     signed = json_body()
     with hub.db.session() as session:
+        svc.lock_package(session, package_id)  # two instances never seal it twice
         row, package = svc.load_package(session, package_id)
         principal = require("package:write", package)
         if row.state != "open":
@@ -202,6 +203,8 @@ def seal(package_id: str) -> Response:
     hooks.package_sealed(package)
     link = f"{hub.config.hub.public_url.rstrip('/')}/packages/{row.id}"
     for recipient, email in recipients:
+        if not svc.claim_notice(hub, row.id, email):
+            continue  # another instance (or an earlier try) notifies this one
         if not hooks.notify(recipient, email, package, link):
             current_app.logger.error("no notification sent for package %s", row.id)
     checkpoint = hub.audit_log.checkpoint()

@@ -37,16 +37,35 @@ sender = "emix@localhost"
 """
 
 
-def init_hub_home(home: Path, *, public_url: str | None = None, port: int = 8480) -> Config:
+def init_hub_home(
+    home: Path,
+    *,
+    public_url: str | None = None,
+    port: int = 8480,
+    database_url: str | None = None,
+    blob_url: str | None = None,
+) -> Config:
     """Create a hub's home: config, key-encryption key, audit key, signing key, database.
+
+    :param database_url: metadata database (default: SQLite in the home), written to
+        the config; ``postgresql://USER:PASS@HOST:PORT/DB`` for several instances.
+    :param blob_url: blob store (default: ``file:blobs``), e.g. ``s3://BUCKET/PREFIX``.
 
     Safe to run twice: existing keys and data are kept.
     """
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     home.chmod(0o700)
+    text = HUB_CONFIG_TEMPLATE.format(
+        public_url=public_url or f"http://127.0.0.1:{port}", port=port
+    )
+    extra = ""
+    if database_url:
+        extra += f"database_url = {_toml_string(database_url)}\n"
+    if blob_url:
+        extra += f"blob_store = {_toml_string(blob_url)}\n"
     write_config(
         home,
-        HUB_CONFIG_TEMPLATE.format(public_url=public_url or f"http://127.0.0.1:{port}", port=port),
+        text.replace("default_retention_days = 30\n", f"{extra}default_retention_days = 30\n", 1),
     )
     keys = home / "keys"
     for name in ("kek.key", "audit.key"):
@@ -54,9 +73,17 @@ def init_hub_home(home: Path, *, public_url: str | None = None, port: int = 8480
             create_key_file(keys / name)
     SigningKey.load_or_create(keys / "hub-signing.key")
     config = load_config(home)
-    Database(config.database_url).create_all()
+    db = Database(config.database_url, pool_size=1)
+    try:
+        db.create_all()
+    finally:
+        db.engine.dispose()
     (home / "logs").mkdir(exist_ok=True, mode=0o700)
     return config
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass
@@ -92,14 +119,17 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
             f"{config.home} is not a hub home; create it with `emix hub init --home {config.home}`"
         )
     pm = pm or default_plugin_manager()
-    db = Database(config.database_url)
+    db = Database(config.database_url, pool_size=config.hub.db_pool_size or config.hub.threads)
     db.create_all()
     wrapper = hooks_for(pm).key_wrapper(str(config.home))
     if wrapper is None:
         raise ConfigError("no key wrapper plugin answered; the built-in emix.keyfile is disabled")
     signing_key = SigningKey.load_or_create(config.keys_dir / "hub-signing.key")
+    # SQLite hub: the chain keeps its own file; shared database: its tables there.
     audit_log = AuditLog(
-        config.home / "audit.db", load_key_file(config.keys_dir / "audit.key"), signing_key
+        config.home / "audit.db" if db.is_sqlite else db.engine,
+        load_key_file(config.keys_dir / "audit.key"),
+        signing_key,
     )
     blobs = open_blob_store(pm, config.hub.blob_store, config.home)
     return Hub(

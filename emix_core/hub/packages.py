@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 from sqlalchemy.orm import Session
 
 from emix_core import crypto
@@ -26,7 +27,14 @@ from emix_core.errors import (
 )
 from emix_core.hub.context import Hub
 from emix_core.model import Item, Package, Recipient, is_valid_address, utcnow
-from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
+from emix_core.store.db import (
+    Facility,
+    ItemRow,
+    Member,
+    NoticeRow,
+    PackageRecipient,
+    PackageRow,
+)
 
 MANIFEST_FORMAT = "emix-manifest/1"
 RECEIPT_FORMAT = "emix-receipt/1"
@@ -105,6 +113,28 @@ def load_package(session: Session, package_id: str) -> tuple[PackageRow, Package
         expires=row.expires,
     )
     return row, package
+
+
+def lock_package(session: Session, package_id: str) -> None:
+    """Lock a package's row until the transaction ends (PostgreSQL ``FOR UPDATE``; SQLite
+    has one writer at a time anyway), so a state change is decided once across instances."""
+    session.execute(
+        select(PackageRow.id).where(PackageRow.id == check_package_id(package_id)).with_for_update()
+    )
+
+
+def claim_notice(hub: Hub, package_id: str, email: str) -> bool:
+    """Claim the right to notify ``email`` about a package: ``True`` once, ever.
+
+    The unique (package, email) row is the claim, so two instances (or a retried seal)
+    never mail the same person twice about the same package.
+    """
+    try:
+        with hub.db.session() as session:
+            session.add(NoticeRow(package_id=package_id, email=email, instance=hub.instance))
+    except SQLIntegrityError:
+        return False
+    return True
 
 
 def create_package(

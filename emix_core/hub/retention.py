@@ -5,6 +5,7 @@ The audit trail is kept (six years); packages under legal hold are skipped.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from sqlalchemy import select
@@ -12,6 +13,8 @@ from sqlalchemy import select
 from emix_core.hub.context import Hub
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, utcnow
 from emix_core.store.db import PackageRow
+
+log = logging.getLogger("emix.retention")
 
 
 def _aware(value: datetime) -> datetime:
@@ -24,7 +27,14 @@ def purge_expired(hub: Hub, now: datetime | None = None) -> dict[str, list[str]]
     Also drops open packages that were never sealed within their retention period.
     :return: ``{"purged": [...ids], "held": [...ids]}``.
     """
-    now = now or utcnow()
+    with hub.db.leader("retention", hub.config.home) as leading:
+        if not leading:
+            log.info("retention purge already running on another instance; skipped")
+            return {"purged": [], "held": []}
+        return _purge(hub, now or utcnow())
+
+
+def _purge(hub: Hub, now: datetime) -> dict[str, list[str]]:
     purged: list[str] = []
     held: list[str] = []
     with hub.db.session() as session:

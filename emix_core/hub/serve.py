@@ -66,9 +66,12 @@ class HubApplication(BaseApplication):
         from emix_core.hub.retention import purge_expired
 
         stop = threading.Event()
+        hub = None
         while not stop.wait(self.purge_interval):
             try:
-                result = purge_expired(open_hub(self.home))
+                hub = hub or open_hub(self.home)  # one pool for the life of the timer
+                # several instances: the one holding the retention lock purges
+                result = purge_expired(hub)
                 if result["purged"]:
                     log.info("retention purged %d packages", len(result["purged"]))
             except Exception:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, render_template_string
+import logging
+
+from flask import Blueprint, Response, current_app, jsonify, render_template_string
 
 from emix_core import __version__
 from emix_core.hub.packages import check_package_id
 
 bp = Blueprint("web", __name__)
+log = logging.getLogger("emix.hub")
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>emix</title>
@@ -49,4 +52,28 @@ def package_page(package_id: str) -> str:
 
 @bp.get("/healthz")
 def health() -> Response:
+    """Liveness: the process answers (a proxy restarts an instance that does not)."""
     return Response("ok\n", mimetype="text/plain")
+
+
+@bp.get("/readyz")
+def ready() -> tuple[Response, int]:
+    """Readiness: the database and the blob store answer; 503 naming which does not.
+
+    A load balancer sends requests only to instances that answer 200 here.
+    """
+    hub = current_app.extensions["emix"]
+    checks: dict[str, str] = {}
+    for name, probe in (("database", hub.db.ping), ("blobs", _blob_check(hub))):
+        try:
+            probe()
+            checks[name] = "ok"
+        except Exception as exc:  # reported, never raised: this is the health check
+            log.warning("readiness: %s failed: %s", name, type(exc).__name__)
+            checks[name] = "unavailable"
+    ok = all(v == "ok" for v in checks.values())
+    return jsonify({"ready": ok, "instance": hub.instance, **checks}), 200 if ok else 503
+
+
+def _blob_check(hub):  # type: ignore[no-untyped-def]
+    return getattr(hub.blobs, "check", lambda: hub.blobs.exists("readyz"))

@@ -111,6 +111,11 @@ class FilesystemBlobStore:
         if folder.is_dir():
             _fsync_dir(folder)
 
+    def check(self) -> None:
+        """Readiness: the folder is there and writable."""
+        if not os.access(self.root, os.W_OK):
+            raise ConfigError(f"blob folder {self.root} is not writable")
+
     def delete_prefix(self, prefix: str) -> int:
         folder = self._path(prefix)
         if not folder.is_dir():
@@ -129,6 +134,13 @@ StoreFactory = Callable[[str, Path], BlobStore]
 @hookimpl(trylast=True)
 def emix_register_stores(register: Callable[..., None]) -> None:
     register("file", lambda url, home: FilesystemBlobStore(_file_root(url, home)))
+    register("s3", _s3_store)
+
+
+def _s3_store(url: str, home: Path) -> BlobStore:
+    from emix_core.store.s3 import open_s3_store  # boto3 loads only when S3 is used
+
+    return open_s3_store(url, home)
 
 
 def _file_root(url: str, home: Path) -> Path:

@@ -6,9 +6,12 @@ with the package's data key, so destroying that key at retention shreds it too.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import (
     Boolean,
@@ -22,7 +25,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from emix_core.model import utcnow
@@ -117,6 +120,19 @@ class ItemRow(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class NoticeRow(Base):
+    """A notification claimed for sending: one row per package and address, so that two
+    hub instances racing on the same package never mail the same person twice."""
+
+    __tablename__ = "notices"
+    __table_args__ = (UniqueConstraint("package_id", "email"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    package_id: Mapped[str] = mapped_column(ForeignKey("packages.id"), index=True)
+    email: Mapped[str] = mapped_column(String(254))
+    instance: Mapped[str] = mapped_column(String(32))
+    claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class LoginFailure(Base):
     """A failed authentication, for throttling and intrusion alerts."""
 
@@ -136,18 +152,96 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
+def engine_url(url: str) -> str:
+    """The SQLAlchemy URL for a database URL: ``postgresql://`` means psycopg 3."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain) :]
+    return url
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for messages and logs."""
+    return make_url(engine_url(url)).render_as_string(hide_password=True)
+
+
+def open_engine(url: str, pool_size: int = 5) -> Engine:
+    """An engine for ``url``: SQLite with its pragmas, or a pooled PostgreSQL engine.
+
+    :param pool_size: connections kept per process (PostgreSQL); a few more may open
+        under bursts and close again.
+    """
+    url = engine_url(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        engine = create_engine(url, future=True)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        url,
+        future=True,
+        pool_size=max(pool_size, 1),
+        max_overflow=2,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 10},
+    )
+
+
 class Database:
     """The metadata database of one hub home."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.engine: Engine = create_engine(url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+    def __init__(self, url: str, pool_size: int = 5) -> None:
+        self.url = engine_url(url)
+        self.engine: Engine = open_engine(url, pool_size)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
     def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create or upgrade the schema to the newest migration (see :mod:`.migrate`)."""
+        from emix_core.store.migrate import upgrade
+
+        upgrade(self.engine)
+
+    @contextmanager
+    def leader(self, name: str, lock_dir: Path | None = None) -> Iterator[bool]:
+        """Try to become the one instance doing ``name`` (a timer's job) right now.
+
+        Yields ``True`` to the leader and ``False`` to everyone else, without waiting.
+        PostgreSQL: a session advisory lock held on one connection for the duration, so
+        it is released even when the leader dies (its connection closes). SQLite (one
+        machine): an exclusive ``flock`` on a file beside the database.
+        """
+        if not self.is_sqlite:
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            with self.engine.connect() as conn:
+                got = conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
+                conn.commit()
+                try:
+                    yield bool(got)
+                finally:
+                    if got:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                        conn.commit()
+            return
+        folder = lock_dir or Path(make_url(self.url).database or ".").parent
+        with open(folder / f".{name}.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def ping(self) -> None:
+        """One round trip to the database (readiness checks)."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
 
     @contextmanager
     def session(self) -> Iterator[Session]:
