@@ -8,11 +8,15 @@ an advisory lock, so hub instances starting together migrate one after the other
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.exc import OperationalError
 
 from emix_core.errors import ConfigError
 
@@ -35,8 +39,19 @@ def head() -> str:
 
 def current(engine: Engine) -> str | None:
     """The revision the database is at (``None``: empty, or made before migrations)."""
-    with engine.connect() as conn:
+    with _reaching(engine), engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+@contextmanager
+def _reaching(engine: Engine) -> Iterator[None]:
+    """Say which database does not answer (without its password), not a traceback."""
+    try:
+        yield
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0][:300]
+        url = engine.url.render_as_string(hide_password=True)
+        raise ConfigError(f"the database {url} does not answer: {reason}") from None
 
 
 def _lock(conn: Connection) -> None:
@@ -46,7 +61,7 @@ def _lock(conn: Connection) -> None:
 
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Bring the schema to ``revision`` (default: newest); return the revision reached."""
-    with engine.begin() as conn:
+    with _reaching(engine), engine.begin() as conn:
         _lock(conn)
         tables = set(inspect(conn).get_table_names())
         if "alembic_version" not in tables and "facilities" in tables:
@@ -62,7 +77,7 @@ def downgrade(engine: Engine, revision: str) -> str | None:
         known = {s.revision for s in ScriptDirectory.from_config(_config(None)).walk_revisions()}
         if revision not in known:
             raise ConfigError(f"unknown schema revision {revision!r}; known: {sorted(known)}")
-    with engine.begin() as conn:
+    with _reaching(engine), engine.begin() as conn:
         _lock(conn)
         command.downgrade(_config(conn), revision)
     return current(engine)

@@ -12,6 +12,8 @@ conftest of their own. They start **real** peers on 127.0.0.1 only and stop them
   report, once per session.
 * ``orthanc_factory``: real Orthanc PACS instances with the DICOMweb plugin
   (:mod:`emix_core.testing.pacs`).
+* ``postgres`` and ``ceph_rgw``: a PostgreSQL server and a one-node Ceph cluster with
+  its S3 gateway, once per session (:mod:`emix_core.testing.engines`).
 
 Helpers: :func:`emix` and :func:`emix_json` run the real command line,
 :func:`make_hub` starts another hub, :func:`free_port` finds a loopback port.
@@ -58,9 +60,13 @@ __all__ = [
     "make_certificates",
     "make_sample_study",
     "needs_orthanc",
+    # database and object-store engines, from emix_core.testing.engines
+    "CephRgw",
+    "Postgres",
 ]
 
-_PACS_NAMES = frozenset(__all__[__all__.index("ORTHANC") :])
+_PACS_NAMES = frozenset(__all__[__all__.index("ORTHANC") : __all__.index("CephRgw")])
+_ENGINE_NAMES = frozenset(__all__[__all__.index("CephRgw") :])
 
 
 def __getattr__(name: str) -> Any:
@@ -68,12 +74,26 @@ def __getattr__(name: str) -> Any:
         from emix_core.testing import pacs
 
         return getattr(pacs, name)
+    if name in _ENGINE_NAMES:
+        from emix_core.testing import engines
+
+        return getattr(engines, name)
     raise AttributeError(f"module 'emix_core.testing' has no attribute {name!r}")
 
 
 #: Fixtures that start real processes or peers: a test using one is marked ``e2e``.
 E2E_FIXTURES = frozenset(
-    {"hub", "mercy", "lakeside", "orthanc_factory", "hub_process", "sites", "study_200"}
+    {
+        "hub",
+        "mercy",
+        "lakeside",
+        "orthanc_factory",
+        "hub_process",
+        "sites",
+        "study_200",
+        "postgres",
+        "ceph_rgw",
+    }
 )
 
 
@@ -350,6 +370,47 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
             pacs.stop(wait=False)
         for pacs in started:
             pacs.stop()
+
+
+def _missing_engine(message: str) -> None:
+    """Skip, except under ``CI`` where a missing engine is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A PostgreSQL server on a free loopback port (:class:`~.engines.Postgres`); use
+    ``postgres.new_database()`` for an empty database of a test's own."""
+    from emix_core.testing.engines import Postgres, postgres_bin
+
+    if postgres_bin() is None:
+        _missing_engine("PostgreSQL is not installed (bash .ci/system-deps)")
+    server = Postgres().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph_rgw() -> Iterator[Any]:
+    """A one-node Ceph cluster with the RADOS Gateway on a free loopback port
+    (:class:`~.engines.CephRgw`); ``ceph_rgw.new_bucket()`` for a bucket of a test's own."""
+    from emix_core.testing.engines import CephRgw, ceph_installed
+
+    if not ceph_installed():
+        _missing_engine(
+            "Ceph (ceph-mon, ceph-osd, radosgw) is not installed (bash .ci/system-deps)"
+        )
+    if os.geteuid() != 0:
+        pytest.skip("a Ceph cluster of its own needs root (its daemons and OSD file)")
+    cluster = CephRgw().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 # In-process hubs (the fast loop): fixtures hub_app and hub_server.

@@ -9,6 +9,8 @@ Create Date: 2026-12-03
 import sqlalchemy as sa
 from alembic import op
 
+from emix_core.errors import ConfigError
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -68,7 +70,7 @@ def downgrade() -> None:
     if _audit_in_database():
         rows = op.get_bind().execute(sa.text("SELECT count(*) FROM audit_events")).scalar()
         if rows:
-            raise RuntimeError(
+            raise ConfigError(
                 f"refusing to downgrade: the audit chain holds {rows} rows, kept six years; "
                 "export them (emix audit export) and move them elsewhere first"
             )
