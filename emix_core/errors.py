@@ -115,3 +115,10 @@ class HubUnavailable(EmixError):
 
     http_status = 503
     code = "unavailable"
+
+
+class StorageUnavailable(EmixError):
+    """The hub's object store did not answer or refused its credentials; retry later."""
+
+    http_status = 503
+    code = "storage_unavailable"

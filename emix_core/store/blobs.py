@@ -40,7 +40,7 @@ class BlobStore(Protocol):
 
 
 def check_key(key: str) -> str:
-    if not KEY_RE.match(key):
+    if not KEY_RE.match(key) or key.rsplit("/", 1)[-1] in (".", ".."):
         raise UnsafePathError("internal blob key rejected")
     return key
 

@@ -21,18 +21,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from emix_core.errors import ConfigError, EmixError, NotFoundError
+from emix_core.errors import ConfigError, NotFoundError, StorageUnavailable
 from emix_core.store.blobs import CHUNK, check_key
 
 #: Multipart part size; S3 needs at least 5 MiB for every part but the last.
 PART_SIZE = 8 * 1024 * 1024
-
-
-class BlobStoreUnavailable(EmixError):
-    """The object store did not answer or refused the hub's credentials."""
-
-    http_status = 503
-    code = "blob_store_unavailable"
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -50,7 +43,9 @@ def _client() -> Any:
         from botocore.config import Config
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise ConfigError("the S3 blob store needs boto3: pip install 'emix-core[scale]'") from exc
-    return boto3.client(
+    # a session of its own: credentials are read from the environment now, not cached
+    # process-wide by boto3's default session
+    return boto3.session.Session().client(
         "s3",
         region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         config=Config(
@@ -64,9 +59,9 @@ def _client() -> Any:
     )
 
 
-def _unavailable(exc: Exception) -> BlobStoreUnavailable:
+def _unavailable(exc: Exception) -> StorageUnavailable:
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-    return BlobStoreUnavailable(
+    return StorageUnavailable(
         f"the S3 object store refused or did not answer ({code}); check AWS_ENDPOINT_URL, "
         "the credentials and that the bucket exists"
     )
@@ -117,7 +112,7 @@ class _S3Writer:
                     UploadId=self.upload_id,
                     MultipartUpload={"Parts": self.parts},
                 )
-        except BlobStoreUnavailable:
+        except StorageUnavailable:
             raise
         except Exception as exc:
             raise _unavailable(exc) from exc
