@@ -6,6 +6,7 @@ with the package's data key, so destroying that key at retention shreds it too.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from emix_core.model import utcnow
@@ -222,9 +224,11 @@ class Database:
                 try:
                     yield bool(got)
                 finally:
-                    if got:
-                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                        conn.commit()
+                    # a dropped connection released the lock already
+                    with contextlib.suppress(DBAPIError):
+                        if got:
+                            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                            conn.commit()
             return
         folder = lock_dir or Path(make_url(self.url).database or ".").parent
         with open(folder / f".{name}.lock", "a") as handle:
