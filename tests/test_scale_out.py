@@ -9,7 +9,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from email import message_from_bytes
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from emix_core.testing import (
     PATIENT_ID,
     PATIENT_NAME,
     HubProcess,
+    SmtpServer,
     emix,
     emix_json,
     free_port,
@@ -40,11 +43,23 @@ MIB = 1024 * 1024
 class Pair:
     """Two running instances, the database and the bucket they share."""
 
-    def __init__(self, a: HubProcess, b: HubProcess, url: str, bucket: str, rgw) -> None:  # type: ignore[no-untyped-def]
-        self.a, self.b, self.url, self.bucket, self.rgw = a, b, url, bucket, rgw
+    def __init__(self, root: Path, a: HubProcess, b: HubProcess, url: str, bucket: str, rgw):  # type: ignore[no-untyped-def]
+        self.root, self.a, self.b, self.url, self.bucket, self.rgw = root, a, b, url, bucket, rgw
 
-    def env(self, address: str, hub: HubProcess, tmp_path: Path) -> dict[str, str]:
-        home = tmp_path / f"side-{address}"
+    def side(self, address: str) -> Path:
+        """A facility's own home (one per facility, for the whole module: its key is
+        registered once)."""
+        return self.root / f"side-{address}"
+
+    def running(self) -> Pair:
+        """Both instances up (a test that killed one may have failed before restarting it)."""
+        for hub in (self.a, self.b):
+            if hub.process is None or hub.process.poll() is not None:
+                hub.start()
+        return self
+
+    def env(self, address: str, hub: HubProcess) -> dict[str, str]:
+        home = self.side(address)
         token = self.a.facilities[address]["token"]
         return {"EMIX_HOME": str(home), "EMIX_HUB_URL": hub.url, "EMIX_TOKEN": token}
 
@@ -59,12 +74,30 @@ class Pair:
         }
 
 
-@pytest.fixture
-def pair(tmp_path, postgres, ceph_rgw, smtp_server, monkeypatch):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def mail() -> Iterator[SmtpServer]:
+    """One SMTP sink for the module's two instances (tests tell their mails apart by link)."""
+    from aiosmtpd.controller import Controller
+
+    server = SmtpServer(port=free_port())
+
+    class Handler:
+        async def handle_DATA(self, _server, _session, envelope):  # noqa: N802
+            server.messages.append(message_from_bytes(envelope.content))
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=server.port)
+    controller.start()
+    yield server
+    controller.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, postgres, ceph_rgw, mail) -> Iterator[Pair]:
+    """Instances ``a`` and ``b`` of one hub: same keys, same database, same bucket."""
     url = postgres.new_database()
     bucket = ceph_rgw.new_bucket()
-    for name, value in {**ceph_rgw.env, "EMIX_SMTP_URL": smtp_server.url}.items():
-        monkeypatch.setenv(name, value)  # the hubs and every CLI run inherit it
+    root = tmp_path_factory.mktemp("pair")
     shared = [
         "--database",
         url,
@@ -73,24 +106,31 @@ def pair(tmp_path, postgres, ceph_rgw, smtp_server, monkeypatch):  # type: ignor
         "--public-url",
         "https://hub.example.org",
     ]
-    hubs = []
-    for name in ("a", "b"):
-        home, port = tmp_path / f"hub-{name}", free_port()
-        if hubs:  # every instance holds the same keys
-            shutil.copytree(hubs[0].home / "keys", home / "keys")
-        emix("hub", "init", "--home", str(home), "--port", str(port), *shared)
-        hubs.append(HubProcess(home=home, port=port))
-    a, b = hubs
-    try:
-        a.start()
-        b.start()
-        a.add_facility("Mercy General", "admin@mercy.example.org", "mercy", "pdf")
-        a.add_facility("Lakeside Imaging", "it@lakeside.example.org", "lakeside", "hl7")
-        b.facilities = a.facilities
-        yield Pair(a, b, url, bucket, ceph_rgw)
-    finally:
-        a.stop()
-        b.stop()
+    hubs: list[HubProcess] = []
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {**ceph_rgw.env, "EMIX_SMTP_URL": mail.url}.items():
+            env.setenv(name, value)  # the hubs and every CLI run inherit it
+        try:
+            for name in ("a", "b"):
+                home, port = root / f"hub-{name}", free_port()
+                if hubs:  # every instance holds the same keys
+                    shutil.copytree(hubs[0].home / "keys", home / "keys")
+                emix("hub", "init", "--home", str(home), "--port", str(port), *shared)
+                hubs.append(HubProcess(home=home, port=port))
+                hubs[-1].start()
+            a, b = hubs
+            a.add_facility("Mercy General", "admin@mercy.example.org", "mercy", "pdf")
+            a.add_facility("Lakeside Imaging", "it@lakeside.example.org", "lakeside", "hl7")
+            b.facilities = a.facilities
+            yield Pair(root, a, b, url, bucket, ceph_rgw)
+        finally:
+            for hub in hubs:
+                hub.stop()
+
+
+def mails_about(server: SmtpServer, package: str) -> list[str]:
+    bodies = [(m["To"], m.get_payload(decode=True).decode()) for m in server.messages]
+    return sorted(to for to, body in bodies if package in body)
 
 
 def digests(root: Path) -> set[str]:
@@ -106,24 +146,28 @@ def assert_no_phi_under_the_bucket(pair: Pair) -> int:
     return len(blobs)
 
 
-def test_send_through_one_instance_receive_through_the_other(pair, tmp_path, smtp_server):
+def test_send_through_one_instance_receive_through_the_other(pair, tmp_path, mail):
+    pair.running()
     study = tmp_path / "study"
     generate_study(study, slices=20, series=2, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
-    mercy = pair.env("mercy", pair.a, tmp_path)
+    mercy = pair.env("mercy", pair.a)
     sent = emix_json("send", str(study), "--to", "lakeside", env=mercy)
     assert sent["failed"] == [] and sent["items"] == 20
     package = sent["package"]
 
-    lakeside = pair.env("lakeside", pair.b, tmp_path)  # the other instance
+    lakeside = pair.env("lakeside", pair.b)  # the other instance
     assert [p["id"] for p in emix_json("inbox", env=lakeside)["packages"]] == [package]
     out = tmp_path / "received"
     got = emix_json("receive", package, "--out", str(out), env=lakeside)
     assert got["items"] == 20
     assert digests(out / package) == digests(study)
-    assert len(smtp_server.wait_for(1)) == 1  # one notice, from one instance
+    mail.wait_for(1)
+    time.sleep(1)
+    assert mails_about(mail, package) == ["it@lakeside.example.org"]  # once, from one instance
 
     # only ciphertext in the bucket, one object per item plus the manifest
-    assert assert_no_phi_under_the_bucket(pair) == 21
+    assert len(pair.rgw.objects(pair.bucket, f"emix/{package}/")) == 21
+    assert_no_phi_under_the_bucket(pair)
     for hub in (pair.a, pair.b):
         ready = requests.get(f"{hub.url}/readyz", timeout=10)
         assert ready.status_code == 200
@@ -133,16 +177,21 @@ def test_send_through_one_instance_receive_through_the_other(pair, tmp_path, smt
     purged = emix_json(
         "retention", "purge", "--home", str(pair.b.home), "--now", "2099-01-01T00:00:00Z"
     )
-    assert purged["purged"] == [package]
-    assert pair.rgw.objects(pair.bucket) == []
+    assert package in purged["purged"]
+    assert pair.rgw.objects(pair.bucket, f"emix/{package}/") == []
     gone = emix("receive", package, "--out", str(tmp_path / "again"), env=lakeside, check=False)
     assert gone.returncode != 0
 
 
 def test_audit_chain_verifies_after_500_concurrent_requests_on_two_instances(pair):
+    pair.running()
     token = pair.a.facilities["lakeside"]["token"]
     headers = {"Authorization": f"Bearer {token}"}
     urls = [f"{(pair.a, pair.b)[n % 2].url}/api/v1/inbox" for n in range(500)]
+    count = "SELECT count(*) FROM audit_events WHERE event_type='query'"
+    engine = pair.engine()
+    with engine.connect() as conn:
+        before = conn.scalar(text(count))
 
     def list_inbox(url: str) -> int:
         return requests.get(url, headers=headers, timeout=120).status_code
@@ -154,10 +203,9 @@ def test_audit_chain_verifies_after_500_concurrent_requests_on_two_instances(pai
         verified = emix_json("audit", "verify", "--home", str(hub.home))
         assert verified["ok"], verified
         assert verified["rows"] >= 500
-    engine = pair.engine()
     with engine.connect() as conn:
         seqs = [r[0] for r in conn.execute(text("SELECT seq FROM audit_events ORDER BY seq"))]
-        listed = conn.scalar(text("SELECT count(*) FROM audit_events WHERE event_type='query'"))
+        listed = conn.scalar(text(count)) - before
     engine.dispose()
     assert seqs == list(range(1, len(seqs) + 1))  # one chain: no gap, no fork
     assert listed == 500
@@ -185,6 +233,7 @@ class SlowFile:
 def test_kill_9_mid_upload_loses_nothing_acknowledged_and_retry_on_the_other_completes(
     pair, tmp_path
 ):
+    pair.running()
     study = tmp_path / "study"
     generate_study(
         study / "ct",
@@ -209,7 +258,7 @@ def test_kill_9_mid_upload_loses_nothing_acknowledged_and_retry_on_the_other_com
     big = max(items, key=lambda i: i.size)
     assert big.size > 3 * 8 * MIB  # a mammography-sized image: several S3 parts
 
-    sender = LocalHome(tmp_path / "side-mercy")
+    sender = LocalHome(pair.side("mercy"))
     token = pair.a.facilities["mercy"]["token"]
     client_a, client_b = sender.client(pair.a.url, token), sender.client(pair.b.url, token)
     sender.register_key(client_a)
@@ -261,6 +310,7 @@ def test_kill_9_mid_upload_loses_nothing_acknowledged_and_retry_on_the_other_com
     slow.release.set()
     thread.join(60)
     assert failure and isinstance(failure[0], HubUnavailable)
+    assert requests.get(f"{pair.b.url}/readyz", timeout=10).status_code == 200
 
     # nothing acknowledged is lost; the interrupted item is not half there
     engine = pair.engine()
@@ -268,7 +318,7 @@ def test_kill_9_mid_upload_loses_nothing_acknowledged_and_retry_on_the_other_com
         stored = conn.execute(select(ItemRow.item_id).where(ItemRow.package_id == package))
         assert sorted(r[0] for r in stored) == sorted(i.id for i in acknowledged)
     engine.dispose()
-    objects = set(pair.rgw.objects(pair.bucket))
+    objects = set(pair.rgw.objects(pair.bucket, f"emix/{package}/"))
     assert objects == {f"emix/{package}/{i.id}" for i in acknowledged}
 
     # the sender retries on the other instance: the item, then the seal
@@ -285,25 +335,30 @@ def test_kill_9_mid_upload_loses_nothing_acknowledged_and_retry_on_the_other_com
     }
     sealed = client_b.seal(package, crypto.sign_document(sender.signing_key, manifest))
     assert sealed["state"] == "sealed"
-    lakeside = pair.env("lakeside", pair.b, tmp_path)
+    lakeside = pair.env("lakeside", pair.b)
     out = tmp_path / "received"
     got = emix_json("receive", package, "--out", str(out), env=lakeside)
     assert got["items"] == len(items)
     assert digests(out / package) == digests(study)
-    assert assert_no_phi_under_the_bucket(pair) == len(items) + 1
+    assert len(pair.rgw.objects(pair.bucket, f"emix/{package}/")) == len(items) + 1
+    assert_no_phi_under_the_bucket(pair)
 
     # the dead instance's unfinished upload is collected with the package at retention
-    emix_json("retention", "purge", "--home", str(pair.b.home), "--now", "2099-01-01T00:00:00Z")
-    assert pair.rgw.objects(pair.bucket) == []
-    assert s3.list_multipart_uploads(Bucket=pair.bucket).get("Uploads", []) == []
+    purge = ["retention", "purge", "--home", str(pair.b.home), "--now", "2099-01-01T00:00:00Z"]
+    assert package in emix_json(*purge)["purged"]
+    assert pair.rgw.objects(pair.bucket, f"emix/{package}/") == []
+    leftover = s3.list_multipart_uploads(Bucket=pair.bucket, Prefix=f"emix/{package}/")
+    assert leftover.get("Uploads", []) == []
+    pair.running()  # a back in service for the next tests
 
 
-def test_seal_racing_on_two_instances_seals_and_notifies_once(pair, tmp_path, smtp_server):
+def test_seal_racing_on_two_instances_seals_and_notifies_once(pair, tmp_path, mail):
+    pair.running()
     study = tmp_path / "study"
     generate_study(study, slices=2, series=1, patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
     prepared = [prepare_file(p) for p in sorted(study.rglob("*.dcm"))]
     items = [_item(n, p) for n, p in enumerate(prepared, start=1)]
-    sender = LocalHome(tmp_path / "side-mercy")
+    sender = LocalHome(pair.side("mercy"))
     token = pair.a.facilities["mercy"]["token"]
     clients = [sender.client(hub.url, token) for hub in (pair.a, pair.b)]
     sender.register_key(clients[0])
@@ -342,11 +397,11 @@ def test_seal_racing_on_two_instances_seals_and_notifies_once(pair, tmp_path, sm
         outcomes = sorted(pool.map(seal, clients))
     assert outcomes == ["conflict", "sealed"]
     time.sleep(2)  # a second notice, were there one, would have arrived by now
-    recipients = sorted(m["To"] for m in smtp_server.messages)
-    assert recipients == ["it@lakeside.example.org"]  # the admin and the member are one person
+    # the facility's admin and the addressed member are one person here: one mail
+    assert mails_about(mail, package) == ["it@lakeside.example.org"]
 
 
-def test_purge_timer_and_leader_lock_on_postgresql(pair):
+def test_timers_lead_by_advisory_lock_on_postgresql(pair):
     from emix_core.store.db import Database
 
     first, second = Database(pair.url, pool_size=1), Database(pair.url, pool_size=1)
