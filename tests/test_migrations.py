@@ -163,3 +163,16 @@ def test_unreachable_database_is_named_without_its_password(tmp_path):
     assert result.returncode == 1
     assert "does not answer" in result.stderr and "127.0.0.1" in result.stderr
     assert "s3cret-pw" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sqlite_timers_have_one_leader_per_home(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    other = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    with db.leader("retention") as leading:
+        assert leading
+        with other.leader("retention") as second:
+            assert not second
+        with other.leader("digest") as independent:
+            assert independent
+    with other.leader("retention") as leading:
+        assert leading

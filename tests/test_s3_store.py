@@ -106,3 +106,32 @@ def test_wrong_credentials_are_a_clear_error_without_secrets(ceph_rgw, monkeypat
     w.write(b"x")
     with pytest.raises(StorageUnavailable):
         w.commit()
+
+
+@pytest.mark.e2e
+def test_readiness_names_the_object_store_when_its_bucket_is_missing(
+    ceph_rgw, monkeypatch, tmp_path
+):
+    from emix_core.hub import create_app
+    from emix_core.hub.context import init_hub_home
+
+    for name, value in ceph_rgw.env.items():
+        monkeypatch.setenv(name, value)
+    home = tmp_path / "hub"
+    init_hub_home(home, blob_url=f"s3://{ceph_rgw.new_bucket()}/emix")
+    client = create_app(home).test_client()
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json["database"] == ready.json["blobs"] == "ok"
+
+    monkeypatch.setenv("EMIX_BLOB_URL", "s3://no-such-bucket/emix")
+    client = create_app(home).test_client()
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json == {
+        "ready": False,
+        "instance": ready.json["instance"],
+        "database": "ok",
+        "blobs": "unavailable",
+    }
+    assert client.get("/healthz").status_code == 200  # alive, just not ready
