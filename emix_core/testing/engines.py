@@ -156,7 +156,7 @@ class Postgres:
 
     def stop(self) -> None:
         data = self.root / "data"
-        if (data / "postmaster.pid").exists():
+        if self.bin is not None and (data / "postmaster.pid").exists():
             try:
                 self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
             except subprocess.SubprocessError:
