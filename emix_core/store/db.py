@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -94,7 +95,7 @@ class PackageRow(Base):
     wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     summary: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     item_count: Mapped[int] = mapped_column(Integer, default=0)
-    total_size: Mapped[int] = mapped_column(Integer, default=0)
+    total_size: Mapped[int] = mapped_column(BigInteger, default=0)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
@@ -116,7 +117,7 @@ class ItemRow(Base):
     __tablename__ = "items"
     package_id: Mapped[str] = mapped_column(ForeignKey("packages.id"), primary_key=True)
     item_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     media_type: Mapped[str] = mapped_column(String(100))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
