@@ -346,11 +346,11 @@ def test_dicom_audit_message_follows_ps3_15(log: AuditLog) -> None:
     patient = objects["Patient Number"]
     assert patient.get("ParticipantObjectID") == PATIENT_ID
     assert patient.findtext("ParticipantObjectName") == PATIENT_NAME
-    assert [c.tag for c in root][:3] == [
-        "EventIdentification",
-        "ActiveParticipant",
-        "AuditSourceIdentification",
-    ]
+    tags = [c.tag for c in root]
+    # PS3.15 A.5.1 order: event, every active participant, the audit source, the objects.
+    assert tags[0] == "EventIdentification"
+    assert tags[1:4] == ["ActiveParticipant"] * 3
+    assert tags[4] == "AuditSourceIdentification"
 
 
 def test_fhir_audit_event_is_a_valid_r4_resource(log: AuditLog) -> None:

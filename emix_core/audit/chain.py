@@ -49,7 +49,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import NullPool
 
-from emix_core.audit.export import EVENT_TYPES, to_dicom_audit_message, to_fhir_audit_event
+from emix_core.audit.export import (
+    EVENT_TYPES,
+    to_dicom_audit_message,
+    to_dicom_audit_messages,
+    to_fhir_audit_event,
+)
 from emix_core.crypto import (
     KEY_SIZE,
     SigningKey,
@@ -70,6 +75,7 @@ __all__ = [
     "genesis_hash",
     "row_hash",
     "to_dicom_audit_message",
+    "to_dicom_audit_messages",
     "to_fhir_audit_event",
 ]
 

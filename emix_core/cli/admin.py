@@ -354,20 +354,35 @@ def audit_checkpoints(home: str | None, as_json: bool) -> None:
 )
 @click.option("--package", default=None, help="Only events about this package.")
 @click.option("--limit", type=int, default=1000, show_default=True)
+@click.option(
+    "--audit-source-id",
+    default=None,
+    help="AuditSourceID naming this node (default: the host name).",
+)
 @handle_errors
-def audit_export(home: str | None, fmt: str, package: str | None, limit: int) -> None:
-    """Export events as DICOM PS3.15 audit messages or FHIR AuditEvents, one per line."""
+def audit_export(
+    home: str | None, fmt: str, package: str | None, limit: int, audit_source_id: str | None
+) -> None:
+    """Export events as DICOM PS3.15 audit messages or FHIR AuditEvents, one per line.
+
+    A DICOM event about several patients becomes one message per patient (PS3.15 A.5.3).
+    """
+    import socket
+
     from lxml import etree
 
     from emix_core.audit import chain as audit_mod
 
+    node = audit_source_id or socket.gethostname()
     log = _audit_log(home)
     for row in log.events(package_id=package, limit=limit, include_phi=True):
         if fmt == "dicom":  # one message a line, as syslog (RFC 5425) carries them
-            xml = etree.fromstring(audit_mod.to_dicom_audit_message(row).encode("utf-8"))
-            click.echo(etree.tostring(xml, encoding="unicode"))
+            for text in audit_mod.to_dicom_audit_messages(row, audit_source_id=node):
+                xml = etree.fromstring(text.encode("utf-8"))
+                click.echo(etree.tostring(xml, encoding="unicode"))
         else:
-            click.echo(json.dumps(audit_mod.to_fhir_audit_event(row), ensure_ascii=False))
+            event = audit_mod.to_fhir_audit_event(row, audit_source_id=node)
+            click.echo(json.dumps(event, ensure_ascii=False))
 
 
 # --------------------------------------------------------------------------- retention
