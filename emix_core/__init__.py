@@ -106,6 +106,8 @@ _EXPORTS: dict[str, str] = {
     "hub_public_url": "emix_core.hub.reader",
     "hub_settings": "emix_core.hub.reader",
     "audit_hub_event": "emix_core.hub.reader",
+    "to_dicom_audit_messages": "emix_core.audit.export",
+    "event_row": "emix_core.audit.export",
     # reports
     "Report": "emix_core.reports.model",
     "Patient": "emix_core.reports.model",
@@ -212,6 +214,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         retry_delay,
         time_now,
     )
+    from emix_core.audit.export import event_row, to_dicom_audit_messages
     from emix_core.hub.auth import client_source, current_principal, is_allowed, require
     from emix_core.hub.reader import (
         PackageContent,

@@ -245,14 +245,17 @@ def emix_key_wrapper(home: str) -> Any | None:
 
 
 @hookspec
-def emix_audit_event(event: AuditEvent) -> None:
+def emix_audit_event(event: AuditEvent, home: str | None) -> None:
     """Notification: an auditable action happened. Every plugin may record or forward it.
 
     The built-in recorder appends it to the hash-chained log of the process's home.
 
     :param event: the audit event; ``event.phi`` holds PHI, handle it accordingly.
+    :param home: the home folder whose log recorded it (hub or facility side), so a
+        forwarder can read that home's ``emix.toml``; ``None`` when unknown.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 ``home``.
     """
 
 

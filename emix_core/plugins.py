@@ -306,9 +306,9 @@ class Hooks:
 
     # ------------------------------------------------------------------ audit
 
-    def audit_event(self, event: AuditEvent) -> list[str]:
+    def audit_event(self, event: AuditEvent, home: str | None = None) -> list[str]:
         """Notification to forwarders, *after* the core appended ``event`` to its chain."""
-        return self._each("emix_audit_event", event=event)
+        return self._each("emix_audit_event", event=event, home=home)
 
     # ------------------------------------------------------------------ host
 

@@ -12,17 +12,22 @@ import base64
 import ipaddress
 import json
 from collections.abc import Iterator
-from typing import Any
+from datetime import UTC
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
 from emix_core.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from emix_core.model import AuditEvent
 
 __all__ = [
     "ACTION_CODES",
     "DCM_SYSTEM",
     "EVENT_TYPES",
     "action_code",
+    "event_row",
     "event_type_code",
     "to_dicom_audit_message",
     "to_dicom_audit_messages",
@@ -50,6 +55,24 @@ _OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 _SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 _PACKAGE_SYSTEM = "urn:emix:package"
 _OUTCOME_TEXT = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
+
+
+def event_row(event: AuditEvent) -> dict[str, Any]:
+    """An :class:`~emix_core.model.AuditEvent` as a row of
+    :meth:`~emix_core.audit.chain.AuditLog.events` (``include_phi=True``, no ``seq``), for
+    forwarders that export events as they happen."""
+    moment = event.time if event.time.tzinfo else event.time.replace(tzinfo=UTC)
+    return {
+        "time": moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "event_type": event.event_type,
+        "action": str(event.action),
+        "outcome": int(event.outcome),
+        "actor": event.actor,
+        "source": event.source,
+        "package_id": event.package_id,
+        "phi": dict(event.phi),
+        "detail": event.detail,
+    }
 
 
 def _event_code(row: dict[str, Any]) -> tuple[str, str, str]:

@@ -66,7 +66,7 @@ class LocalHome:
         logged and never stops the operation.
         """
         self.audit_log.append(event)
-        hooks_for(self.pm).audit_event(event)
+        hooks_for(self.pm).audit_event(event, home=str(self.path))
 
     def client(self, hub_url: str | None = None, token: str | None = None) -> HubClient:
         """A hub client from flags, else ``EMIX_HUB_URL``/``EMIX_TOKEN``, else config."""

@@ -106,7 +106,7 @@ class Hub:
         a forwarder that fails is logged and the operation goes on.
         """
         self.audit_log.append(event)
-        hooks_for(self.pm).audit_event(event)
+        hooks_for(self.pm).audit_event(event, home=str(self.config.home))
         if self.audit_log.head()[0] % max(self.config.hub.checkpoint_every, 1) == 0:
             self.audit_log.checkpoint()
 

@@ -1,0 +1,74 @@
+"""emix ATNA forwarder: every audit event, as IHE ATNA expects, to an audit record repository.
+
+Each event a home records (hub or facility side) becomes one DICOM PS3.15 A.5 audit
+message per patient, sent as RFC 5424 syslog over TLS (RFC 5425 framing) to the
+repository named in the home's ``emix.toml``::
+
+    [atna]
+    url = "tls://arr.hospital.example:6514"
+    ca_bundle = "keys/arr-ca.pem"
+    client_cert = "keys/node.pem"
+    client_key = "keys/node.key"
+    audit_source_id = "mercy-gateway-1"
+
+Without an ``[atna] url`` (or ``EMIX_ATNA_URL``) the plugin stays idle: no thread, no
+queue file. Messages wait in ``atna-queue.db`` in the home while the repository is down.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from pathlib import Path
+
+from emix_atna.forwarder import DiskQueue, Forwarder, frame, syslog_message
+from emix_atna.settings import AtnaSettings, load_settings
+from emix_core import AuditEvent, hookimpl, resolve_home
+
+__all__ = [
+    "AtnaSettings",
+    "DiskQueue",
+    "Forwarder",
+    "forwarder_for",
+    "frame",
+    "load_settings",
+    "syslog_message",
+]
+
+log = logging.getLogger("emix.atna")
+
+_forwarders: dict[Path, Forwarder | None] = {}
+_lock = threading.Lock()
+
+
+def forwarder_for(home: str | Path | None) -> Forwarder | None:
+    """The home's forwarder, started on first use; ``None`` when ATNA is not configured."""
+    path = resolve_home(str(home) if home else None)
+    with _lock:
+        if path not in _forwarders:
+            settings = load_settings(path)
+            _forwarders[path] = Forwarder(settings) if settings else None
+        return _forwarders[path]
+
+
+@hookimpl
+def emix_audit_event(event: AuditEvent, home: str | None) -> None:
+    """Queue the event for the home's audit record repository, if one is configured."""
+    forwarder = forwarder_for(home)
+    if forwarder is not None:
+        forwarder.record(event)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A short command (``emix send``) exits right after its event: send it first."""
+    for forwarder in list(_forwarders.values()):
+        if forwarder is None:
+            continue
+        if not forwarder.flush(forwarder.settings.flush_seconds):
+            log.warning(
+                "%d audit messages still queued for %s; they go with the next emix run",
+                len(forwarder.queue),
+                forwarder.settings.url,
+            )
