@@ -70,7 +70,10 @@ def read_header(stream: BinaryIO) -> FrameHeader | None:
         return None
     if magic != FRAME_MAGIC:
         raise InvalidInput("malformed batch upload: expected a frame marker")
-    (length,) = struct.unpack(">I", read_exactly(stream, 4) or b"\0\0\0\0")
+    raw_length = read_exactly(stream, 4)
+    if len(raw_length) != 4:
+        raise InvalidInput("malformed batch upload: the stream ends inside a frame header")
+    (length,) = struct.unpack(">I", raw_length)
     if not 0 < length <= MAX_HEADER:
         raise InvalidInput("malformed batch upload: bad frame header length")
     try:

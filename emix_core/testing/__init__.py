@@ -103,6 +103,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "e2e: starts real processes and peers (gunicorn hub, Orthanc, browsers, databases); "
         "`pytest -m 'not e2e'` is the fast in-process loop",
     )
+    config.addinivalue_line(
+        "markers",
+        "fuzz: property-based fuzzing of a parser of outside bytes (emix_core.testing.fuzz); "
+        "EMIX_FUZZ_EXAMPLES sets the examples per target",
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
