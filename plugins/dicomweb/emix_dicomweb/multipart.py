@@ -8,6 +8,7 @@ the instance files from disk as the HTTP library sends them.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ class PartEnd:
     """The current part is complete."""
 
 
+#: RFC 2046 section 5.1.1: 1 to 70 of these characters, not ending in a space (longer
+#: boundaries are tolerated up to 200, as some servers send them).
+_BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]*[0-9A-Za-z'()+_,\-./:=?]")
+
+
 def media_type_parameters(value: str) -> tuple[str, dict[str, str]]:
     """Split a ``Content-Type`` value into its media type and parameters (lower-case keys)."""
     message = Message()
@@ -58,7 +64,9 @@ def boundary_of(content_type: str) -> bytes:
     boundary = params.get("boundary", "")
     if not media_type.startswith("multipart/") or not 0 < len(boundary) <= 200:
         raise InvalidInput(f"expected a multipart answer with a boundary, got {media_type!r}")
-    return boundary.encode("latin-1")
+    if not isinstance(boundary, str) or not _BOUNDARY_RE.fullmatch(boundary):  # RFC 2231 tuple
+        raise InvalidInput("the multipart answer's boundary has characters RFC 2046 forbids")
+    return boundary.encode("ascii")
 
 
 def iter_multipart(
