@@ -198,10 +198,30 @@ toml_scalars = st.one_of(
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.booleans(),
     st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=12),
+    # relative only: a path setting must not make the fuzzer touch folders outside its own
+    st.text(max_size=12).map(lambda t: t.lstrip("/~")),
+    st.sampled_from(["folder", "dicomweb", "mllp", "outbox", "http://127.0.0.1:9/dicom-web"]),
 )
 toml_tables = st.dictionaries(
-    st.sampled_from(["kind", "path", "to", "home", "poll_seconds", "name", "url", "x"]),
+    st.sampled_from(
+        [
+            "kind",
+            "path",
+            "to",
+            "home",
+            "poll_seconds",
+            "name",
+            "url",
+            "x",
+            "parallel",
+            "tls_verify",
+            "state",
+            "host",
+            "port",
+            "timeout_seconds",
+            "stable_seconds",
+        ]
+    ),
     toml_scalars | st.lists(toml_scalars, max_size=3),
     max_size=5,
 )
@@ -232,11 +252,16 @@ gateway_documents = st.fixed_dictionaries(
 )
 
 
+#: With entry points: the installed plugins' source and destination factories read their
+#: tables too.
+GATEWAY_PM = get_plugin_manager()
+
+
 def _load_gateway(text: bytes):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "gateway.toml"
         path.write_bytes(text)
-        return load_gateway(path, PM)
+        return load_gateway(path, GATEWAY_PM)
 
 
 @fuzz_settings()
@@ -287,3 +312,22 @@ def test_a_manifest_with_untyped_item_ids_is_refused(items: list) -> None:
     document = {"format": MANIFEST_FORMAT, "package": _ROW.id, "sender": _PACKAGE.sender}
     with pytest.raises(EmixError):
         check_manifest(_stored(_STORED), _ROW, _PACKAGE, {**document, "items": items})
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("home = 0", "home must be a str"),
+        ("state = 1", "state must be a str"),
+        ('parallel = "abc"', "parallel must be an integer from 1 to 64"),
+        ("parallel = true", "parallel must be an integer from 1 to 64"),
+        ("tls_verify = 3", "tls_verify must be a boolean or a str"),
+        ('deliver_received = "yes"', "deliver_received must be a boolean"),
+    ],
+)
+def test_a_gateway_setting_of_the_wrong_type_is_a_config_error(table: str, message: str) -> None:
+    """Found by fuzzing: ``home = 0`` raised TypeError from pathlib."""
+    from emix_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _load_gateway(f"[gateway]\n{table}\n".encode())

@@ -255,6 +255,7 @@ class Gateway:
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ConfigError(f"unknown setting [gateway] {unknown[0]} in {config_path}")
+        _check_types(settings, config_path)
         self.config_path = config_path
         self.base_dir = config_path.parent
         self.settings = dict(settings)
@@ -416,6 +417,35 @@ class Gateway:
             "sources": sources,
             "inbound": inbound,
         }
+
+
+#: The TOML types each ``[gateway]`` setting takes (numbers are checked by :func:`_number`).
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "home": (str,),
+    "hub_url": (str,),
+    "token": (str,),
+    "token_file": (str,),
+    "tls_verify": (bool, str),
+    "state": (str,),
+    "parallel": (int,),
+    "deliver_received": (bool,),
+}
+
+
+def _check_types(settings: dict[str, Any], config_path: Path) -> None:
+    """Refuse a ``[gateway]`` value of the wrong TOML type, naming the setting."""
+    for key, types in _SETTING_TYPES.items():
+        if key not in settings:
+            continue
+        value = settings[key]
+        wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if key == "parallel" and not wrong and not 1 <= value <= 64:
+            wrong = True
+        if wrong:
+            names = " or ".join("a boolean" if t is bool else f"a {t.__name__}" for t in types)
+            if key == "parallel":
+                names = "an integer from 1 to 64"
+            raise ConfigError(f"[gateway] {key} must be {names} in {config_path}")
 
 
 def _number(settings: dict[str, Any], key: str, default: float, *, minimum: float) -> float:
