@@ -261,3 +261,47 @@ def test_every_event_type_makes_a_well_formed_message(log) -> None:
         assert root.find("AuditSourceIdentification").get("AuditSourceID") == "node-7"
         if row["event_type"] in {"begin-transferring", "instances-transferred", "export", "import"}:
             assert set(roles(root)) == {"110153", "110152"}
+
+
+def test_the_export_command_writes_one_line_per_patient_under_the_nodes_source_id(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    from emix_core.cli.main import build_cli
+    from emix_core.client.home import LocalHome
+    from emix_core.plugins import get_plugin_manager
+
+    home = LocalHome(tmp_path / "home", get_plugin_manager(load_entry_points=False))
+    home.audit(
+        AuditEvent(
+            event_type="instances-transferred",
+            action="R",
+            actor="dr.lee@mercy.example",
+            package_id="pkg1",
+            phi={
+                "studies": [
+                    {"study_uid": STUDY_A, "patient_id": "PAT-1"},
+                    {"study_uid": STUDY_B, "patient_id": "PAT-2"},
+                ]
+            },
+            detail="sent 2 items",
+        )
+    )
+    result = CliRunner().invoke(
+        build_cli(),
+        [
+            "audit",
+            "export",
+            "--home",
+            str(home.path),
+            "--format",
+            "dicom",
+            "--audit-source-id",
+            "mercy-gw1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    messages = [check_structure(line) for line in result.output.splitlines()]
+    assert [objects(m, "1", "1") for m in messages] == [["PAT-1"], ["PAT-2"]]
+    assert {roles(m)["110153"].get("UserID") for m in messages} == {"mercy-gw1"}
