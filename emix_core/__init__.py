@@ -156,6 +156,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from emix_core.audit.export import event_row, to_dicom_audit_messages
     from emix_core.cli.util import (
         client_for,
         emit_json,
@@ -214,7 +215,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         retry_delay,
         time_now,
     )
-    from emix_core.audit.export import event_row, to_dicom_audit_messages
     from emix_core.hub.auth import client_source, current_principal, is_allowed, require
     from emix_core.hub.reader import (
         PackageContent,

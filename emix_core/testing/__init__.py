@@ -47,6 +47,10 @@ __all__ = [
     "free_port",
     "make_hub",
     "side",
+    # fuzzing helpers, from emix_core.testing.fuzz (needs hypothesis; imported on first use)
+    "fuzz_settings",
+    "mutated",
+    "within_limits",
     # real PACS and TLS peers, from emix_core.testing.pacs (imported on first use)
     "ORTHANC",
     "PLUGIN",
@@ -70,6 +74,10 @@ _ENGINE_NAMES = frozenset(__all__[__all__.index("CephRgw") :])
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("fuzz_settings", "mutated", "within_limits"):
+        from emix_core.testing import fuzz
+
+        return getattr(fuzz, name)
     if name in _PACS_NAMES:
         from emix_core.testing import pacs
 

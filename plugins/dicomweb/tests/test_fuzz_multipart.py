@@ -12,7 +12,7 @@ from emix_dicomweb.multipart import PartEnd, PartHeaders, boundary_of, iter_mult
 from hypothesis import given
 from hypothesis import strategies as st
 
-from emix_core.testing.fuzz import fuzz_settings, mutated, within_limits
+from emix_core.testing import fuzz_settings, mutated, within_limits
 
 pytestmark = pytest.mark.fuzz
 

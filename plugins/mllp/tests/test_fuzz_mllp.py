@@ -15,7 +15,7 @@ from emix_mllp.client import END_BLOCK, START_BLOCK, _Reader, control_id, parse_
 from hypothesis import given
 from hypothesis import strategies as st
 
-from emix_core.testing.fuzz import fuzz_settings, mutated, within_limits
+from emix_core.testing import fuzz_settings, mutated, within_limits
 
 pytestmark = pytest.mark.fuzz
 
