@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -38,18 +39,20 @@ __all__ = [
 
 log = logging.getLogger("emix.atna")
 
-_forwarders: dict[Path, Forwarder | None] = {}
+#: Per process and home: a forked child (a gunicorn worker) starts its own sender thread.
+_forwarders: dict[tuple[int, Path], Forwarder | None] = {}
 _lock = threading.Lock()
 
 
 def forwarder_for(home: str | Path | None) -> Forwarder | None:
     """The home's forwarder, started on first use; ``None`` when ATNA is not configured."""
     path = resolve_home(str(home) if home else None)
+    key = (os.getpid(), path)
     with _lock:
-        if path not in _forwarders:
+        if key not in _forwarders:
             settings = load_settings(path)
-            _forwarders[path] = Forwarder(settings) if settings else None
-        return _forwarders[path]
+            _forwarders[key] = Forwarder(settings) if settings else None
+        return _forwarders[key]
 
 
 @hookimpl
@@ -63,8 +66,8 @@ def emix_audit_event(event: AuditEvent, home: str | None) -> None:
 @atexit.register
 def _flush_at_exit() -> None:
     """A short command (``emix send``) exits right after its event: send it first."""
-    for forwarder in list(_forwarders.values()):
-        if forwarder is None:
+    for (pid, _), forwarder in list(_forwarders.items()):
+        if forwarder is None or pid != os.getpid():
             continue
         if not forwarder.flush(forwarder.settings.flush_seconds):
             log.warning(

@@ -20,7 +20,7 @@ from emix_atna import Forwarder, frame, load_settings, syslog_message
 from lxml import etree
 
 from emix_core import AuditEvent, ConfigError, LocalHome, get_plugin_manager
-from emix_core.testing import free_port, make_certificates
+from emix_core.testing import emix, free_port, make_certificates, make_hub
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 needs_rsyslog = pytest.mark.skipif(
@@ -313,6 +313,60 @@ def test_a_queue_left_by_a_stopped_process_is_sent_by_the_next(tmp_path: Path, c
         assert details(receiver.messages()) == ["event 1", "event 2", "event 3"]
     finally:
         receiver.stop()
+
+
+@pytest.mark.e2e
+@needs_rsyslog
+def test_a_hub_and_its_commands_forward_their_events(tmp_path: Path, certs, repository) -> None:
+    """The hub's gunicorn worker and a short `emix hub` command both reach the repository."""
+    import requests
+
+    env = {
+        "EMIX_ATNA_URL": f"tls://127.0.0.1:{repository.port}",
+        "EMIX_ATNA_CA_BUNDLE": str(certs.ca),
+        "EMIX_ATNA_CLIENT_CERT": str(certs.client_cert),
+        "EMIX_ATNA_CLIENT_KEY": str(certs.client_key),
+        "EMIX_ATNA_AUDIT_SOURCE_ID": "hub-1",
+        "EMIX_ATNA_RETRY_SECONDS": "0.5",
+    }
+    hub = make_hub(tmp_path, env=env)
+    try:
+        emix(
+            "hub",
+            "facility",
+            "add",
+            "Mercy General",
+            "--email",
+            "admin@mercy.example.org",
+            "--address",
+            "mercy",
+            "--home",
+            str(hub.home),
+            env=env,
+        )
+        answer = requests.get(
+            f"{hub.url}/api/v1/me", headers={"Authorization": "Bearer wrong"}, timeout=10
+        )
+        assert answer.status_code == 401
+
+        def codes() -> set[str]:
+            return {
+                m.find("EventIdentification/EventID").get("csd-code") for m in repository.messages()
+            }
+
+        assert wait_for(lambda: {"110113", "110114"} <= codes()), codes()
+    finally:
+        hub.stop()
+    by_code = {
+        m.find("EventIdentification/EventID").get("csd-code"): m for m in repository.messages()
+    }
+    login = by_code["110114"]
+    assert login.find("EventIdentification/EventTypeCode").get("originalText") == "Login"
+    assert login.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    assert login.find("AuditSourceIdentification").get("AuditSourceID") == "hub-1"
+    assert {p.get("NetworkAccessPointID") for p in login.findall("ActiveParticipant")} >= {
+        "127.0.0.1"
+    }
 
 
 def test_the_plugin_is_found_by_its_entry_point() -> None:
