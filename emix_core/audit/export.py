@@ -308,8 +308,9 @@ def _per_patient(phi: Any) -> list[tuple[tuple[str, str | None] | None, list[str
             own = own + [s for s in loose if s not in own]
             loose = []
         groups.append(((ident, name), own))
-    for ident, own in studies.items():  # a study names a patient the PHI does not list
-        groups.append(((ident, None), own))
+    for owner, own in studies.items():  # a study names a patient the PHI does not list
+        if owner is not None:
+            groups.append(((owner, None), own))
     if loose or not groups:
         groups.append((None, loose))
     return groups

@@ -68,10 +68,11 @@ def within_limits(
         tracemalloc.start()
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
+    caught: tuple[type[BaseException], ...] = (EmixError, *allowed)
     try:
         try:
             result: T | BaseException = call(*args)
-        except (EmixError, *allowed) as exc:
+        except caught as exc:
             result = exc
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
