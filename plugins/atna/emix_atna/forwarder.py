@@ -70,6 +70,8 @@ class DiskQueue:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.touch(mode=0o600, exist_ok=True)  # it holds PHI: the owner's only
         with self._connect() as db:
             db.execute("pragma journal_mode=wal")
             db.execute(

@@ -276,6 +276,7 @@ def test_while_the_repository_is_down_events_wait_on_disk_and_arrive_once_in_ord
             forwarder.record(transfer(n))
         time.sleep(2)  # a few failed attempts (retry every 0.5 s)
         assert len(forwarder.queue) == 6
+        assert settings.queue_path.stat().st_mode & 0o077 == 0  # PHI: the owner's only
         assert "unreachable" not in forwarder.last_error  # the cause, for the log
         assert forwarder.last_error
 
