@@ -23,6 +23,8 @@ import os
 import threading
 from pathlib import Path
 
+import click
+
 from emix_atna.forwarder import DiskQueue, Forwarder, frame, syslog_message
 from emix_atna.settings import AtnaSettings, load_settings
 from emix_core import AuditEvent, hookimpl, resolve_home
@@ -53,6 +55,14 @@ def forwarder_for(home: str | Path | None) -> Forwarder | None:
             settings = load_settings(path)
             _forwarders[key] = Forwarder(settings) if settings else None
         return _forwarders[key]
+
+
+@hookimpl
+def emix_register_commands(cli: click.Group) -> None:
+    """``emix atna status`` and ``emix atna flush``."""
+    from emix_atna.cli import atna
+
+    cli.add_command(atna)
 
 
 @hookimpl

@@ -7,6 +7,7 @@ RFC 5425 octet-counted frames and writes each message's MSGID and body to a file
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -280,6 +281,9 @@ def test_while_the_repository_is_down_events_wait_on_disk_and_arrive_once_in_ord
         assert "unreachable" not in forwarder.last_error  # the cause, for the log
         assert forwarder.last_error
 
+        waiting = emix("atna", "status", "--json", "--home", str(home))
+        assert json.loads(waiting.stdout)["queued"] == 6
+
         repository.start()
         assert wait_for(lambda: len(repository.messages()) >= 9)
         assert wait_for(lambda: len(forwarder.queue) == 0)
@@ -303,8 +307,13 @@ def test_a_queue_left_by_a_stopped_process_is_sent_by_the_next(tmp_path: Path, c
     first.record(transfer(1))
     first.record(transfer(2))
     first.close()  # the process ends while the repository is down
+    refused = emix("atna", "flush", "--timeout", "1", "--json", "--home", str(home), check=False)
+    assert refused.returncode == 1 and json.loads(refused.stdout)["queued"] == 2
     receiver.start()
     try:
+        flushed = json.loads(emix("atna", "flush", "--json", "--home", str(home)).stdout)
+        assert (flushed["flushed"], flushed["queued"]) == (True, 0)
+        assert details(receiver.messages()) == ["event 1", "event 2"]
         second = Forwarder(load_settings(home))
         try:
             second.record(transfer(3))
