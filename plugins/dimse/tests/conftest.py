@@ -1,0 +1,34 @@
+"""Fixtures of the DIMSE tests: a real hub, emix listeners as processes, dcmtk, Orthanc."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from emix_core.testing import HubProcess
+from plugins.dimse.tests.helpers import ListenerProcess
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: starts processes or real peers")
+
+
+@pytest.fixture
+def listeners(tmp_path: Path, hub: HubProcess) -> Iterator[Callable[..., ListenerProcess]]:
+    """Start ``emix dimse listen`` processes for a facility of the ``hub``; stopped after."""
+    made: list[ListenerProcess] = []
+
+    def make(address: str = "mercy", *args: str, start: bool = True) -> ListenerProcess:
+        listener = ListenerProcess(tmp_path / f"listener-{len(made)}", hub, address, list(args))
+        made.append(listener)
+        if start:
+            listener.start()
+        return listener
+
+    try:
+        yield make
+    finally:
+        for listener in made:
+            listener.stop()
