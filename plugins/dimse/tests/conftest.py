@@ -32,3 +32,14 @@ def listeners(tmp_path: Path, hub: HubProcess) -> Iterator[Callable[..., Listene
     finally:
         for listener in made:
             listener.stop()
+
+
+@pytest.fixture
+def offline_listener(tmp_path: Path) -> Iterator[ListenerProcess]:
+    """A listener whose hub is unreachable: what it acknowledges stays in its spool."""
+    listener = ListenerProcess(tmp_path / "offline", None, "mercy", ["--to", "lakeside"])
+    listener.start()
+    try:
+        yield listener
+    finally:
+        listener.stop()

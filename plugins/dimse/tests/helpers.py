@@ -70,7 +70,7 @@ class ListenerProcess:
     """``emix dimse listen`` in a child process, sending as facility ``address``."""
 
     root: Path
-    hub: HubProcess
+    hub: HubProcess | None
     address: str
     args: list[str] = field(default_factory=list)
     ae_title: str = "EMIX"
@@ -86,11 +86,27 @@ class ListenerProcess:
         return self.root / "listen.log"
 
     def env(self) -> dict[str, str]:
+        if self.hub is None:  # nothing leaves: what arrives stays in the spool
+            return {
+                "EMIX_HOME": str(self.home),
+                "EMIX_HUB_URL": "http://127.0.0.1:9",
+                "EMIX_TOKEN": "emx_offline",
+            }
         return {
             "EMIX_HOME": str(self.home),
             "EMIX_HUB_URL": self.hub.url,
             "EMIX_TOKEN": self.hub.facilities[self.address]["token"],
         }
+
+    def spooled(self) -> int:
+        """Instances acknowledged and waiting in the spool (read from its journal)."""
+        import sqlite3
+
+        journals = list((self.home / "dimse-listen").glob("dimse-*/journal.db"))
+        if not journals:
+            return 0
+        with sqlite3.connect(journals[0], timeout=30) as db:
+            return db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
 
     def start(self) -> ListenerProcess:
         self.root.mkdir(parents=True, exist_ok=True)
