@@ -185,7 +185,9 @@ class Spool:
         return StoredInstance(key, target, size)
 
     def remove_strays(self) -> int:
-        """Remove spool files without a journal row (never acknowledged); at start."""
+        """At start: remove spool files without a journal row (never acknowledged), and
+        give waiting studies a full settle time again (the modality may resume)."""
+        self.db().execute("UPDATE groups SET last_arrival = ?", (time.time(),))
         known = {r["file"] for r in self.db().execute("SELECT file FROM instances")}
         removed = 0
         for path in self.files.iterdir():

@@ -98,6 +98,16 @@ class ListenerProcess:
             "EMIX_TOKEN": self.hub.facilities[self.address]["token"],
         }
 
+    def batches(self) -> list[str]:
+        """States of the spool's batches (sending, sealing, sent)."""
+        import sqlite3
+
+        journals = list((self.home / "dimse-listen").glob("dimse-*/journal.db"))
+        if not journals:
+            return []
+        with sqlite3.connect(journals[0], timeout=30) as db:
+            return [r[0] for r in db.execute("SELECT state FROM batches ORDER BY id")]
+
     def spooled(self) -> int:
         """Instances acknowledged and waiting in the spool (read from its journal)."""
         import sqlite3

@@ -3,6 +3,7 @@ with every dataset byte identical; unknown callers are rejected; everything is a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -89,3 +90,53 @@ def test_compressed_instances_cross_with_identical_datasets(listeners, lakeside,
     syntaxes = {pydicom.dcmread(f).file_meta.TransferSyntaxUID for f in got}
     assert syntaxes == {pydicom.dcmread(f).file_meta.TransferSyntaxUID for f in sources}
     assert len(syntaxes) == 4
+
+
+def test_kill_9_loses_nothing_acknowledged_and_sends_nothing_twice(listeners, lakeside, tmp_path):
+    import subprocess
+
+    from emix_core import generate_study
+
+    files = generate_study(
+        tmp_path / "ct",
+        slices=80,
+        series=1,
+        rows=256,
+        columns=256,
+        patient_name="TEST^KILL",
+        patient_id="PID-KILL-9",
+        accession_number="ACC-KILL-9",
+    )
+    listener = listeners("mercy", "--to", "lakeside", "--settle", "2")
+    # 1. killed in the middle of an association
+    modality = subprocess.Popen(
+        ["storescu", "-aet", "MODALITY", "-aec", "EMIX", "127.0.0.1", str(listener.port)]
+        + [str(f) for f in files],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: listener.spooled() >= 10, 60, "ten acknowledged instances")
+    listener.kill()
+    modality.wait(timeout=60)
+    acknowledged = listener.spooled()
+    assert 10 <= acknowledged < len(files)
+    listener.start()
+    # the modality sends the study again, as it does after a failed transfer
+    result = storescu(listener.port, files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert listener.spooled() == len(files)  # acknowledged twice, kept once
+    # 2. killed while the study is being sent to the hub
+    wait_for(lambda: listener.batches(), 30, "the study to leave")
+    listener.kill()
+    listener.start()
+    packages = wait_for(lambda: inbox(lakeside.env), 60, "the package in lakeside's inbox")
+    wait_for(lambda: "sent" in listener.batches(), 30, "the batch to be journaled as sent")
+    assert listener.batches() == ["sent"], listener.log_text()[-3000:]
+    time.sleep(3)  # a second package would show by now
+    packages = inbox(lakeside.env)
+    assert len(packages) == 1, packages
+    assert packages[0]["items"] == len(files)
+    got = received_files(packages[0]["id"], tmp_path / "received", lakeside.env)
+    assert sorted(dataset_bytes(f) for f in got) == sorted(dataset_bytes(f) for f in files)
+    assert listener.spooled() == 0
+    assert not any((listener.home / "dimse-listen").glob("dimse-*/instances/*"))
