@@ -261,3 +261,92 @@ def deliver_command(
             + (f"; {result.documents} documents not stored" if result.documents else "")
         )
     sys.exit(0 if report.complete else 1)
+
+
+@dimse.command("send")
+@peer_options
+@click.option("--study", default=None, help="Study Instance UID.")
+@click.option("--accession", default=None, help="Accession Number.")
+@click.option("--patient-id", default=None, help="Patient ID (every study of the patient).")
+@click.option("--to", "to", multiple=True, required=True, help="Recipient address (repeatable).")
+@click.option(
+    "--move-dest",
+    default=None,
+    help="Retrieve with C-MOVE to this AE title (the PACS must know it) instead of C-GET.",
+)
+@click.option(
+    "--move-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port emix listens on for the C-MOVE (where the PACS sends --move-dest).",
+)
+@click.option("--expires-days", type=click.IntRange(1, 3650), default=None)
+@hub_option
+@token_option
+@home_option
+@json_option
+@handle_errors
+def send_command(
+    call: Any,
+    study: str | None,
+    accession: str | None,
+    patient_id: str | None,
+    to: tuple[str, ...],
+    move_dest: str | None,
+    move_port: int | None,
+    expires_days: int | None,
+    hub_url: str | None,
+    token: str | None,
+    home: str | None,
+    as_json: bool,
+) -> None:
+    """Find studies on the PACS (C-FIND), retrieve them untouched (C-GET, or C-MOVE with
+    --move-dest) and send them as one package. Exit 0 when every instance was sent."""
+    from emix_core import client_for
+    from emix_dimse.peers import check_ae_title
+    from emix_dimse.retrieve import pull_and_send
+
+    if sum(1 for key in (study, accession, patient_id) if key) != 1:
+        raise click.UsageError("give one of --study, --accession or --patient-id")
+    if move_dest:
+        try:
+            move_dest = check_ae_title(move_dest, "--move-dest")
+        except ConfigError as exc:
+            raise click.UsageError(exc.message) from None
+        if not move_port:
+            raise click.UsageError("--move-dest needs --move-port (where the PACS sends it)")
+    local, client = client_for(hub_url, token, home)
+    with transfer_progress("sending", not as_json) as progress:
+        result = pull_and_send(
+            call,
+            list(to),
+            study=study,
+            accession=accession,
+            patient_id=patient_id,
+            client=client,
+            home=local,
+            move_dest=move_dest,
+            move_port=move_port or 0,
+            expires_days=expires_days,
+            parallel=local.config.client.parallel,
+            progress=progress,
+        )
+    sent = result.sent
+    ok = bool(sent.package_id) and not sent.failed and not result.retrieved.failed
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        for failure in sent.failed:
+            click.secho(f"not sent: {failure.error}", fg="yellow", err=True)
+        if result.retrieved.failed:
+            click.secho(
+                f"{result.retrieved.failed} instances were not retrieved", fg="yellow", err=True
+            )
+        click.echo(
+            f"package {sent.package_id}: {sent.items} instances of {result.studies} studies "
+            f"from {call.peer.ae_title} ({result.retrieved.method}), "
+            f"{sent.bytes / 1e6:.1f} MB, to {', '.join(to)}"
+            if sent.package_id
+            else "nothing was sent"
+        )
+    sys.exit(0 if ok else 1)
