@@ -215,3 +215,68 @@ def inbox(env: dict[str, str]) -> list[dict]:
 def received_files(package: str, out: Path, env: dict[str, str]) -> list[Path]:
     emix("receive", package, "--out", str(out), env=env)
     return sorted(p for p in (out / package).rglob("*.dcm"))
+
+
+@dataclass
+class GatewayProcess:
+    """``emix gateway run`` with a given gateway.toml, in a child process."""
+
+    root: Path
+    config: str
+    process: subprocess.Popen | None = None
+
+    def start(self) -> GatewayProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "gateway.toml").write_text(self.config, "utf-8")
+        with open(self.root / "gateway.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "emix_core",
+                    "gateway",
+                    "run",
+                    "--config",
+                    str(self.root / "gateway.toml"),
+                    "--log-format",
+                    "json",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def log_text(self) -> str:
+        path = self.root / "gateway.log"
+        return path.read_text("utf-8", errors="replace") if path.exists() else ""
+
+    def wait_listening(self) -> None:
+        wait_for(
+            lambda: "dimse.listener.started" in self.log_text() or self.process.poll() is not None,
+            30,
+            "the gateway's listener",
+        )
+        assert self.process.poll() is None, self.log_text()
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def gateway_config(hub: HubProcess, address: str, *tables: str) -> str:
+    token = hub.facilities[address]["token"]
+    head = (
+        f'[gateway]\nhome = "home"\nhub_url = "{hub.url}"\ntoken = "{token}"\n'
+        "poll_seconds = 0.2\nretry_max_seconds = 2\n"
+    )
+    return head + "\n" + "\n".join(tables)
