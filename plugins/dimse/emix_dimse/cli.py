@@ -184,12 +184,18 @@ def listen_command(
     gateway.run(stop)
 
 
+def _with_fields(record: Any) -> bool:
+    if not hasattr(record, "emix"):
+        record.emix = ""
+    return True
+
+
 def _logging() -> None:
     import logging
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s %(emix)s"))
-    handler.addFilter(lambda record: setattr(record, "emix", getattr(record, "emix", "")) or True)
+    handler.addFilter(_with_fields)
     root = logging.getLogger("emix")
     root.addHandler(handler)
     root.setLevel(logging.INFO)

@@ -185,7 +185,7 @@ class Listener:
         ae.maximum_associations = s.max_associations
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_REJECTED, self._on_rejected),

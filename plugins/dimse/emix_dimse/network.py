@@ -70,7 +70,7 @@ class GuardedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
+        sock: Any = assoc.dul.socket
         sock.__class__ = GuardedSocket
         sock.limit = max(int(self.ae.maximum_pdu_size or 0), 16 * 1024) + PDU_SLACK
         nodelay(sock.socket)

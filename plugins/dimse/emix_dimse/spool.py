@@ -238,7 +238,8 @@ class Spool:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        return self.batch(int(batch_id))
+        assert batch_id is not None
+        return self.batch(batch_id)
 
     def batch(self, batch_id: int) -> Batch:
         db = self.db()

@@ -11,10 +11,6 @@ from emix_core.testing import HubProcess
 from plugins.dimse.tests.helpers import ListenerProcess
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "e2e: starts processes or real peers")
-
-
 @pytest.fixture
 def listeners(tmp_path: Path, hub: HubProcess) -> Iterator[Callable[..., ListenerProcess]]:
     """Start ``emix dimse listen`` processes for a facility of the ``hub``; stopped after."""
