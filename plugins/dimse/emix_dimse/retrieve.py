@@ -284,6 +284,8 @@ def _move(
     ae.maximum_pdu_size = call.max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = call.timeout
     ae.require_called_aet = True
+    # only the PACS asked to move may store here during the retrieval
+    ae.require_calling_aet = [call.peer.ae_title]
     ae.add_supported_context(Verification)
     try:
         server = ThreadedAssociationServer(
