@@ -274,6 +274,5 @@ class DimseSource:
             "allow": [str(a) for a in s.allow],
             "send_on": self.send_on,
             **self.spool.status(),
-            "counters": dict(self.listener.counters),
             "last_error": self.last_error,
         }
