@@ -128,3 +128,24 @@ def test_dataset_that_is_not_the_announced_instance_is_refused(offline_listener,
     assert status.Status == 0xA900
     assert offline_listener.spooled() == 0
     still_serving(offline_listener)
+
+
+def test_associations_beyond_the_cap_are_rejected_and_the_rest_served(tmp_path):
+    from plugins.dimse.tests.helpers import ListenerProcess
+
+    listener = ListenerProcess(
+        tmp_path / "capped", None, "mercy", ["--to", "lakeside", "--max-associations", "1"]
+    ).start()
+    try:
+        first = associate(listener.port)
+        ae = AE(ae_title="SECOND")
+        ae.add_requested_context(Verification)
+        second = ae.associate("127.0.0.1", listener.port, ae_title="EMIX")
+        assert second.is_rejected
+        assert first.send_c_echo().Status == 0x0000
+        first.release()
+        # the released association's thread ends a moment later, then there is room again
+        wait_for(lambda: echoscu(listener.port).returncode == 0, 10, "room for a caller")
+        still_serving(listener)
+    finally:
+        listener.stop()

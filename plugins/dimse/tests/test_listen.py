@@ -140,3 +140,14 @@ def test_kill_9_loses_nothing_acknowledged_and_sends_nothing_twice(listeners, la
     assert sorted(dataset_bytes(f) for f in got) == sorted(dataset_bytes(f) for f in files)
     assert listener.spooled() == 0
     assert not any((listener.home / "dimse-listen").glob("dimse-*/instances/*"))
+
+
+def test_send_on_association_end_does_not_wait_for_the_settle_time(listeners, lakeside):
+    listener = listeners(
+        "mercy", "--to", "lakeside", "--send-on", "association-end", "--settle", "3600"
+    )
+    files = [Path(get_testdata_file(n)) for n in ("CT_small.dcm", "MR_small.dcm")]
+    result = storescu(listener.port, files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    packages = wait_for(lambda: inbox(lakeside.env), 30, "the package once the association ended")
+    assert sum(p["items"] for p in packages) == 2
