@@ -350,7 +350,8 @@ def study_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
-    """Start Orthanc instances (``factory(name, lua=..., extra=...)``); all stopped after.
+    """Start Orthanc instances (``factory(name, lua=..., extra=...)``; ``dicom=True`` and
+    ``modalities={name: (aet, host, port)}`` for its DICOM server); all stopped after.
 
     Skips when Orthanc or its DICOMweb plugin is missing, except under ``CI`` where a
     missing PACS is a failure (``bash .ci/system-deps`` installs it).
@@ -370,9 +371,18 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
         lua: str = "",
         auth: tuple[str, str] | None = None,
         start: bool = True,
+        dicom: bool = False,
+        modalities: dict[str, tuple[str, str, int]] | None = None,
         **extra: Any,
     ) -> Orthanc:
-        pacs = Orthanc(tmp_path_factory.mktemp(name), lua=lua, auth=auth, extra=extra)
+        pacs = Orthanc(
+            tmp_path_factory.mktemp(name),
+            lua=lua,
+            auth=auth,
+            extra=extra,
+            dicom=dicom,
+            modalities=dict(modalities or {}),
+        )
         started.append(pacs)
         return pacs.start() if start else pacs
 

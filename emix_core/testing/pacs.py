@@ -4,6 +4,8 @@ a sample study of compressed, multi-frame and generated instances.
 Each :class:`Orthanc` runs from a generated JSON config on a free port with
 ``RemoteAccessAllowed: false`` and the DICOM (DIMSE) server off, so it never listens
 on 4242/8042 and nothing outside this machine can reach it; it is stopped after use.
+With ``dicom=True`` its DICOM server runs too, on a free port (Orthanc 1.10 binds it to
+every address: the port is random and the modalities it knows are on 127.0.0.1 only).
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ class Orthanc:
     lua: str = ""
     auth: tuple[str, str] | None = None
     process: subprocess.Popen | None = None
+    #: run Orthanc's DICOM server (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE SCP) too
+    dicom: bool = False
+    dicom_port: int = field(default_factory=free_port)
+    aet: str = "ORTHANC"
+    #: DICOM nodes Orthanc knows: name -> (AE title, host, port)
+    modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
 
     @property
     def base(self) -> str:
@@ -87,14 +95,22 @@ class Orthanc:
         """The DICOMweb base URL, as a PACS administrator would configure it."""
         return f"{self.base}/dicom-web"
 
+    @property
+    def dicom_address(self) -> str:
+        """``AET@127.0.0.1:PORT`` of its DICOM server (with ``dicom=True``)."""
+        return f"{self.aet}@127.0.0.1:{self.dicom_port}"
+
     def config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "Name": self.root.name,
             "StorageDirectory": str(self.root / "db"),
             "IndexDirectory": str(self.root / "db"),
             "HttpPort": self.port,
-            "DicomServerEnabled": False,
-            "DicomPort": free_port(),
+            "DicomServerEnabled": self.dicom,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            "DicomCheckModalityHost": True,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "HttpThreadsCount": 8,
@@ -162,6 +178,10 @@ class Orthanc:
         )
         answer.raise_for_status()
         assert answer.json()["Status"] in ("Success", "AlreadyStored"), answer.text
+
+    def post(self, path: str, body: Any, **kw: Any) -> requests.Response:
+        kw.setdefault("auth", self.auth)
+        return requests.post(self.base + path, json=body, timeout=600, **kw)
 
     def sop_instance_uids(self) -> set[str]:
         uids = set()

@@ -1,0 +1,77 @@
+"""What pynetdicom needs to behave as emix wants, in one place.
+
+* received datasets go to a file as their P-DATA fragments arrive (never a whole
+  instance in memory) and are sent from files without being decoded;
+  storage presentation contexts are accepted with the transfer syntax proposed;
+* no identifiers in pynetdicom's logs (they are PHI);
+* a socket that refuses a PDU longer than the listener's limit before reading it
+  (pynetdicom would read all of it into memory first), reads in large chunks, and
+  sets TCP_NODELAY.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from typing import Any
+
+from pynetdicom import _config
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+__all__ = ["configure_pynetdicom", "GuardedRequestHandler", "nodelay"]
+
+#: Room above the negotiated maximum PDU length for PDU and item headers.
+PDU_SLACK = 64 * 1024
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings (idempotent)."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
+def nodelay(sock: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not TCP, or already closed
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class GuardedSocket(AssociationSocket):
+    """An association socket with a ceiling on the PDU length it will read."""
+
+    limit: int = 16 * 1024 * 1024
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.limit:
+            # pynetdicom turns this into "transport connection closed" (Evt17)
+            raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.limit}")
+        sock = self.socket
+        if sock is None:
+            return bytearray()
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        got = 0
+        while got < nr_bytes:
+            count = sock.recv_into(view[got:], nr_bytes - got)
+            if not count:
+                del view
+                return buffer[:got]
+            got += count
+        return buffer
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Creates each acceptor association with a :class:`GuardedSocket`."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        sock: Any = assoc.dul.socket
+        sock.__class__ = GuardedSocket
+        sock.limit = max(int(self.ae.maximum_pdu_size or 0), 16 * 1024) + PDU_SLACK
+        nodelay(sock.socket)
+        return assoc
