@@ -81,6 +81,10 @@ class ClientSettings:
     token: str = ""
     #: Verify the hub's TLS certificate (``true``, ``false`` or a CA bundle path).
     tls_verify: bool | str = True
+    #: A CA bundle (PEM file) to trust for the hub, e.g. a hospital's private CA. Also set
+    #: by ``--ca-bundle`` or ``EMIX_CA_BUNDLE``; ``REQUESTS_CA_BUNDLE`` and ``SSL_CERT_FILE``
+    #: are honoured when none of these is set.
+    ca_bundle: str = ""
     #: Parallel uploads and downloads.
     parallel: int = 4
 
@@ -120,6 +124,22 @@ class Config:
         return self.hub.database_url or f"sqlite:///{self.home / 'metadata.db'}"
 
     @property
+    def tls_verify(self) -> bool | str:
+        """What the hub client verifies TLS with: a CA bundle path, ``True`` or ``False``."""
+        bundle = self.client.ca_bundle
+        if bundle:
+            path = Path(bundle).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"the CA bundle {path} does not exist or is not a file")
+            return str(path)
+        if self.client.tls_verify is not True:
+            return self.client.tls_verify
+        for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+            if os.environ.get(name):
+                return os.environ[name]
+        return True
+
+    @property
     def keys_dir(self) -> Path:
         return self.home / "keys"
 
@@ -148,6 +168,8 @@ def load_config(home: str | os.PathLike[str] | None = None) -> Config:
         config.client.hub_url = env["EMIX_HUB_URL"]
     if env.get("EMIX_TOKEN"):
         config.client.token = env["EMIX_TOKEN"]
+    if env.get("EMIX_CA_BUNDLE"):
+        config.client.ca_bundle = env["EMIX_CA_BUNDLE"]
     if env.get("EMIX_SMTP_URL"):
         config.smtp.url = env["EMIX_SMTP_URL"]
     if env.get("EMIX_CORS_ORIGINS"):

@@ -15,6 +15,8 @@ import click
 
 from emix_core import __version__
 from emix_core.cli.util import (
+    add_common_options,
+    ca_bundle_param,
     emit_json,
     handle_errors,
     home_option,
@@ -22,6 +24,7 @@ from emix_core.cli.util import (
     json_option,
     token_option,
     transfer_progress,
+    verbose_param,
 )
 from emix_core.config import resolve_home
 from emix_core.errors import EmixError
@@ -52,6 +55,8 @@ class EmixCLI(click.Group):
         if command is None:
             self.load_plugin_commands()
             command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            add_common_options(command)
         return command
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -225,6 +230,28 @@ def receive(
         )
 
 
+@click.command()
+@hub_option
+@token_option
+@home_option
+@json_option
+@handle_errors
+def facilities(hub_url: str | None, token: str | None, home: str | None, as_json: bool) -> None:
+    """List the facilities on your hub: the addresses `emix send --to` accepts."""
+    client = _local_home(home).client(hub_url, token)
+    rows = client.facilities()
+    if as_json:
+        emit_json({"facilities": rows})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("address", "name", "report format", box=None)
+    for row in rows:
+        table.add_row(row["address"], row["name"], row.get("report_format", ""))
+    Console(width=max(100, Console().width)).print(table)
+
+
 def build_cli(pm: Any = None) -> EmixCLI:
     """A new ``emix`` command group with the core's commands.
 
@@ -239,13 +266,14 @@ def build_cli(pm: Any = None) -> EmixCLI:
     group = EmixCLI(
         name="emix",
         callback=_root.callback,
-        params=list(_root.params),
+        params=[*_root.params, verbose_param(), ca_bundle_param()],
         help=_root.help,
         context_settings=dict(_root.context_settings),
         pm=pm,
     )
     for command in (
         plugins,
+        facilities,
         send,
         inbox,
         receive,

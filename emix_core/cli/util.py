@@ -42,6 +42,69 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def set_verbosity(level: int) -> None:
+    """Log ``emix.*`` (and, at ``-vv``, HTTP connections) to stderr with timestamps."""
+    if level <= 0:
+        return
+    import logging
+
+    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("emix").setLevel(logging.DEBUG)
+    if level >= 2:
+        logging.getLogger("urllib3").setLevel(logging.DEBUG)
+
+
+def _verbose_callback(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    if value:
+        set_verbosity(value)
+
+
+def _ca_bundle_callback(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        import os
+
+        # read by load_config for every hub client this process makes
+        os.environ["EMIX_CA_BUNDLE"] = value
+
+
+def verbose_param() -> click.Option:
+    return click.Option(
+        ["-v", "--verbose"],
+        count=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_verbose_callback,
+        help="Log what happens to stderr (-vv: every HTTP connection too).",
+    )
+
+
+def ca_bundle_param() -> click.Option:
+    return click.Option(
+        ["--ca-bundle"],
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        expose_value=False,
+        callback=_ca_bundle_callback,
+        help="PEM file of the CA that signed the hub's certificate (env EMIX_CA_BUNDLE; "
+        "else [client] ca_bundle, REQUESTS_CA_BUNDLE, SSL_CERT_FILE).",
+    )
+
+
+def add_common_options(command: click.Command) -> None:
+    """Give a command (and, for a group, each subcommand) ``-v`` and ``--ca-bundle``."""
+    names = {opt for p in command.params for opt in getattr(p, "opts", [])}
+    if "--verbose" not in names:
+        command.params.append(verbose_param())
+    if "--ca-bundle" not in names:
+        command.params.append(ca_bundle_param())
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_common_options(sub)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 home_option = click.option(
     "--home",

@@ -73,7 +73,7 @@ class LocalHome:
         return HubClient(
             hub_url or self.config.client.hub_url,
             token or self.config.client.token,
-            verify=self.config.client.tls_verify,
+            verify=self.config.tls_verify,
         )
 
     # ------------------------------------------------------------------ pins

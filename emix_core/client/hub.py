@@ -7,7 +7,9 @@ as the same typed errors the hub raised, with its message.
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, cast
 
@@ -15,7 +17,10 @@ import requests
 import urllib3
 
 from emix_core import errors, frames
+from emix_core.client.diagnose import connection_cause
 from emix_core.errors import ConfigError, EmixError, HubUnavailable
+
+log = logging.getLogger("emix.client")
 
 CHUNK = 1024 * 1024
 PACKAGE_ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -33,6 +38,10 @@ _BY_CODE = {
         errors.NotDicomError,
     )
 }
+
+
+def _is_json(response: requests.Response) -> bool:
+    return response.headers.get("Content-Type", "").split(";")[0].strip() == "application/json"
 
 
 class _BulkAdapter(requests.adapters.HTTPAdapter):
@@ -60,6 +69,11 @@ class HubClient:
         if not hub_url.startswith(("http://", "https://")):
             raise ConfigError("the hub URL must start with http:// or https://")
         self.base = hub_url.rstrip("/")
+        if self.base.endswith("/api/v1"):
+            raise ConfigError(
+                f"the hub URL is the hub's base address, without /api/v1: use "
+                f"{self.base[: -len('/api/v1')]}"
+            )
         self.token = token
         self.session = requests.Session()
         self.session.verify = verify
@@ -79,18 +93,63 @@ class HubClient:
             )
         kwargs.setdefault("timeout", self.timeout)
         kwargs.setdefault("allow_redirects", False)
+        # explicit: requests lets REQUESTS_CA_BUNDLE override a session's own verify
+        kwargs.setdefault("verify", self.session.verify)
+        started = time.monotonic()
         try:
             response = self.session.request(method, f"{self.base}/api/v1{path}", **kwargs)
-        except requests.ConnectionError as exc:
-            raise HubUnavailable(f"cannot reach the hub at {self.base}; is it running?") from exc
-        except requests.Timeout as exc:
-            raise HubUnavailable(f"the hub at {self.base} did not answer in time") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            kind, message = connection_cause(self.base, exc)
+            log.debug("%s %s failed (%s): %r", method, path.split("?")[0][:60], kind, exc)
+            raise HubUnavailable(message) from exc
+        log.debug(
+            "%s %s -> %s in %.3f s",
+            method,
+            path[:60],
+            response.status_code,
+            time.monotonic() - started,
+        )
         if response.status_code >= 400:
             raise self._error(response)
+        if not kwargs.get("stream") and not _is_json(response):
+            raise self._not_a_hub(response)
         return response
 
-    @staticmethod
-    def _error(response: requests.Response) -> EmixError:
+    def _not_a_hub(self, response: requests.Response) -> EmixError:
+        """The error for an answer that is not the hub's JSON: probe whether it is a hub."""
+        if self.is_emix_hub():
+            return HubUnavailable(
+                f"the hub at {self.base} answered HTTP {response.status_code} without JSON "
+                "(a proxy in front of it?)"
+            )
+        return HubUnavailable(
+            f"the server at {self.base} is not an emix hub (it answered HTTP "
+            f"{response.status_code} {response.reason!s:.60}, and has no emix /healthz); "
+            "check the hub URL"
+        )
+
+    def is_emix_hub(self) -> bool:
+        """Whether the server answers ``/healthz`` and ``/api/v1/hub`` as an emix hub does."""
+        try:
+            options: dict[str, Any] = {
+                "timeout": 10,
+                "allow_redirects": False,
+                "verify": self.session.verify,
+            }
+            health = self.session.get(f"{self.base}/healthz", **options)
+            info = self.session.get(f"{self.base}/api/v1/hub", **options)
+            return (
+                health.status_code == 200
+                and health.text.strip() == "ok"
+                and _is_json(info)
+                and "audit_public_key" in info.json()
+            )
+        except (requests.RequestException, ValueError):
+            return False
+
+    def _error(self, response: requests.Response) -> EmixError:
+        if not _is_json(response) and response.status_code not in (502, 503, 504):
+            return self._not_a_hub(response)
         try:
             body = response.json()
             code, message = body.get("error", ""), body.get("message", "")

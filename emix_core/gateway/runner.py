@@ -271,7 +271,7 @@ class Gateway:
         self.client = HubClient(
             str(settings.get("hub_url") or self.home.config.client.hub_url),
             self._token(),
-            verify=settings.get("tls_verify", self.home.config.client.tls_verify),
+            verify=settings.get("tls_verify", self.home.config.tls_verify),
         )
         self._inbound: Any = None
         self.sources: list[Source] = []

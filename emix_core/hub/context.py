@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,10 @@ def init_hub_home(
         the config; ``postgresql://USER:PASS@HOST:PORT/DB`` for several instances.
     :param blob_url: blob store (default: ``file:blobs``), e.g. ``s3://BUCKET/PREFIX``.
 
-    Safe to run twice: existing keys and data are kept.
+    Safe to run twice: existing keys and data are kept. A facility's home (it holds a
+    facility signing key or ``[client]`` settings) is refused: a hub needs a home of its own.
     """
+    _refuse_facility_home(home)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     home.chmod(0o700)
     text = HUB_CONFIG_TEMPLATE.format(
@@ -86,6 +89,24 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _refuse_facility_home(home: Path) -> None:
+    file = home / CONFIG_NAME
+    client_settings: dict[str, object] = {}
+    if file.exists():
+        try:
+            client_settings = tomllib.loads(file.read_text("utf-8")).get("client", {})
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            client_settings = {}
+    if (home / "keys" / "facility-signing.key").exists() or any(
+        client_settings.get(k) for k in ("hub_url", "token")
+    ):
+        raise ConfigError(
+            f"{home} is a facility's home (it holds a facility signing key or [client] "
+            "settings), not a hub's; a hub needs a folder of its own: pass --home with a "
+            "new folder"
+        )
+
+
 @dataclass
 class Hub:
     """The live state of one hub process."""
@@ -115,6 +136,7 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
     """Open an initialised hub home (``emix hub init`` made it)."""
     config = load_config(home)
     if not (config.home / CONFIG_NAME).exists() or not (config.keys_dir / "kek.key").exists():
+        _refuse_facility_home(config.home)
         raise ConfigError(
             f"{config.home} is not a hub home; create it with `emix hub init --home {config.home}`"
         )

@@ -81,7 +81,8 @@ def resolve_recipients(session: Session, to: Iterable[str]) -> list[tuple[Facili
             facility = session.scalar(select(Facility).where(Facility.address == address))
             if not is_valid_address(address) or facility is None:
                 raise InvalidInput(
-                    "unknown recipient facility address; `emix hub facility list` shows them"
+                    "unknown recipient facility address; `emix facilities` lists the addresses "
+                    "you can send to"
                 )
             resolved.append((facility, None))
     if not resolved:
