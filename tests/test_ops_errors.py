@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import ssl
 import threading
 from collections.abc import Iterator
@@ -141,3 +142,30 @@ def test_facilities_directory_and_unknown_recipient_hint(hub, mercy, tmp_path: P
     assert sent.returncode == 1
     assert "`emix facilities`" in sent.stderr
     assert "emix hub" not in sent.stderr
+
+
+@pytest.mark.e2e
+def test_doctor_checks_a_facility_setup(hub, mercy, tmp_path: Path) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("report text\n")
+    emix("send", str(note), "--to", "lakeside", env=mercy.env)  # registers and pins keys
+    report = emix_json("doctor", env=mercy.env)
+    status = {c["name"]: c["status"] for c in report["checks"]}
+    assert report["ok"] is True, report
+    for name in ("home", "config", "hub", "clock", "token", "signing-key", "pins"):
+        assert status[name] == "ok", report
+    # a token in a world-readable emix.toml is flagged; a wrong token fails
+    config = mercy.home / "emix.toml"
+    config.write_text(f'[client]\nhub_url = "{hub.url}"\ntoken = "{mercy.token}"\n')
+    config.chmod(0o644)
+    env = {**mercy.env, "EMIX_TOKEN": "wrong"}
+    bad = emix("doctor", "--json", env=env, check=False)
+    assert bad.returncode == 1
+    checks = {c["name"]: c for c in json.loads(bad.stdout)["checks"]}
+    assert checks["config-permissions"]["status"] == "fail"
+    assert "chmod 600" in checks["config-permissions"]["detail"]
+    assert checks["token"]["status"] == "fail"
+    # an unreachable hub names the cause
+    down = emix("doctor", env={**mercy.env, "EMIX_HUB_URL": f"http://127.0.0.1:{free_port()}"},
+                check=False)  # fmt: skip
+    assert down.returncode == 1 and "connection refused" in down.stdout

@@ -260,6 +260,7 @@ def build_cli(pm: Any = None) -> EmixCLI:
     """
     from emix_core.cli.admin import audit, hub, keys, member, retention
     from emix_core.cli.demo import demo
+    from emix_core.cli.doctor import doctor
     from emix_core.cli.gateway import gateway
     from emix_core.reports.cli import report
 
@@ -274,6 +275,7 @@ def build_cli(pm: Any = None) -> EmixCLI:
     for command in (
         plugins,
         facilities,
+        doctor,
         send,
         inbox,
         receive,
