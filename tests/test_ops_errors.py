@@ -169,3 +169,27 @@ def test_doctor_checks_a_facility_setup(hub, mercy, tmp_path: Path) -> None:
     down = emix("doctor", env={**mercy.env, "EMIX_HUB_URL": f"http://127.0.0.1:{free_port()}"},
                 check=False)  # fmt: skip
     assert down.returncode == 1 and "connection refused" in down.stdout
+
+
+@pytest.mark.e2e
+def test_members_and_token_commands(hub, mercy, lakeside, smtp_server) -> None:
+    emix("members", "add", "tech@mercy.example.org", env=mercy.env)
+    listed = emix_json("members", "list", env=mercy.env)["members"]
+    assert {m["email"] for m in listed} == {"admin@mercy.example.org", "tech@mercy.example.org"}
+    assert "tech@mercy.example.org" in emix("members", "list", env=mercy.env).stdout
+    # deny by default: lakeside's admin does not see or remove mercy's members
+    assert "mercy" not in emix("members", "list", "--json", env=lakeside.env).stdout
+    refused = emix("members", "remove", "tech@mercy.example.org", env=lakeside.env, check=False)
+    assert refused.returncode == 1
+    emix("members", "remove", "tech@mercy.example.org", env=mercy.env)
+    removed = [m for m in emix_json("members", "list", env=mercy.env)["members"] if not m["active"]]
+    assert [m["email"] for m in removed] == ["tech@mercy.example.org"]
+    # rotate: the new token works, the old one is refused
+    new = emix_json("token", "rotate", env=mercy.env)["token"]
+    assert emix("inbox", env=mercy.env, check=False).returncode == 1
+    fresh = {**mercy.env, "EMIX_TOKEN": new}
+    emix("inbox", env=fresh)
+    emix("token", "revoke", "--yes", env=fresh)
+    assert "refused the token" in emix("inbox", env=fresh, check=False).stderr
+    audit = emix("audit", "verify", "--home", str(hub.home))
+    assert audit.returncode == 0

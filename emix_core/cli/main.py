@@ -258,6 +258,7 @@ def build_cli(pm: Any = None) -> EmixCLI:
     :param pm: the plugin manager whose plugins may add commands (default: a new one,
         made only when a plugin command is needed).
     """
+    from emix_core.cli.accounts import members, token
     from emix_core.cli.admin import audit, hub, keys, member, retention
     from emix_core.cli.demo import demo
     from emix_core.cli.doctor import doctor
@@ -283,6 +284,8 @@ def build_cli(pm: Any = None) -> EmixCLI:
         audit,
         retention,
         member,
+        members,
+        token,
         keys,
         demo,
         gateway,

@@ -190,6 +190,21 @@ class HubClient:
     def add_member(self, email: str, role: str = "member") -> dict[str, Any]:
         return self._json("POST", "/members", json={"email": email, "role": role})
 
+    def members(self) -> list[dict[str, Any]]:
+        """The members of the caller's facility (facility admins only)."""
+        return self._json("GET", "/members")["members"]
+
+    def remove_member(self, member_id: int) -> dict[str, Any]:
+        return self._json("DELETE", f"/members/{int(member_id)}")
+
+    def rotate_token(self) -> dict[str, Any]:
+        """A new token for the caller; the current one stops working at once."""
+        return self._json("POST", "/tokens/current/rotate")
+
+    def revoke_token(self) -> dict[str, Any]:
+        """Revoke the token this client uses."""
+        return self._json("DELETE", "/tokens/current")
+
     def confirm_member(self, code: str) -> dict[str, Any]:
         return self._json("POST", "/members/confirm", json={"code": code})
 

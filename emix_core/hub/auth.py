@@ -87,7 +87,9 @@ def emix_authorize(principal: Principal, action: str, resource: Any) -> bool | N
         return False
     if action in ("package:create", "facility:key", "inbox:list"):
         return True
-    if action in ("member:add", "audit:read", "token:revoke"):
+    if action == "token:rotate":
+        return resource == principal.email
+    if action in ("member:add", "member:list", "audit:read", "token:revoke"):
         return principal.is_admin and resource == principal.facility
     if isinstance(resource, Package):
         is_sender = resource.sender == principal.facility
