@@ -102,12 +102,18 @@ def _local_home(home: str | None):  # type: ignore[no-untyped-def]
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--abort",
+    "abort",
+    metavar="PACKAGE",
+    default=None,
+    help="Abort an open (unsealed) package of yours: the hub deletes what was uploaded.",
+)
 @click.option(
     "--to",
     "to",
     multiple=True,
-    required=True,
     help="Recipient facility address or member email (repeat for several).",
 )
 @click.option(
@@ -123,6 +129,7 @@ def _local_home(home: str | None):  # type: ignore[no-untyped-def]
 @handle_errors
 def send(
     paths: tuple[Path, ...],
+    abort: str | None,
     to: tuple[str, ...],
     expires_days: int | None,
     hub_url: str | None,
@@ -135,11 +142,40 @@ def send(
     DICOM is recognised by content and grouped by study; PDF, RTF, HL7, CDA, FHIR
     and text documents travel with it. Bad files are listed; the rest is sent.
     Exit 0 when everything was sent, 1 when anything failed.
+
+    Interrupted (Ctrl-C, network, hub restart)? Run the same command again: it resumes
+    the open package and uploads only what is missing. `--abort PACKAGE` gives it up.
     """
+    from emix_core.client.resume import ResumeStore
     from emix_core.client.sender import send_paths
 
     local = _local_home(home)
     client = local.client(hub_url, token)
+    if abort:
+        from emix_core.errors import NotFoundError
+
+        try:
+            answer = client.abort_package(abort)
+        except NotFoundError as exc:
+            raise NotFoundError(
+                "no open package with that id from your facility (sealed, aborted or "
+                "expired already); `emix inbox` and the hub's audit show what happened"
+            ) from exc
+        ResumeStore(local.path).forget_package(abort)
+        if as_json:
+            emit_json(answer)
+        else:
+            click.echo(f"package {abort} aborted; the hub deleted its uploaded items")
+        return
+    if not paths or not to:
+        raise click.UsageError("give PATHS and at least one --to (or --abort PACKAGE)")
+
+    def announce(package_id: str, resumed: bool) -> None:
+        if not as_json:
+            verb = "resuming" if resumed else "sending"
+            click.echo(f"{verb} package {package_id} (interrupted? run the same command "
+                       "again to resume)", err=True)  # fmt: skip
+
     with transfer_progress("sending", not as_json) as progress:
         result = send_paths(
             list(paths),
@@ -149,6 +185,8 @@ def send(
             expires_days=expires_days,
             parallel=local.config.client.parallel,
             progress=progress,
+            on_package=announce,
+            resume=True,
         )
     if as_json:
         emit_json(result.to_dict())

@@ -260,6 +260,15 @@ class HubClient:
     def seal(self, package_id: str, signed_manifest: dict[str, Any]) -> dict[str, Any]:
         return self._json("POST", f"/packages/{package_id}/seal", json=signed_manifest)
 
+    def uploaded(self, package_id: str) -> dict[int, dict[str, Any]]:
+        """Items the hub holds for an open package of ours: ``{id: {"sha256", "size"}}``."""
+        items = self._json("GET", f"/packages/{package_id}/uploaded")["items"]
+        return {int(k): v for k, v in items.items()}
+
+    def abort_package(self, package_id: str) -> dict[str, Any]:
+        """Abort an open package of ours; the hub deletes what was uploaded."""
+        return self._json("DELETE", f"/packages/{package_id}")
+
     def status(self, package_id: str) -> dict[str, Any]:
         return self._json("GET", f"/packages/{package_id}")
 

@@ -17,10 +17,11 @@ from typing import Any
 from emix_core import crypto, frames
 from emix_core.client.home import LocalHome
 from emix_core.client.hub import HubClient
+from emix_core.client.resume import ResumeStore, files_fingerprint, send_key
 from emix_core.content.dicom import DicomInstance
 from emix_core.content.documents import classify
 from emix_core.content.layout import DICOM_MEDIA_TYPE
-from emix_core.errors import EmixError, HubUnavailable, PolicyRejected
+from emix_core.errors import EmixError, HubUnavailable, NotFoundError, PolicyRejected
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Item, Package, Recipient, utcnow
 from emix_core.plugins import hooks_for
 
@@ -61,6 +62,8 @@ class SendResult:
     failed: list[FailedInput] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    resumed: bool = False
+    resumed_items: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +72,8 @@ class SendResult:
             "studies": self.studies,
             "bytes": self.bytes,
             "seconds": round(self.seconds, 3),
+            "resumed": self.resumed,
+            "resumed_items": self.resumed_items,
             "failed": [f.to_dict() for f in self.failed],
         }
 
@@ -189,8 +194,15 @@ def send_paths(
     expires_days: int | None = None,
     parallel: int = 4,
     progress: Progress | None = None,
+    on_package: Callable[[str, bool], None] | None = None,
+    resume: bool = False,
 ) -> SendResult:
     """Send every DICOM file and document under ``paths`` as one package to ``to``.
+
+    With ``resume``, an earlier, interrupted send of the same request (same paths,
+    recipients, expiry and hub, files unchanged) is resumed: its open package is reused
+    and only the items the hub does not hold are uploaded. ``on_package(id, resumed)``
+    is called once the package id is known.
 
     :raises EmixError: the package could not be created or sealed (nothing was sent).
         Individual bad files do not raise: they are listed in ``result.failed``.
@@ -234,7 +246,17 @@ def send_paths(
     )
     hooks_for(home.pm).before_send(draft)
     home.register_key(client)
-    package_id = _with_retry(lambda: client.create_package(list(to), expires_days=expires_days))
+    store = ResumeStore(home.path)
+    key = send_key(paths, to, expires_days, client.base)
+    fingerprint = files_fingerprint([p.path for p in prepared])
+    package_id, held = _resumable(client, store.load(key) if resume else None, fingerprint)
+    resumed = package_id is not None
+    if package_id is None:
+        package_id = _with_retry(lambda: client.create_package(list(to), expires_days=expires_days))
+        if resume:
+            store.save(key, package_id, fingerprint)
+    if on_package is not None:
+        on_package(package_id, resumed)
     draft.id = package_id
     home.audit(
         AuditEvent(
@@ -249,7 +271,9 @@ def send_paths(
     )
 
     by_id = {item.id: (item, p) for item, p in zip(items, prepared, strict=True)}
-    uploaded = _upload(client, package_id, by_id, result, parallel, progress)
+    kept = _already_held(by_id, held, result)
+    todo = {i: v for i, v in by_id.items() if i not in {k.id for k in kept}}
+    uploaded = kept + _upload(client, package_id, todo, result, parallel, progress)
     if not uploaded:
         return result
     uploaded.sort(key=lambda i: i.id)
@@ -284,12 +308,52 @@ def send_paths(
             detail=f"sent {len(uploaded)} items to {', '.join(to)}",
         )
     )
+    if resume:
+        store.forget(key)
     result.package_id = package_id
+    result.resumed = resumed
     result.items = len(uploaded)
     result.studies = len(studies)
     result.bytes = sum(i.size for i in uploaded)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _resumable(
+    client: HubClient, state: dict[str, Any] | None, fingerprint: str
+) -> tuple[str | None, dict[int, dict[str, Any]]]:
+    """The open package of an earlier run of this send and what the hub holds of it."""
+    if not state or state.get("files") != fingerprint:
+        return None, {}
+    try:
+        return state["package_id"], client.uploaded(state["package_id"])
+    except NotFoundError:  # sealed, aborted or expired meanwhile: start anew
+        return None, {}
+
+
+def _already_held(
+    by_id: dict[int, tuple[Item, PreparedFile]],
+    held: dict[int, dict[str, Any]],
+    result: SendResult,
+) -> list[Item]:
+    """Items the hub holds with exactly this file's bytes (checked by hashing locally)."""
+    kept: list[Item] = []
+    for item_id, info in held.items():
+        if item_id not in by_id:
+            continue
+        item, prepared = by_id[item_id]
+        if info.get("size") != item.size:
+            continue
+        try:
+            digest = crypto.sha256_file(prepared.path)
+        except OSError:
+            continue
+        if digest == info.get("sha256"):
+            item.sha256 = digest
+            kept.append(item)
+            result.sent.append(prepared.path)
+            result.resumed_items += 1
+    return kept
 
 
 def _upload(

@@ -33,9 +33,10 @@ def _register_blueprints(app: Flask, hub: Hub) -> None:
 
     for bp in (api_packages.bp, api_inbox_cursor.bp, api_facilities.bp, api_audit.bp, web.bp):
         app.register_blueprint(bp)
-    from emix_core.hub import api_accounts
+    from emix_core.hub import api_accounts, api_resume
 
     app.register_blueprint(api_accounts.bp)
+    app.register_blueprint(api_resume.bp)
 
     def register(blueprint, url_prefix: str | None = None) -> None:  # type: ignore[no-untyped-def]
         app.register_blueprint(blueprint, url_prefix=url_prefix)
