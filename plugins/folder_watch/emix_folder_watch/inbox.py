@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from emix_core import PACKAGE_ID_RE, EmixError, Package, UnsafePathError, is_valid_address
 from emix_folder_watch.files import fsync_dir
-from emix_folder_watch.settings import inbox_settings
+from emix_folder_watch.settings import inbox_settings, require_folder
 
 if TYPE_CHECKING:
     from emix_core import Gateway
@@ -36,6 +36,7 @@ class FolderDestination:
         self.settings = inbox_settings(raw, gateway)
         self.name = self.settings.name
         self.root = self.settings.path
+        require_folder(self.root, self.settings.create, f"[[destinations]] {self.name!r}", gateway)
 
     def deliver(self, package: Package, path: Path) -> dict[str, Any]:
         """Place the package at ``<inbox>/<sender>/<package-id>/`` (atomically, once)."""

@@ -44,7 +44,7 @@ from emix_folder_watch.files import (
 )
 from emix_folder_watch.grouping import Unsettled, classify_file, plan_batches
 from emix_folder_watch.journal import FileRow, OutboxJournal
-from emix_folder_watch.settings import outbox_settings
+from emix_folder_watch.settings import outbox_settings, require_folder
 
 if TYPE_CHECKING:
     from emix_core import Gateway
@@ -114,7 +114,8 @@ class FolderSource:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        for folder in (self.root, self.settings.sent, self.settings.failed):
+        require_folder(self.root, self.settings.create, f"[[sources]] {self.name!r}", self.gateway)
+        for folder in (self.settings.sent, self.settings.failed):
             assert folder is not None
             folder.mkdir(parents=True, exist_ok=True)
         self._stop.clear()

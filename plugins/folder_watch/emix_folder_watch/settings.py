@@ -45,6 +45,9 @@ class OutboxSettings:
     max_file_bytes: int = 4 * 1024**3
     #: Days the packages stay available on the hub (default: the hub's).
     expires_days: int | None = None
+    #: Create the drop folder when it is missing. Off by default: a missing folder is
+    #: refused, so that an unmounted share is not watched as an empty local folder.
+    create: bool = False
 
     @property
     def rescan_every(self) -> float:
@@ -64,6 +67,8 @@ class InboxSettings:
     #: ``"link"`` hard-links files from the gateway's spool when on the same file system
     #: (instant, no extra space), else copies; ``"copy"`` always copies.
     mode: str = "link"
+    #: Create the inbox folder when it is missing (off: a missing folder is refused).
+    create: bool = False
 
 
 def _parse(cls: type, raw: dict[str, Any], gateway: Gateway, paths: tuple[str, ...]) -> Any:
@@ -92,6 +97,19 @@ def _positive(value: Any, what: str, *, allow_zero: bool = False) -> float:
     ):
         raise ConfigError(f"{what} must be a positive number")
     return float(value)
+
+
+def require_folder(path: Path, create: bool, table: str, gateway: Gateway) -> None:
+    """Refuse a missing folder unless the table says ``create = true``."""
+    if path.is_dir():
+        return
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    raise ConfigError(
+        f"the folder {path} of the {table} table in {gateway.config_path} does not exist "
+        "(an unmounted share?); mount or create it, or set create = true in that table"
+    )
 
 
 def outbox_settings(raw: dict[str, Any], gateway: Gateway) -> OutboxSettings:
