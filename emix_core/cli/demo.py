@@ -164,9 +164,13 @@ def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
                 fg="yellow",
             )
             _direct_exchange(study, homes, sender_addr, recipient_addr)
-        _next_steps(root, port, homes, recipient_addr, with_gateways)
         if exit_after:
+            click.echo(
+                "\nThe demo hub and gateways stop now (--exit). Run the demo again without "
+                "--exit to try commands against them."
+            )
             return
+        _next_steps(root, port, homes, recipient_addr, with_gateways)
         click.secho("\nThe hub and the gateways keep running; press Ctrl-C to stop.", bold=True)
         try:
             while all(p.poll() is None for p in processes):
@@ -331,22 +335,35 @@ def _direct_exchange(
     )
 
 
+def emix_command() -> str:
+    """How to run this very ``emix`` from any shell: ``emix`` when it is first on PATH,
+    else the absolute path of the one next to this Python (a venv's ``bin/emix``)."""
+    here = Path(sys.executable).parent / "emix"
+    on_path = shutil.which("emix")
+    if on_path and here.exists() and Path(on_path).resolve() == here.resolve():
+        return "emix"
+    if here.exists():
+        return str(here)
+    return f"{sys.executable} -m emix_core"
+
+
 def _next_steps(
     root: Path, port: int, homes: dict[str, Path], recipient: str, with_gateways: bool
 ) -> None:
     r = homes[recipient]
     sender = homes[FACILITIES[0][1]]
-    click.secho("\nTry it yourself:", bold=True)
+    emix = emix_command()
+    click.secho("\nTry it yourself (in another terminal, while this one runs):", bold=True)
     if with_gateways:
         click.echo(
             f"  cp -r YOUR-STUDY {sender / 'outbox' / recipient}/   "
             f"# then look in {r / 'inbox'}\n"
-            f"  emix gateway status --config {sender / 'gateway.toml'}"
+            f"  {emix} gateway status --config {sender / 'gateway.toml'}"
         )
     click.echo(
-        f"  emix inbox --home {r}\n"
-        f"  emix send PATH... --to {recipient} --home {sender}\n"
-        f"  emix receive PACKAGE --out ./received --home {r}\n"
-        f"  emix audit verify --home {root / 'hub'}\n"
-        f"  emix plugins"
+        f"  {emix} inbox --home {r}\n"
+        f"  {emix} send PATH... --to {recipient} --home {sender}\n"
+        f"  {emix} receive PACKAGE --out ./received --home {r}\n"
+        f"  {emix} audit verify --home {root / 'hub'}\n"
+        f"  {emix} plugins"
     )
