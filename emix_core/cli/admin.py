@@ -104,6 +104,19 @@ def hub_init(
     help="A TLS-terminating proxy is in front: allow plain HTTP on a non-loopback address.",
 )
 @click.option("--workers", type=int, default=None, help="gunicorn worker processes.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Each log line: timestamp, level and message as text, or one JSON object.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
 @handle_errors
 def hub_serve(
     home: str | None,
@@ -113,6 +126,8 @@ def hub_serve(
     tls_key: str | None,
     behind_proxy: bool,
     workers: int | None,
+    log_format: str,
+    log_level: str,
 ) -> None:
     """Serve the hub (gunicorn; HTTPS with --tls-cert/--tls-key)."""
     from emix_core.hub.serve import serve
@@ -129,6 +144,8 @@ def hub_serve(
         tls_key=tls_key,
         behind_proxy=behind_proxy,
         purge_interval=settings.purge_interval_seconds,
+        log_format=log_format,
+        log_level=log_level,
     )
 
 

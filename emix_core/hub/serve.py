@@ -78,6 +78,43 @@ class HubApplication(BaseApplication):
                 log.exception("retention purge failed; will retry")
 
 
+#: Paths gateways poll every second or so: their successful answers are logged at debug.
+POLL_PATHS = frozenset({"/api/v1/inbox/cursor", "/healthz", "/readyz"})
+
+
+class QuietPolls(logging.Filter):
+    """Drop access-log lines of successful polls unless the hub logs at debug level."""
+
+    def __init__(self, level: str = "info") -> None:
+        super().__init__()
+        self.debug = level.lower() == "debug"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        atoms = record.args if isinstance(record.args, dict) else {}
+        if self.debug or atoms.get("U") not in POLL_PATHS:
+            return True
+        return str(atoms.get("s")) not in ("200", "304")
+
+
+def logging_config(style: str, level: str) -> dict[str, Any]:
+    """``logging.config`` for gunicorn and the hub: every line with a UTC timestamp and level."""
+    handler = {"class": "logging.StreamHandler", "formatter": "emix", "stream": "ext://sys.stderr"}
+    level = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"emix": {"()": "emix_core.gateway.runner.LogFormatter", "style": style}},
+        "filters": {"polls": {"()": "emix_core.hub.serve.QuietPolls", "level": level}},
+        "handlers": {"stderr": handler, "access": {**handler, "filters": ["polls"]}},
+        "root": {"level": "WARNING", "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+            "emix": {"level": level, "handlers": ["stderr"], "propagate": False},
+        },
+    }
+
+
 def serve(
     home: Path,
     *,
@@ -89,8 +126,14 @@ def serve(
     tls_key: str | None = None,
     behind_proxy: bool = False,
     purge_interval: int = 3600,
+    log_format: str = "text",
+    log_level: str = "info",
 ) -> None:
-    """Run the hub until interrupted."""
+    """Run the hub until interrupted.
+
+    :param log_format: ``text`` (timestamp, level, message) or ``json`` (one object a line).
+    :param log_level: ``debug``, ``info``, ``warning`` or ``error``.
+    """
     check_listener(host, tls_cert, tls_key, behind_proxy)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     options: dict[str, Any] = {
@@ -104,7 +147,8 @@ def serve(
         "accesslog": "-",
         "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
         "errorlog": "-",
-        "loglevel": "info",
+        "loglevel": log_level,
+        "logconfig_dict": logging_config(log_format, log_level),
         "proc_name": "emix-hub",
         "forwarded_allow_ips": "*" if behind_proxy else "127.0.0.1",
     }
