@@ -207,6 +207,60 @@ def _is_newer(revision: str, current: str | None) -> bool:
     return current is None or revision > current
 
 
+@hub.command("backup")
+@home_option
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A new folder for the backup (keep it encrypted: it holds the hub's keys).",
+)
+@json_option
+@handle_errors
+def hub_backup(home: str | None, target: Path, as_json: bool) -> None:
+    """Back up a hub (also while it serves): databases, blobs, keys, config."""
+    from emix_core.hub.backup import backup_hub
+
+    manifest = backup_hub(resolve_home(home), target.resolve())
+    if as_json:
+        emit_json({**manifest, "to": str(target.resolve())})
+    else:
+        blobs = manifest["blobs"]
+        click.echo(
+            f"backup in {target.resolve()}: databases, keys, config and {blobs['files']} "
+            f"blobs ({blobs['bytes'] / 1e6:.1f} MB) in {manifest['seconds']:.1f} s"
+        )
+
+
+@hub.command("restore")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A folder made by `emix hub backup`.",
+)
+@home_option
+@json_option
+@handle_errors
+def hub_restore(source: Path, home: str | None, as_json: bool) -> None:
+    """Restore a backup into a new, empty hub home, then check its audit chain."""
+    from emix_core.hub.backup import restore_hub
+
+    result = restore_hub(source.resolve(), resolve_home(home))
+    if as_json:
+        emit_json(result)
+    else:
+        state = "verified" if result["audit_ok"] else f"NOT verified: {result['audit']}"
+        click.echo(
+            f"hub restored into {result['home']} from the backup of {result['created']}; "
+            f"audit chain {state}\nnext: emix hub serve --home {result['home']}"
+        )
+    if not result["audit_ok"]:
+        sys.exit(1)
+
+
 @hub.group("facility")
 def facility() -> None:
     """Add and list member facilities."""
