@@ -48,6 +48,14 @@ def test_interrupted_send_resumes_and_abort_deletes(hub, mercy, lakeside, tmp_pa
     assert f"resuming package {package_id}" in run.stderr
     again = emix_json("inbox", env=lakeside.env)["packages"]
     assert [p["id"] for p in again] == [package_id] and again[0]["items"] == 12
+    # the inbox tells packages apart: patient, accession, date, modality, description
+    assert again[0]["patient"] == "DEMO PATIENT (DEMO-0001)"
+    assert again[0]["accession"] == "A0001" and again[0]["modality"] == "CT"
+    assert again[0]["study_date"][:2] in ("19", "20") and again[0]["description"]
+    table = emix("inbox", env={**lakeside.env, "COLUMNS": "200"}).stdout
+    for text in ("patient", "accession", "DEMO PATIENT (DEMO-0001)", "A0001", "CT",
+                 again[0]["study_date"], again[0]["description"]):  # fmt: skip
+        assert text in table, table
     received = emix_json("receive", package_id, "--out", str(tmp_path / "in"), env=lakeside.env)
     assert received["items"] == 12
 

@@ -214,18 +214,64 @@ def send(
 def inbox(hub_url: str | None, token: str | None, home: str | None, as_json: bool) -> None:
     """List the packages waiting for you (or your facility)."""
     client = _local_home(home).client(hub_url, token)
-    packages = client.inbox()
+    packages = [{**p, **study_fields(p.get("studies", []))} for p in client.inbox()]
     if as_json:
         emit_json({"packages": packages})
         return
     if not packages:
         click.echo("inbox is empty")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("package", "from", "patient", "accession", "date", "modality",
+                   "description", "items", "MB", "expires", "state"):  # fmt: skip
+        table.add_column(column, no_wrap=column in ("package", "date"), overflow="fold")
     for p in packages:
-        state = "received" if p.get("delivered") else "new"
-        click.echo(
-            f"{p['id']}  from {p['from']:<20} {p['items']:>5} items "
-            f"{p['size'] / 1e6:>9.1f} MB  expires {p['expires'][:10]}  [{state}]"
+        table.add_row(
+            p["id"],
+            p["from"],
+            p["patient"],
+            p["accession"],
+            p["study_date"],
+            p["modality"],
+            p["description"],
+            str(p["items"]),
+            f"{p['size'] / 1e6:.1f}",
+            p["expires"][:10],
+            "received" if p.get("delivered") else "new",
         )
+    Console(width=max(160, Console().width)).print(table)
+
+
+def study_fields(studies: list[dict[str, Any]]) -> dict[str, str]:
+    """Patient, accession, study date, modality and description of a package's studies."""
+
+    def joined(values: list[Any]) -> str:
+        seen: list[str] = []
+        for value in values:
+            text = str(value or "").strip()
+            if text and text not in seen:
+                seen.append(text)
+        return ", ".join(seen)
+
+    def date(value: Any) -> str:
+        text = str(value or "")
+        return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else text
+
+    patients = [
+        " ".join(x for x in (str(s.get("patient_name") or "").replace("^", " ").strip(),
+                             f"({s['patient_id']})" if s.get("patient_id") else "") if x)
+        for s in studies
+    ]  # fmt: skip
+    return {
+        "patient": joined(patients),
+        "accession": joined([s.get("accession_number") for s in studies]),
+        "study_date": joined([date(s.get("study_date")) for s in studies]),
+        "modality": joined([m for s in studies for m in s.get("modalities", [])]),
+        "description": joined([s.get("study_description") for s in studies]),
+    }
 
 
 @click.command()
