@@ -39,7 +39,7 @@ def test_demo_commands_work_as_printed_from_a_plain_shell(tmp_path: Path) -> Non
             inbox, shell=True, env=env, capture_output=True, text=True, timeout=120
         )
         assert run.returncode == 0, (inbox, run.stderr)
-        assert "from mercy-general" in run.stdout or "inbox is empty" in run.stdout
+        assert "mercy-general" in run.stdout or "inbox is empty" in run.stdout
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         demo.wait(timeout=60)
