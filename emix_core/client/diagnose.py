@@ -86,8 +86,8 @@ def connection_cause(base: str, exc: BaseException) -> tuple[str, str]:
     ):
         return (
             "dns",
-            f"cannot reach the hub: its host name {host!r} could not be resolved (DNS); check the spelling "
-            "of the hub URL and this machine's DNS settings",
+            f"cannot reach the hub: its host name {host!r} could not be resolved (DNS); "
+            "check the spelling of the hub URL and this machine's DNS settings",
         )
     if (
         any(
@@ -99,13 +99,14 @@ def connection_cause(base: str, exc: BaseException) -> tuple[str, str]:
     ):
         return (
             "refused",
-            f"cannot reach the hub: nothing is listening at {host}:{port} (connection refused); check the port "
-            "and that the hub is running (`systemctl status emix-hub` on a service install)",
+            f"cannot reach the hub: nothing is listening at {host}:{port} (connection "
+            "refused); check the port and that the hub is running (`systemctl status emix-hub` on a service install)",
         )
     if any(isinstance(e, requests.Timeout | TimeoutError | socket.timeout) for e in chain):
         return (
             "timeout",
-            f"cannot reach the hub: {host}:{port} did not answer in time (a firewall, or a busy hub)",
+            f"cannot reach the hub: {host}:{port} did not answer in time "
+            "(a firewall, or a busy hub)",
         )
     if parts.scheme == "http" and ("RemoteDisconnected" in text or "reset by peer" in text):
         secure = base.replace("http://", "https://", 1)
