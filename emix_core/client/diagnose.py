@@ -100,7 +100,8 @@ def connection_cause(base: str, exc: BaseException) -> tuple[str, str]:
         return (
             "refused",
             f"cannot reach the hub: nothing is listening at {host}:{port} (connection "
-            "refused); check the port and that the hub is running (`systemctl status emix-hub` on a service install)",
+            "refused); check the port and that the hub is running "
+            "(`systemctl status emix-hub` on a service install)",
         )
     if any(isinstance(e, requests.Timeout | TimeoutError | socket.timeout) for e in chain):
         return (
