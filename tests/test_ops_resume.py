@@ -25,6 +25,31 @@ class InterruptedClient:
         return getattr(self._client, name)
 
 
+def check_metrics(url: str, package_id: str) -> None:
+    """/metrics sums every gunicorn worker; labels hold route templates, never ids."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(20):  # spread over both workers
+        requests.get(f"{url}/healthz", timeout=5)
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    assert package_id not in text and "DEMO" not in text
+    values: dict[str, float] = {}
+    health = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0) + sample.value
+            if sample.labels.get("route") == "/healthz" and sample.name.endswith("_total"):
+                health += sample.value
+    assert values["emix_hub_packages_sealed_total"] == 1
+    assert values["emix_hub_packages_received_total"] == 1
+    assert values["emix_hub_bytes_in_total"] > 12 * 64 * 64 * 2
+    assert values["emix_hub_bytes_out_total"] > 12 * 64 * 64 * 2
+    assert values["emix_hub_failures_total"] >= 2  # the refused aborts
+    assert health >= 20
+    assert "/api/v1/packages/<package_id>/seal" in text
+
+
 @pytest.mark.e2e
 def test_interrupted_send_resumes_and_abort_deletes(hub, mercy, lakeside, tmp_path: Path) -> None:
     from emix_core.client.home import LocalHome
@@ -74,3 +99,4 @@ def test_interrupted_send_resumes_and_abort_deletes(hub, mercy, lakeside, tmp_pa
     assert refused.returncode == 1 and "no open package" in refused.stderr
     # only the sender may abort: lakeside gets 404 for mercy's sealed package
     assert emix("send", "--abort", package_id, env=lakeside.env, check=False).returncode == 1
+    check_metrics(hub.url, package_id)

@@ -25,6 +25,9 @@ def create_app(home: str | Path | None = None, pm: pluggy.PluginManager | None =
     app.config["MAX_FORM_MEMORY_SIZE"] = hub.config.hub.max_json_bytes
     _register_blueprints(app, hub)
     _register_error_handlers(app)
+    from emix_core.hub import metrics
+
+    metrics.install(app)
     return app
 
 

@@ -115,6 +115,17 @@ def logging_config(style: str, level: str) -> dict[str, Any]:
     }
 
 
+def _metrics_dir(home: Path) -> None:
+    """A fresh folder the gunicorn workers share their Prometheus counters through."""
+    import os
+    import shutil
+
+    folder = home / "metrics-multiproc"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
 def serve(
     home: Path,
     *,
@@ -152,6 +163,7 @@ def serve(
         "proc_name": "emix-hub",
         "forwarded_allow_ips": "*" if behind_proxy else "127.0.0.1",
     }
+    _metrics_dir(home)
     if tls_cert:
         options["certfile"] = tls_cert
         options["keyfile"] = tls_key
