@@ -106,3 +106,37 @@ def test_hub_logs_json_lines_with_time_and_level_and_no_poll_noise(tmp_path: Pat
     events = [line["event"] for line in lines]
     assert any('"GET /api/v1/hub" 200' in e for e in events)
     assert not any("/healthz" in e for e in events), "polls are logged only at debug"
+
+
+@pytest.mark.e2e
+def test_gateway_metrics_on_loopback_and_log_level(tmp_path: Path) -> None:
+    import os
+
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[gateway]\nhome = "home"\nhub_url = "http://127.0.0.1:{free_port()}"\n'
+        f'token = "emix_unused"\nmetrics_port = {port}\n'
+    )
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "emix_core", "gateway", "run", "--config", str(config),
+             "--log-format", "json", "--log-level", "warning"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            text = ""
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "gateway.started" not in text:
+                try:
+                    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+                except requests.RequestException:
+                    time.sleep(0.3)
+        finally:
+            os.killpg(gateway.pid, signal.SIGTERM)
+            gateway.wait(timeout=30)
+    assert 'emix_gateway_events_total{event="gateway.started",level="info"} 1.0' in text
+    # --log-level warning: the info event is counted, not logged
+    assert "gateway.started" not in log.read_text()

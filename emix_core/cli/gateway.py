@@ -42,13 +42,21 @@ def gateway() -> None:
     show_default=True,
     help="One line per event: key=value text, or JSON objects.",
 )
-@click.option("--verbose", "-v", is_flag=True, help="Also log debug events.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Polls and other routine events are logged at debug.",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Also log debug events (--log-level debug).")
 @handle_errors
-def run(config: Path | None, log_format: str, verbose: bool) -> None:
+def run(config: Path | None, log_format: str, log_level: str, verbose: bool) -> None:
     """Run sources and destinations until stopped (Ctrl-C or SIGTERM)."""
     from emix_core.gateway.runner import configure_logging, find_config, load_gateway
 
-    configure_logging(log_format, logging.DEBUG if verbose else logging.INFO)
+    level = logging.DEBUG if verbose else getattr(logging, log_level.upper())
+    configure_logging(log_format, level)
     gw = load_gateway(find_config(config))
     stop = threading.Event()
 

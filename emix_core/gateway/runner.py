@@ -65,6 +65,8 @@ SETTINGS: dict[str, str] = {
     "parallel": "parallel uploads and downloads (default: the home's [client] parallel)",
     "retry_max_seconds": "longest wait between two retries of a failing step (default 300)",
     "deliver_received": "also deliver packages already received by someone else (default false)",
+    "metrics_port": "serve Prometheus metrics on this port (default: none)",
+    "metrics_host": "address of the metrics endpoint (default 127.0.0.1)",
 }
 
 
@@ -178,8 +180,15 @@ def retry_delay(attempts: int, cap: float = 300.0, base: float = 1.0) -> float:
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log a structured event. Fields must hold no PHI: no names, UIDs, file names."""
+    """Log a structured event. Fields must hold no PHI: no names, UIDs, file names.
+
+    Each event is also counted for Prometheus (``emix_gateway_events_total``), by its
+    fixed name and level; a numeric ``bytes`` field adds to ``emix_gateway_bytes_total``.
+    """
     logger.log(level, event, extra={"emix": fields})
+    from emix_core.gateway import metrics
+
+    metrics.count(event, level, fields)
 
 
 class GatewayHome(LocalHome):
@@ -365,6 +374,11 @@ class Gateway:
         :raises ConfigError: another gateway runs with the same state folder.
         """
         stop = stop or threading.Event()
+        port = self.settings.get("metrics_port")
+        if port:
+            from emix_core.gateway import metrics
+
+            metrics.serve(int(port), str(self.settings.get("metrics_host", "127.0.0.1")))
         with _RunLock(self.state_dir / "gateway.lock"):
             log_event(
                 log,
