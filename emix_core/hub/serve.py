@@ -49,6 +49,9 @@ class HubApplication(BaseApplication):
     def load_config(self) -> None:
         for key, value in self.options.items():
             self.cfg.set(key, value)
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn's control socket lives in $HOME, read-only under ProtectSystem=strict
+            self.cfg.set("control_socket_disable", True)
         self.cfg.set("when_ready", self._when_ready)
 
     def load(self):  # type: ignore[no-untyped-def]
