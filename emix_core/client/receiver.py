@@ -22,6 +22,7 @@ from emix_core import crypto, frames
 from emix_core.client.home import LocalHome
 from emix_core.client.hub import HubClient
 from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
+from emix_core.content.manifest_rules import check_document
 from emix_core.errors import ConflictError, EmixError, IntegrityError, UnsafePathError
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Item, Package, Recipient, utcnow
 from emix_core.plugins import hooks_for
@@ -171,7 +172,7 @@ def receive_package(
     """
     signed = verified_manifest(client, home, package_id)
     document = signed["document"]
-    items = [Item.from_dict(e) for e in document["items"]]
+    items = check_document(document)  # a crafted manifest is refused before any path
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / package_id
     if final.exists():

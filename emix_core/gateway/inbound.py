@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emix_core.client.receiver import MANIFEST_NAME, receive_package
-from emix_core.errors import AuthenticationError, EmixError, HubUnavailable, NotFoundError
+from emix_core.errors import (
+    AuthenticationError,
+    ConfigError,
+    EmixError,
+    HubUnavailable,
+    NotFoundError,
+)
 from emix_core.gateway.runner import JournalConnections, log_event, retry_delay, time_now
 from emix_core.model import (
     AuditAction,
@@ -106,6 +112,10 @@ class InboundDelivery:
         self._has_cursor = True
         self._full_list_at = 0.0
         self._swept = False
+        attempts = gateway.settings.get("max_receive_attempts", MAX_RECEIVE_ATTEMPTS)
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+            raise ConfigError("[gateway] max_receive_attempts must be a whole number of at least 1")
+        self.max_attempts = attempts
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -250,10 +260,18 @@ class InboundDelivery:
             self._give_up(package_id, exc.message)
             return
         except EmixError as exc:
-            self._retry_receive(package_id, exc.message, permanent_after=MAX_RECEIVE_ATTEMPTS)
+            self._retry_receive(package_id, exc.message, permanent_after=self.max_attempts)
             return
         except OSError as exc:
             self._retry_receive(package_id, f"cannot write the spool ({exc.strerror})")
+            return
+        except Exception as exc:  # a crafted package must never stop the others
+            log.exception("package.receive_crashed", extra={"emix": {"package": package_id}})
+            self._retry_receive(
+                package_id,
+                f"the package could not be read ({type(exc).__name__}); ask the sender",
+                permanent_after=self.max_attempts,
+            )
             return
         names = [d.name for d in self.gateway.destinations]
         self.db.execute("BEGIN IMMEDIATE")
@@ -307,7 +325,8 @@ class InboundDelivery:
 
     def _give_up(self, package_id: str, reason: str) -> None:
         self.db.execute(
-            "UPDATE packages SET state = 'failed', error = ?, finished = ? WHERE id = ?",
+            "UPDATE packages SET state = 'failed', error = ?, finished = ?, "
+            "attempts = attempts + 1 WHERE id = ?",
             (reason, time_now(), package_id),
         )
         log_event(log, "package.failed", logging.ERROR, package=package_id, reason=reason)
@@ -344,7 +363,7 @@ class InboundDelivery:
             folder = self.spool / package_id
             try:
                 package = packages.get(package_id) or package_from_folder(folder)
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
                 # the spool copy is gone or damaged: receive the package again
                 self.db.execute(
                     "UPDATE packages SET state = 'receiving', next_attempt = 0 WHERE id = ?",
@@ -463,7 +482,12 @@ class InboundDelivery:
             )
         ]
         failed = [
-            {"package": r["id"], "sender": r["sender"], "error": r["error"]}
+            {
+                "package": r["id"],
+                "sender": r["sender"],
+                "attempts": r["attempts"],
+                "error": r["error"],
+            }
             for r in self.db.execute("SELECT * FROM packages WHERE state = 'failed' ORDER BY seen")
         ]
         return {"packages": counts, "failing": failing, "failed": failed}

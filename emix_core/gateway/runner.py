@@ -64,6 +64,7 @@ SETTINGS: dict[str, str] = {
     "poll_seconds": "how often the inbox is checked for arrived packages (default 1)",
     "parallel": "parallel uploads and downloads (default: the home's [client] parallel)",
     "retry_max_seconds": "longest wait between two retries of a failing step (default 300)",
+    "max_receive_attempts": "give a package up after this many failed receptions (default 10)",
     "deliver_received": "also deliver packages already received by someone else (default false)",
     "metrics_port": "serve Prometheus metrics on this port (default: none)",
     "metrics_host": "address of the metrics endpoint (default 127.0.0.1)",

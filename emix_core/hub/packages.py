@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 from sqlalchemy.orm import Session
 
 from emix_core import crypto
+from emix_core.content.manifest_rules import check_document
 from emix_core.errors import (
     IntegrityError,
     InvalidInput,
@@ -296,15 +297,10 @@ def check_manifest(
         raise IntegrityError("manifest does not belong to this package")
     if document.get("sender") != package.sender:
         raise IntegrityError("manifest names another sender")
-    try:
-        items = [Item.from_dict(entry) for entry in document.get("items", [])]
-    except (TypeError, AttributeError) as exc:
-        raise InvalidInput("manifest items are malformed") from exc
+    items = check_document(document)
     stored = {
         r.item_id: r for r in session.scalars(select(ItemRow).where(ItemRow.package_id == row.id))
     }
-    if not items:
-        raise InvalidInput("a package needs at least one item")
     if sorted(i.id for i in items) != sorted(stored):
         raise IntegrityError(
             "manifest and uploaded items differ; upload every listed item before sealing"
