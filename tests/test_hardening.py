@@ -1,0 +1,303 @@
+"""Attacks from the hardening review, each played against a real hub process.
+
+Every test here failed before the fix it names; docs/security.md cites them claim by claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from emix_core import crypto
+from emix_core.client.home import LocalHome
+from emix_core.client.hub import HubClient
+from emix_core.testing import emix, emix_json, make_hub
+
+pytestmark = pytest.mark.e2e
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def small_study(study_200: Path, tmp_path: Path, n: int = 3) -> Path:
+    folder = tmp_path / "small"
+    folder.mkdir(exist_ok=True)
+    for p in sorted(study_200.rglob("*.dcm"))[:n]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def confirmation_code(mail: Any) -> str:
+    body = mail.get_payload(decode=True).decode()
+    return body.split("emix member confirm")[1].split()[0]
+
+
+def audit_details(hub: Any) -> list[tuple[str, str, int]]:
+    db = sqlite3.connect(hub.home / "audit.db")
+    return [tuple(r) for r in db.execute("select event_type, detail, outcome from audit_events")]
+
+
+# --------------------------------------------------------------------------- email squatting
+
+
+def test_an_email_recipient_resolves_only_to_a_confirmed_member(
+    hub, mercy, lakeside, smtp_server, study_200, tmp_path
+):
+    victim = "dr.who@mercy.example.org"
+    # lakeside's admin squats an address of mercy's domain
+    r = requests.post(
+        f"{hub.url}/api/v1/members", json={"email": victim}, headers=auth(lakeside.token)
+    )
+    assert r.status_code == 201
+    smtp_server.wait_for(1)
+    folder = small_study(study_200, tmp_path)
+    # a package for that address does not land at the squatter: it is refused
+    result = emix("send", str(folder), "--to", victim, "--json", env=mercy.env, check=False)
+    assert result.returncode == 1
+    assert "confirmed" in json.loads(result.stdout)["message"]
+    # the real owner can still be added by their own facility, and confirms
+    r = requests.post(
+        f"{hub.url}/api/v1/members", json={"email": victim}, headers=auth(mercy.token)
+    )
+    assert r.status_code == 201
+    code = confirmation_code(smtp_server.wait_for(2)[1])
+    emix_json("member", "confirm", code, "--hub", hub.url)
+    # now the address resolves to mercy, and the sender is told so
+    sent = emix_json("send", str(folder), "--to", victim, "--to", "lakeside", env=lakeside.env)
+    assert sent["recipients"] == [
+        {"to": victim, "facility": "mercy", "email": victim},
+        {"to": "lakeside", "facility": "lakeside", "email": None},
+    ]
+    text = emix("send", str(folder), "--to", victim, env=lakeside.env).stdout
+    assert f"{victim} → mercy" in text
+
+
+# --------------------------------------------------------------------------- lock-out
+
+
+def test_failed_sign_ins_never_lock_out_a_valid_token(hub, mercy):
+    codes = [
+        requests.get(f"{hub.url}/api/v1/inbox", headers=auth("emx_bad")).status_code
+        for _ in range(12)
+    ]
+    assert codes[-1] == 429
+    # the same address, the right token: served
+    assert requests.get(f"{hub.url}/api/v1/inbox", headers=auth(mercy.token)).status_code == 200
+    # a header the hub was not told to trust does not let a client escape its count
+    r = requests.get(
+        f"{hub.url}/api/v1/inbox", headers={**auth("emx_bad"), "X-Forwarded-For": "10.9.9.9"}
+    )
+    assert r.status_code == 429
+
+
+def test_forwarded_for_is_honoured_from_the_trusted_proxy_hop_only(tmp_path, smtp_server):
+    hub = make_hub(
+        tmp_path,
+        'trusted_proxy_hops = 1\nalert_email = "security@hub.example.org"',
+        env={"EMIX_SMTP_URL": smtp_server.url},
+    )
+    try:
+        hub.add_facility("Mercy", "a@mercy.example.org", "mercy")
+        token = hub.facilities["mercy"]["token"]
+
+        def get(client: str, tok: str) -> int:
+            headers = {**auth(tok), "X-Forwarded-For": client}
+            return requests.get(f"{hub.url}/api/v1/inbox", headers=headers).status_code
+
+        # one client behind the proxy guesses; it alone is throttled
+        assert [get("203.0.113.7", "emx_guess") for _ in range(11)][-1] == 429
+        assert get("203.0.113.8", "emx_other") == 401
+        assert get("203.0.113.7", token) == 200
+        # a client prepending its own X-Forwarded-For cannot pose as another address:
+        # only the proxy's hop (the last entry) counts
+        assert get("198.51.100.1, 203.0.113.7", "emx_guess") == 429
+        # an administrator is told by mail, once per burst
+        alerts = [m for m in smtp_server.wait_for(1) if m["To"] == "security@hub.example.org"]
+        assert len(alerts) == 1
+        body = alerts[0].get_payload(decode=True).decode()
+        assert "203.0.113.7" in body and "emx_guess" not in body
+        rows = audit_details(hub)
+        assert any(t == "security-alert" and "throttled" in d for t, d, _ in rows)
+    finally:
+        hub.stop()
+
+
+def test_a_guessed_confirmation_code_is_throttled_per_client(hub):
+    codes = [
+        requests.post(f"{hub.url}/api/v1/members/confirm", json={"code": f"guess{i}"}).status_code
+        for i in range(12)
+    ]
+    assert codes[:10] == [404] * 10 and codes[-1] == 429
+
+
+# --------------------------------------------------------------------------- crafted manifests
+
+
+def _open_package_with_one_item(hub, token: str, home: LocalHome) -> tuple[HubClient, str, dict]:
+    client = HubClient(hub.url, token)
+    home.register_key(client)
+    package = client.create_package(["lakeside"])
+    body = b"%PDF-1.4\n% crafted manifest test\n"
+    sha = hashlib.sha256(body).hexdigest()
+    client.upload_item(
+        package, 1, io.BytesIO(body), size=len(body), sha256=sha, media_type="application/pdf"
+    )
+    item = {"id": 1, "name": "r.pdf", "media_type": "application/pdf", "size": len(body)}
+    return client, package, {**item, "sha256": sha}
+
+
+def _manifest(package: str, items: list, studies: list | None = None) -> dict:
+    return {
+        "format": "emix-manifest/1",
+        "package": package,
+        "sender": "mercy",
+        "recipients": ["lakeside"],
+        "created": "2026-01-01T00:00:00+00:00",
+        "items": items,
+        "studies": studies or [],
+    }
+
+
+@pytest.mark.parametrize(
+    "craft",
+    [
+        lambda item: ([{**item, "id": 1.0}], None),
+        lambda item: ([{**item, "id": True}], None),
+        lambda item: ([item], [1]),
+        lambda item: ([item, item], None),
+        lambda item: ([{**item, "size": "33"}], None),
+        lambda item: ([{**item, "media_type": "application/pdf\r\nX-Evil: 1"}], None),
+        lambda item: ([{**item, "transfer_syntax_uid": "1.2\r\nContent-Type: text/html"}], None),
+        lambda item: ([{**item, "study_uid": "../../etc"}], None),
+        lambda item: ([item], [{"study_uid": "1.2.3", "patient_name": {"$gt": ""}}]),
+    ],
+    ids=[
+        "float-id",
+        "bool-id",
+        "study-not-object",
+        "duplicate-id",
+        "string-size",
+        "newline-media-type",
+        "header-in-transfer-syntax",
+        "path-as-uid",
+        "object-as-name",
+    ],
+)
+def test_a_crafted_manifest_is_refused_at_seal(hub, mercy, tmp_path, craft):
+    home = LocalHome(tmp_path / "sender")
+    client, package, item = _open_package_with_one_item(hub, mercy.token, home)
+    items, studies = craft(item)
+    signed = crypto.sign_document(home.signing_key, _manifest(package, items, studies))
+    r = requests.post(
+        f"{hub.url}/api/v1/packages/{package}/seal", json=signed, headers=auth(mercy.token)
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_input"
+    assert "../" not in r.json()["message"] and "Evil" not in r.json()["message"]
+
+
+def test_duplicate_sop_instance_uids_are_refused_at_seal(hub, mercy, tmp_path):
+    home = LocalHome(tmp_path / "sender")
+    client, package, item = _open_package_with_one_item(hub, mercy.token, home)
+    body = b"%PDF-1.4\n% crafted manifest test\n"
+    client.upload_item(
+        package, 2, io.BytesIO(body), size=len(body), sha256=item["sha256"], media_type="x/y"
+    )
+    dicom = {"media_type": "application/dicom", "study_uid": "1.2", "series_uid": "1.2.3"}
+    items = [
+        {**item, **dicom, "sop_instance_uid": "1.2.3.4"},
+        {**item, **dicom, "id": 2, "sop_instance_uid": "1.2.3.4"},
+    ]
+    signed = crypto.sign_document(home.signing_key, _manifest(package, items))
+    r = requests.post(
+        f"{hub.url}/api/v1/packages/{package}/seal", json=signed, headers=auth(mercy.token)
+    )
+    assert r.status_code == 400 and "SOP Instance UID" in r.json()["message"]
+
+
+def _seal_as_an_older_hub_did(hub, package: str, signed: dict) -> None:
+    """Seal without the checks of today's hub: packages sealed before an upgrade."""
+    from emix_core.hub import packages as svc
+    from emix_core.hub.context import open_hub
+    from emix_core.model import utcnow
+    from emix_core.store.db import PackageRow
+
+    live = open_hub(hub.home)
+    with live.db.session() as session:
+        row = session.get(PackageRow, package)
+        svc.put_small_blob(live, row, svc.MANIFEST_BLOB, crypto.canonical_json(signed))
+        row.summary = svc.seal_summary(live, row, {"studies": []})
+        row.state, row.sealed_at, row.item_count = "sealed", utcnow(), 1
+
+
+class _Collect:
+    """A destination that keeps what it is handed."""
+
+    def __init__(self, settings: dict, _gateway: Any) -> None:
+        self.name = settings["name"]
+        self.got: list[str] = []
+
+    def deliver(self, package: Any, path: Path) -> dict:
+        self.got.append(package.id)
+        return {"ok": True}
+
+
+def test_one_crafted_package_never_stops_a_gateway(hub, mercy, lakeside, study_200, tmp_path):
+    from emix_core.gateway.runner import Gateway
+    from emix_core.plugins import get_plugin_manager, hookimpl
+
+    sender = LocalHome(mercy.home)
+    crafted = []
+    for bad in ({"id": 1.0}, {"id": True}):
+        client, package, item = _open_package_with_one_item(hub, mercy.token, sender)
+        document = _manifest(package, [{**item, **bad}])
+        _seal_as_an_older_hub_did(hub, package, crypto.sign_document(sender.signing_key, document))
+        crafted.append(package)
+    good = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )
+
+    class Kinds:
+        @hookimpl
+        def emix_register_destinations(self, register):  # type: ignore[no-untyped-def]
+            register("collect", _Collect)
+
+    pm = get_plugin_manager()
+    pm.register(Kinds(), name="test-collect")
+    config = tmp_path / "gateway.toml"
+    config.write_text("")
+    gateway = Gateway(
+        config,
+        {
+            "home": str(lakeside.home),
+            "hub_url": hub.url,
+            "token": lakeside.token,
+            "poll_seconds": 0.05,
+            "retry_max_seconds": 1,
+            "max_receive_attempts": 3,
+        },
+        destinations=[{"kind": "collect", "name": "mem"}],
+        pm=pm,
+    )
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        gateway.inbound.tick()  # never raises, whatever a package holds
+        status = gateway.status()["inbound"]
+        if len(status["failed"]) == 2 and status["packages"].get("delivered") == 1:
+            break
+        time.sleep(0.1)
+    assert gateway.destinations[0].got == [good["package"]]
+    failed = {f["package"]: f for f in status["failed"]}
+    assert set(failed) == set(crafted)
+    assert all(f["attempts"] == 3 and f["error"] for f in failed.values())
