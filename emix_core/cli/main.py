@@ -199,6 +199,9 @@ def send(
                 f"package {result.package_id}: {result.items} items, {result.studies} "
                 f"studies, {mb:.1f} MB in {result.seconds:.1f} s to {', '.join(to)}"
             )
+            for recipient in result.recipients:
+                if recipient["to"] != recipient["facility"]:
+                    click.echo(f"  {recipient['to']} → {recipient['facility']}")
         else:
             why = "every file failed" if result.failed else "no files found under the given paths"
             click.secho(f"nothing was sent: {why}", fg="red", err=True)

@@ -210,10 +210,14 @@ class HubClient:
 
     # ------------------------------------------------------------------ packages
     def create_package(self, to: list[str], *, expires_days: int | None = None) -> str:
+        return self.open_package(to, expires_days=expires_days)["id"]
+
+    def open_package(self, to: list[str], *, expires_days: int | None = None) -> dict[str, Any]:
+        """Open a package; the answer's ``recipients`` says where each address resolved."""
         body: dict[str, Any] = {"to": list(to)}
         if expires_days:
             body["expires_days"] = expires_days
-        return self._json("POST", "/packages", json=body)["id"]
+        return self._json("POST", "/packages", json=body)
 
     def upload_item(
         self,

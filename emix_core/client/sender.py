@@ -64,10 +64,13 @@ class SendResult:
     seconds: float = 0.0
     resumed: bool = False
     resumed_items: int = 0
+    #: where each ``--to`` address resolved: ``{"to", "facility", "email"}``
+    recipients: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "package": self.package_id,
+            "recipients": self.recipients,
             "items": self.items,
             "studies": self.studies,
             "bytes": self.bytes,
@@ -252,7 +255,9 @@ def send_paths(
     package_id, held = _resumable(client, store.load(key) if resume else None, fingerprint)
     resumed = package_id is not None
     if package_id is None:
-        package_id = _with_retry(lambda: client.create_package(list(to), expires_days=expires_days))
+        opened = _with_retry(lambda: client.open_package(list(to), expires_days=expires_days))
+        package_id = opened["id"]
+        result.recipients = opened.get("recipients", [])
         if resume:
             store.save(key, package_id, fingerprint)
     if on_package is not None:

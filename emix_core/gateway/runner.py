@@ -231,6 +231,12 @@ class _RecordingClient:
             self._on_created(package_id)
         return package_id
 
+    def open_package(self, to: list[str], *, expires_days: int | None = None) -> dict[str, Any]:
+        answer = self._client.open_package(to, expires_days=expires_days)
+        if self._on_created is not None:
+            self._on_created(answer["id"])
+        return answer
+
     def seal(self, package_id: str, signed_manifest: dict[str, Any]) -> dict[str, Any]:
         if self._on_sealing is not None:
             self._on_sealing(package_id)

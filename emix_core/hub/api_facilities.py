@@ -127,8 +127,12 @@ def add_member() -> tuple[Response, int]:
     code = secrets.token_urlsafe(16)
     with hub.db.session() as session:
         facility = session.scalar(select(Facility).where(Facility.address == principal.facility))
-        if session.scalar(select(Member).where(Member.email == email)):
-            raise ConflictError("a member with that email already exists on this hub")
+        # Another facility may have typed the same address in; only a confirmation
+        # proves it, so that never blocks the facility the address really belongs to.
+        if session.scalar(
+            select(Member).where(Member.email == email, Member.facility_id == facility.id)
+        ):
+            raise ConflictError("a member with that email already exists in your facility")
         member = Member(
             facility_id=facility.id,
             email=email,
@@ -160,7 +164,7 @@ def confirm_member() -> Response:
     code = str(json_body().get("code", ""))[:100]
     with hub.db.session() as session:
         member = session.scalar(select(Member).where(Member.confirm_code_hash == hash_secret(code)))
-        if member is None or not code:
+        if member is None or not code or not member.verified:  # removed before confirming
             member = None
         else:
             member.confirmed_at = utcnow()

@@ -59,8 +59,14 @@ def create() -> tuple[Response, int]:
     hub = _hub()
     with hub.db.session() as session:
         member = session.get(Member, principal.member_id)
-        row = svc.create_package(hub, session, member, to, expires_days)
-        body = {"id": row.id, "state": row.state, "expires": row.expires.isoformat()}
+        row, resolved = svc.create_package(hub, session, member, to, expires_days)
+        body = {
+            "id": row.id,
+            "state": row.state,
+            "expires": row.expires.isoformat(),
+            # whom each address resolved to, so the sender sees where the package goes
+            "recipients": resolved,
+        }
     audit_request(
         "begin-transferring",
         action=AuditAction.CREATE,

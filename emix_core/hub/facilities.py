@@ -48,7 +48,9 @@ def add_facility(
     with hub.db.session() as session:
         if session.scalar(select(Facility).where(Facility.address == address)):
             raise ConflictError(f"a facility with address {address!r} exists already")
-        if session.scalar(select(Member).where(Member.email == email)):
+        if session.scalar(
+            select(Member).where(Member.email == email, Member.confirmed_at.is_not(None))
+        ):
             raise ConflictError("that email is already a member of a facility on this hub")
         facility = Facility(
             address=address,

@@ -63,29 +63,52 @@ def data_key(hub: Hub, row: PackageRow) -> bytes:
     return hub.wrapper.unwrap(row.wrapped_key, package_context(row.id))
 
 
-def resolve_recipients(session: Session, to: Iterable[str]) -> list[tuple[Facility, Member | None]]:
-    """Turn ``b`` or ``someone@example.org`` into facilities (and members)."""
-    resolved: list[tuple[Facility, Member | None]] = []
+def resolve_recipients(
+    session: Session, to: Iterable[str]
+) -> list[tuple[str, Facility, Member | None]]:
+    """Turn ``b`` or ``someone@example.org`` into facilities (and members), once each.
+
+    An email resolves only to a member who confirmed it (the mailed code proves the
+    address), never to an address a facility admin merely typed in.
+    """
+    resolved: list[tuple[str, Facility, Member | None]] = []
+    seen: set[tuple[int, int | None]] = set()
     for address in to:
         if not isinstance(address, str) or not 0 < len(address) <= 254:
             raise InvalidInput("each recipient must be a facility address or a member email")
         if "@" in address:
-            members = session.scalars(select(Member).where(Member.email == address.lower())).all()
-            if len(members) != 1:
-                raise InvalidInput(
-                    "unknown recipient email; ask the recipient's facility admin to add them"
+            members = session.scalars(
+                select(Member).where(
+                    Member.email == address.strip().lower(),
+                    Member.verified.is_(True),
+                    Member.confirmed_at.is_not(None),
                 )
+            ).all()
+            if not members:
+                raise InvalidInput(
+                    "a recipient email is not a confirmed member of any facility; ask the "
+                    "recipient's facility admin to add them, or send to the facility address"
+                )
+            if len(members) > 1:
+                raise InvalidInput(
+                    "a recipient email is a confirmed member of several facilities; "
+                    "send to the facility address instead"
+                )
+            member: Member | None = members[0]
             facility = session.get(Facility, members[0].facility_id)
             assert facility is not None
-            resolved.append((facility, members[0]))
         else:
+            member = None
             facility = session.scalar(select(Facility).where(Facility.address == address))
             if not is_valid_address(address) or facility is None:
                 raise InvalidInput(
                     "unknown recipient facility address; `emix facilities` lists the addresses "
                     "you can send to"
                 )
-            resolved.append((facility, None))
+        key = (facility.id, member.id if member else None)
+        if key not in seen:
+            seen.add(key)
+            resolved.append((address, facility, member))
     if not resolved:
         raise InvalidInput("a package needs at least one recipient (--to)")
     return resolved
@@ -141,7 +164,8 @@ def claim_notice(hub: Hub, package_id: str, email: str) -> bool:
 
 def create_package(
     hub: Hub, session: Session, sender: Member, to: list[str], expires_days: int | None
-) -> PackageRow:
+) -> tuple[PackageRow, list[dict[str, Any]]]:
+    """Open a package; also return whom each recipient address resolved to."""
     facility = session.get(Facility, sender.facility_id)
     assert facility is not None
     days = min(
@@ -162,7 +186,8 @@ def create_package(
     )
     session.add(row)
     session.flush()
-    for rec_facility, member in resolve_recipients(session, to):
+    resolved = []
+    for given, rec_facility, member in resolve_recipients(session, to):
         session.add(
             PackageRecipient(
                 package_id=package_id,
@@ -170,7 +195,14 @@ def create_package(
                 member_id=member.id if member else None,
             )
         )
-    return row
+        resolved.append(
+            {
+                "to": given,
+                "facility": rec_facility.address,
+                "email": member.email if member else None,
+            }
+        )
+    return row, resolved
 
 
 def stored_bytes(session: Session, package_id: str) -> int:
