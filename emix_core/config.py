@@ -66,11 +66,17 @@ class HubSettings:
     #: gunicorn worker processes and threads per worker.
     workers: int = 2
     threads: int = 8
-    #: Failed logins from one address before it is throttled for a minute.
+    #: Failed sign-ins from one client (or with one credential) before further failures
+    #: get 429 for a minute. A valid token is never refused.
     max_failed_logins: int = 10
     #: Web origins (``https://viewer.example.org``) whose pages may call the hub's DICOMweb
     #: service from a browser (CORS). Empty: none, the default.
     cors_origins: list[str] = field(default_factory=list)
+    #: Proxies in front of the hub whose ``X-Forwarded-For`` entry is trusted (0: none;
+    #: the client address is the TCP peer's).
+    trusted_proxy_hops: int = 0
+    #: Who is mailed when a client is throttled (empty: the audit log only).
+    alert_email: str = ""
 
 
 @dataclass

@@ -13,14 +13,13 @@ from emix_core.errors import ConflictError, InvalidInput, NotFoundError
 from emix_core.hub.api_packages import json_body
 from emix_core.hub.auth import (
     audit_request,
-    check_throttle,
     client_source,
     current_principal,
     hash_secret,
     issue_token,
-    record_failed_sign_in,
     require,
 )
+from emix_core.hub.throttle import record_failure
 from emix_core.model import AuditAction, utcnow
 from emix_core.store.db import Facility, Member, Token
 
@@ -159,8 +158,6 @@ def add_member() -> tuple[Response, int]:
 def confirm_member() -> Response:
     """New-recipient confirmation: the emailed code is exchanged for an API token once."""
     hub = _hub()
-    source = client_source()
-    check_throttle(source)
     code = str(json_body().get("code", ""))[:100]
     with hub.db.session() as session:
         member = session.scalar(select(Member).where(Member.confirm_code_hash == hash_secret(code)))
@@ -172,7 +169,7 @@ def confirm_member() -> Response:
             token = issue_token(session, member, days=hub.config.hub.token_days, label="confirmed")
             email = member.email
     if member is None:
-        record_failed_sign_in(source)
+        record_failure(hub, client_source(), code, "confirmation code")
         raise NotFoundError("unknown or already used confirmation code")
     audit_request(
         "user-authentication",

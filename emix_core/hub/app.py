@@ -23,6 +23,11 @@ def create_app(home: str | Path | None = None, pm: pluggy.PluginManager | None =
     app.extensions["emix"] = hub
     # Item uploads are streamed by our own code; Flask's form parsing never sees them.
     app.config["MAX_FORM_MEMORY_SIZE"] = hub.config.hub.max_json_bytes
+    hops = hub.config.hub.trusted_proxy_hops
+    if hops:  # the client address is the entry the nearest trusted proxy added, no other
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     _register_blueprints(app, hub)
     _register_error_handlers(app)
     from emix_core.hub import metrics

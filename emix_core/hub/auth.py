@@ -14,19 +14,15 @@ from datetime import timedelta
 from typing import Any
 
 from flask import current_app, g, request
-from sqlalchemy import delete, func, select
+from sqlalchemy import select
 
-from emix_core.errors import AuthenticationError, EmixError, NotFoundError
+from emix_core.errors import AuthenticationError, NotFoundError
+from emix_core.hub.throttle import record_failure
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Package, Principal, utcnow
 from emix_core.plugins import hookimpl, hooks_for
-from emix_core.store.db import Facility, LoginFailure, Member, Token
+from emix_core.store.db import Facility, Member, Token
 
 TOKEN_PREFIX = "emx_"
-
-
-class TooManyAttempts(EmixError):
-    http_status = 429
-    code = "throttled"
 
 
 def hash_secret(secret: str) -> str:
@@ -153,60 +149,16 @@ def audit_request(
     )
 
 
-def check_throttle(source: str) -> None:
-    """Refuse an address that failed to sign in too often in the last minute (429)."""
-    hub = _hub()
-    window = utcnow() - timedelta(minutes=1)
-    with hub.db.session() as session:
-        failures = session.scalar(
-            select(func.count())
-            .select_from(LoginFailure)
-            .where(LoginFailure.source == source, LoginFailure.time > window)
-        )
-    if failures and failures >= hub.config.hub.max_failed_logins:
-        raise TooManyAttempts("too many failed sign-ins from this address; wait a minute")
-
-
 def current_principal() -> Principal:
-    """The authenticated caller of this request (401 if there is none)."""
+    """The authenticated caller of this request: 401 if there is none, 429 once the
+    client or the credential failed too often (a valid token is never refused)."""
     if "principal" in g:
         return g.principal
     hub = _hub()
-    source = client_source()
-    check_throttle(source)
     principal = hooks_for(hub.pm).authenticate(request)
     if principal is None:
-        record_failed_sign_in(source)
+        presented = request.headers.get("Authorization", "")[:300]
+        record_failure(hub, client_source(), presented, "sign-in")
         raise AuthenticationError("authentication required")
     g.principal = principal
     return principal
-
-
-def record_failed_sign_in(source: str) -> None:
-    hub = _hub()
-    with hub.db.session() as session:
-        session.add(LoginFailure(source=source))
-        session.execute(
-            delete(LoginFailure).where(LoginFailure.time < utcnow() - timedelta(hours=1))
-        )
-        count = session.scalar(
-            select(func.count())
-            .select_from(LoginFailure)
-            .where(
-                LoginFailure.source == source, LoginFailure.time > utcnow() - timedelta(minutes=1)
-            )
-        )
-    outcome = AuditOutcome.MINOR_FAILURE
-    if count and count >= hub.config.hub.max_failed_logins:
-        outcome = AuditOutcome.SERIOUS_FAILURE
-    event_type = "security-alert" if outcome == 8 else "user-authentication"
-    hub.audit(
-        AuditEvent(
-            event_type=event_type,
-            action=AuditAction.EXECUTE,
-            outcome=outcome,
-            actor="unknown",
-            source=source,
-            detail="failed sign-in" if outcome == 4 else "repeated failed sign-ins: throttled",
-        )
-    )

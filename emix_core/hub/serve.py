@@ -149,6 +149,14 @@ def serve(
     :param log_level: ``debug``, ``info``, ``warning`` or ``error``.
     """
     check_listener(host, tls_cert, tls_key, behind_proxy)
+    if behind_proxy:
+        from emix_core.config import load_config
+
+        if not load_config(home).hub.trusted_proxy_hops:
+            log.warning(
+                "behind a proxy without [hub] trusted_proxy_hops: every client has the proxy's "
+                "address, so one client's failed sign-ins throttle all (valid tokens still pass)"
+            )
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     options: dict[str, Any] = {
         "bind": bind,

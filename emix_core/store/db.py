@@ -136,13 +136,18 @@ class NoticeRow(Base):
     claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class LoginFailure(Base):
-    """A failed authentication, for throttling and intrusion alerts."""
+class FailedAttempt(Base):
+    """A failed sign-in (token or confirmation code), for throttling and alerts.
 
-    __tablename__ = "login_failures"
+    ``credential`` is a hash of what was presented, so guesses spread over many
+    addresses are counted too; it is never the secret itself.
+    """
+
+    __tablename__ = "failed_attempts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    source: Mapped[str] = mapped_column(String(64), index=True)
-    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    client: Mapped[str] = mapped_column(String(64), index=True)
+    credential: Mapped[str] = mapped_column(String(64), index=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
