@@ -301,3 +301,52 @@ def test_one_crafted_package_never_stops_a_gateway(hub, mercy, lakeside, study_2
     failed = {f["package"]: f for f in status["failed"]}
     assert set(failed) == set(crafted)
     assert all(f["attempts"] == 3 and f["error"] for f in failed.values())
+
+
+# --------------------------------------------------------------------------- upload races
+
+
+def _slow_put(hub, path: str, token: str, body: bytes, sha: str):  # type: ignore[no-untyped-def]
+    """A PUT whose body is still on its way: returns (socket, send_rest)."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", hub.port))
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/pdf\r\nX-Emix-SHA256: {sha}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    sock.sendall(head + body[: len(body) // 2])
+
+    def send_rest() -> int:
+        sock.sendall(body[len(body) // 2 :])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        sock.close()
+        return int(answer.split(b" ", 2)[1])
+
+    return send_rest
+
+
+def test_an_upload_in_flight_cannot_overwrite_a_sealed_item(hub, mercy, lakeside, tmp_path):
+    import time
+
+    home = LocalHome(tmp_path / "sender")
+    client, package, item = _open_package_with_one_item(hub, mercy.token, home)
+    other = b"%PDF-1.4\n% not what was signed\n".ljust(len(b"%PDF-1.4\n% crafted manifest test\n"))
+    finish = _slow_put(
+        hub,
+        f"/api/v1/packages/{package}/items/1",
+        mercy.token,
+        other,
+        hashlib.sha256(other).hexdigest(),
+    )
+    time.sleep(0.5)  # the upload is authorised and streaming
+    signed = crypto.sign_document(home.signing_key, _manifest(package, [item]))
+    client.seal(package, signed)
+    assert finish() == 409
+    got = b"".join(HubClient(hub.url, lakeside.token).download_item(package, 1))
+    assert hashlib.sha256(got).hexdigest() == item["sha256"]
+    zipped = requests.get(f"{hub.url}/api/v1/packages/{package}/zip", headers=auth(lakeside.token))
+    assert zipped.status_code == 200 and other not in zipped.content

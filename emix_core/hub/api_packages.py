@@ -100,21 +100,11 @@ def upload_item(package_id: str, item_id: int) -> tuple[Response, int]:
     sha256 = request.headers.get("X-Emix-SHA256", "").lower()
     media_type = (request.content_type or "application/octet-stream").split(";")[0][:100]
     body = cast(BinaryIO, request.stream)
-    svc.store_item(hub, row, item_id, body, size=size, sha256=sha256)
-    with hub.db.session() as session:
-        svc.record_items(
-            session,
-            row.id,
-            [
-                ItemRow(
-                    package_id=row.id,
-                    item_id=item_id,
-                    size=size,
-                    sha256=sha256,
-                    media_type=media_type,
-                )
-            ],
-        )
+    writer = svc.store_item(hub, row, item_id, body, size=size, sha256=sha256)
+    item = ItemRow(
+        package_id=row.id, item_id=item_id, size=size, sha256=sha256, media_type=media_type
+    )
+    svc.commit_items(hub, row.id, [(writer, item)])
     return jsonify({"package": row.id, "item": item_id, "stored": True}), 201
 
 
@@ -130,7 +120,7 @@ def upload_batch(package_id: str) -> tuple[Response, int]:
     if (request.content_type or "").split(";")[0] != frames.MEDIA_TYPE:
         raise InvalidInput(f"batch uploads must be sent as {frames.MEDIA_TYPE}")
     stream = cast(BinaryIO, request.stream)
-    stored: list[ItemRow] = []
+    stored: list[tuple[Any, ItemRow]] = []
     failed: list[dict[str, Any]] = []
     with hub.db.session() as session:
         package_bytes = svc.stored_bytes(session, row.id)
@@ -149,22 +139,18 @@ def upload_batch(package_id: str) -> tuple[Response, int]:
                     }
                 )
                 continue
-            writer.commit()
             package_bytes += header.size
-            stored.append(
-                ItemRow(
-                    package_id=row.id,
-                    item_id=header.id,
-                    size=header.size,
-                    sha256=digest,
-                    media_type=header.media_type,
-                )
+            item = ItemRow(
+                package_id=row.id,
+                item_id=header.id,
+                size=header.size,
+                sha256=digest,
+                media_type=header.media_type,
             )
+            stored.append((writer, item))
     finally:  # what was stored before an error stays recorded, durably
-        hub.blobs.sync(row.id)
-        with hub.db.session() as session:
-            svc.record_items(session, row.id, stored)
-    return jsonify({"stored": [i.item_id for i in stored], "failed": failed}), 201
+        svc.commit_items(hub, row.id, stored)
+    return jsonify({"stored": [i.item_id for _, i in stored], "failed": failed}), 201
 
 
 @bp.post("/packages/<package_id>/seal")
@@ -174,9 +160,13 @@ def seal(package_id: str) -> Response:
     with hub.db.session() as session:
         svc.lock_package(session, package_id)  # two instances never seal it twice
         row, package = svc.load_package(session, package_id)
-        principal = require("package:write", package)
+        require("package:write", package)
         if row.state != "open":
             raise ConflictError("package is already sealed")
+    with hub.db.session() as session:
+        svc.lock_open_package(session, package_id)  # no upload commits while we check
+        row, package = svc.load_package(session, package_id)
+        principal = require("package:write", package)
         facility = session.get(Facility, row.sender_facility_id)
         if not facility.signing_key:
             raise ConflictError(

@@ -14,13 +14,14 @@ from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any, BinaryIO
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 from sqlalchemy.orm import Session
 
 from emix_core import crypto
 from emix_core.content.manifest_rules import check_document
 from emix_core.errors import (
+    ConflictError,
     IntegrityError,
     InvalidInput,
     NotFoundError,
@@ -260,16 +261,52 @@ def write_item(hub: Hub, row: PackageRow, item_id: int, body: BinaryIO, *, size:
 
 def store_item(
     hub: Hub, row: PackageRow, item_id: int, body: BinaryIO, *, size: int, sha256: str
-) -> None:
-    """Store one item; commit only if its bytes match the declared SHA-256."""
+) -> Any:
+    """Write one item; return its writer, uncommitted, if its bytes match the SHA-256."""
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise InvalidInput("X-Emix-SHA256 must be the lowercase hex SHA-256 of the item")
     digest, writer = write_item(hub, row, item_id, body, size=size)
     if digest != sha256:
         writer.abort()
         raise IntegrityError("uploaded bytes do not match the declared SHA-256; nothing was stored")
-    writer.commit()
-    hub.blobs.sync(row.id)
+    return writer
+
+
+def lock_open_package(session: Session, package_id: str) -> None:
+    """Take the package's row lock, first thing in a transaction; 409 unless still open.
+
+    Uploads commit and seals check under this lock, one at a time: an upload in flight
+    when the package is sealed is refused, and two uploads of one item id leave the
+    database and the blob store in step.
+    """
+    locked = session.execute(
+        update(PackageRow)
+        .where(PackageRow.id == package_id, PackageRow.state == "open")
+        .values(state="open")
+    ).rowcount
+    if not locked:
+        raise ConflictError(
+            "the package was sealed meanwhile; nothing was stored, create a new package"
+        )
+
+
+def commit_items(hub: Hub, package_id: str, written: list[tuple[Any, ItemRow]]) -> None:
+    """Make uploaded items visible and record them, atomically with the open-state check."""
+    if not written:
+        return
+    committed = 0
+    try:
+        with hub.db.session() as session:
+            lock_open_package(session, package_id)
+            for writer, _ in written:
+                writer.commit()
+                committed += 1
+            hub.blobs.sync(package_id)
+            record_items(session, package_id, [item for _, item in written])
+    except BaseException:
+        for writer, _ in written[committed:]:
+            writer.abort()
+        raise
 
 
 def record_items(session: Session, package_id: str, rows: list[ItemRow]) -> None:
