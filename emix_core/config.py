@@ -77,6 +77,10 @@ class HubSettings:
     trusted_proxy_hops: int = 0
     #: Who is mailed when a client is throttled (empty: the audit log only).
     alert_email: str = ""
+    #: A connection whose request headers take longer than this is closed, seconds.
+    header_timeout_seconds: float = 10.0
+    #: A request body that sends nothing for this long fails, seconds.
+    body_idle_timeout_seconds: float = 60.0
 
 
 @dataclass

@@ -5,6 +5,7 @@ Every test here failed before the fix it names; docs/security.md cites them clai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -350,3 +351,41 @@ def test_an_upload_in_flight_cannot_overwrite_a_sealed_item(hub, mercy, lakeside
     assert hashlib.sha256(got).hexdigest() == item["sha256"]
     zipped = requests.get(f"{hub.url}/api/v1/packages/{package}/zip", headers=auth(lakeside.token))
     assert zipped.status_code == 200 and other not in zipped.content
+
+
+# --------------------------------------------------------------------------- slow clients
+
+
+def test_slow_header_clients_are_cut_and_do_not_starve_the_hub(tmp_path):
+    import socket
+    import time
+
+    hub = make_hub(tmp_path, "header_timeout_seconds = 3")
+    slow = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", hub.port))
+            sock.sendall(b"GET /api/v1/inbox HTTP/1.1\r\n")
+            slow.append(sock)
+        started = time.monotonic()
+        while time.monotonic() - started < 8:  # one header line per client per second
+            for i, sock in enumerate(slow):
+                with contextlib.suppress(OSError):
+                    sock.sendall(f"X-Slow-{i}: 1\r\n".encode())
+            time.sleep(1)
+        cut = 0
+        for sock in slow:  # a cut connection reads as closed; a held one times out
+            sock.settimeout(0.2)
+            try:
+                cut += sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                cut += 1
+        # every connection that held one of the 2 x 8 threads was cut (others wait unread)
+        assert cut >= 16, f"only {cut} of 20 slow connections were cut"
+        assert requests.get(f"{hub.url}/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in slow:
+            sock.close()
+        hub.stop()

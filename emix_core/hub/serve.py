@@ -149,20 +149,23 @@ def serve(
     :param log_level: ``debug``, ``info``, ``warning`` or ``error``.
     """
     check_listener(host, tls_cert, tls_key, behind_proxy)
-    if behind_proxy:
-        from emix_core.config import load_config
+    from emix_core.config import load_config
+    from emix_core.hub import worker
 
-        if not load_config(home).hub.trusted_proxy_hops:
-            log.warning(
-                "behind a proxy without [hub] trusted_proxy_hops: every client has the proxy's "
-                "address, so one client's failed sign-ins throttle all (valid tokens still pass)"
-            )
+    settings = load_config(home).hub
+    worker.HEADER_TIMEOUT = float(settings.header_timeout_seconds)
+    worker.BODY_IDLE_TIMEOUT = float(settings.body_idle_timeout_seconds)
+    if behind_proxy and not settings.trusted_proxy_hops:
+        log.warning(
+            "behind a proxy without [hub] trusted_proxy_hops: every client has the proxy's "
+            "address, so one client's failed sign-ins throttle all (valid tokens still pass)"
+        )
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     options: dict[str, Any] = {
         "bind": bind,
         "workers": workers,
         "threads": threads,
-        "worker_class": "gthread",
+        "worker_class": "emix_core.hub.worker.BoundedThreadWorker",
         "timeout": 600,
         "graceful_timeout": 10,
         "keepalive": 30,
