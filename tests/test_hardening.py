@@ -389,3 +389,22 @@ def test_slow_header_clients_are_cut_and_do_not_starve_the_hub(tmp_path):
         for sock in slow:
             sock.close()
         hub.stop()
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_the_access_log_names_route_templates_not_uids(hub, mercy, lakeside, study_200, tmp_path):
+    sent = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )
+    package = sent["package"]
+    requests.get(f"{hub.url}/api/v1/packages/{package}/items/2", headers=auth(lakeside.token))
+    uid = "1.2.840.113619.2.55.3.604688119.868.1234567890.123"
+    requests.get(f"{hub.url}/dicomweb/studies/{uid}/series", headers=auth(lakeside.token))
+    requests.get(f"{hub.url}/api/v1/inbox?patient=MUSTERMANN", headers=auth(lakeside.token))
+    hub.stop()
+    log = (hub.home / "hub-test.log").read_text()
+    assert '"GET /api/v1/packages/<package_id>/items/<int:item_id>" 200' in log
+    leaked = [line for line in log.splitlines() if uid in line or "MUSTERMANN" in line]
+    assert not leaked, leaked

@@ -33,7 +33,36 @@ def create_app(home: str | Path | None = None, pm: pluggy.PluginManager | None =
     from emix_core.hub import metrics
 
     metrics.install(app)
+    _register_access_log(app)
     return app
+
+
+def _register_access_log(app: Flask) -> None:
+    """One line per request naming the route template, never the values in the path
+    (DICOMweb paths carry Study/Series/SOP Instance UIDs; query strings are left out)."""
+    import time
+
+    from flask import g, request
+
+    access = logging.getLogger("emix.access")
+
+    @app.before_request
+    def started() -> None:
+        g.emix_started = time.monotonic()
+
+    @app.after_request
+    def log_request(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        took = (time.monotonic() - g.get("emix_started", time.monotonic())) * 1000
+        access.info(
+            '%s "%s %s" %s %sms',
+            request.remote_addr,
+            request.method,
+            route,
+            response.status_code,
+            int(took),
+        )
+        return response
 
 
 def _register_blueprints(app: Flask, hub: Hub) -> None:

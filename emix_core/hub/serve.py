@@ -57,6 +57,15 @@ class HubApplication(BaseApplication):
     def load(self):  # type: ignore[no-untyped-def]
         from emix_core.hub import create_app
 
+        root = logging.getLogger("emix")
+        if not root.handlers:  # hub events and the access log (route templates) to stderr
+            handler = logging.StreamHandler()
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+            )
+            root.addHandler(handler)
+            root.setLevel(logging.INFO)
+
         return create_app(self.home)
 
     def _when_ready(self, _server: Any) -> None:
@@ -169,8 +178,7 @@ def serve(
         "timeout": 600,
         "graceful_timeout": 10,
         "keepalive": 30,
-        "accesslog": "-",
-        "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms',
+        "accesslog": None,  # the app logs route templates (emix.access), never path values
         "errorlog": "-",
         "loglevel": log_level,
         "logconfig_dict": logging_config(log_format, log_level),
