@@ -408,3 +408,55 @@ def test_the_access_log_names_route_templates_not_uids(hub, mercy, lakeside, stu
     assert '"GET /api/v1/packages/<package_id>/items/<int:item_id>" 200' in log
     leaked = [line for line in log.splitlines() if uid in line or "MUSTERMANN" in line]
     assert not leaked, leaked
+
+
+# --------------------------------------------------------------------------- new users
+
+
+def test_receive_into_a_relative_out_folder(hub, mercy, lakeside, study_200, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "emix_core", "receive", package, "--out", "./received"],
+        cwd=work,
+        env={**os.environ, **lakeside.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(list((work / "received" / package).rglob("*.dcm"))) == 3
+    status = requests.get(f"{hub.url}/api/v1/packages/{package}", headers=auth(mercy.token)).json()
+    assert status["recipients"][0]["delivered"]  # the receipt was posted
+
+
+def test_a_redirecting_hub_url_gets_a_clear_message(tmp_path, mercy):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(301)
+            self.send_header("Location", "https://hub.example.org" + self.path)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        result = emix("inbox", env={**mercy.env, "EMIX_HUB_URL": url}, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "redirects" in result.stderr and "https://hub.example.org" in result.stderr
+    finally:
+        server.shutdown()

@@ -111,6 +111,12 @@ class HubClient:
         )
         if response.status_code >= 400:
             raise self._error(response)
+        if 300 <= response.status_code < 400:
+            target = response.headers.get("Location", "")[:200]
+            raise ConfigError(
+                f"the hub at {self.base} redirects (HTTP {response.status_code}) to {target}; "
+                "use that address (usually https://...) as the hub URL"
+            )
         if not kwargs.get("stream") and not _is_json(response):
             raise self._not_a_hub(response)
         return response
@@ -169,7 +175,13 @@ class HubClient:
         return cls(message or f"hub answered {response.status_code}")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._request(method, path, **kwargs).json()
+        response = self._request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise HubUnavailable(
+                f"{self.base} did not answer like an emix hub (no JSON); check the hub URL"
+            ) from exc
 
     # ------------------------------------------------------------------ facilities
     def me(self) -> dict[str, Any]:

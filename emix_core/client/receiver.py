@@ -170,6 +170,7 @@ def receive_package(
     :raises IntegrityError: signature, size or hash mismatch (nothing is left behind).
     :raises ConflictError: the destination folder exists already (never overwritten).
     """
+    out_dir = Path(out_dir).resolve()  # item paths are checked resolved; so is the root
     signed = verified_manifest(client, home, package_id)
     document = signed["document"]
     items = check_document(document)  # a crafted manifest is refused before any path
