@@ -428,7 +428,7 @@ class KeyFileWrapper:
             return open_value(self._key(), wrapped, _WRAP_AD_TAG + context)
         except IntegrityError:
             raise IntegrityError(
-                f"a wrapped data key does not open with the key-encryption key {self.path}: "
+                "a wrapped data key does not open with the hub's key-encryption key: "
                 "the key file was replaced, or the wrapped key was moved from another package. "
                 "Restore the original key file from backup."
             ) from None

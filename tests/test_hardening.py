@@ -460,3 +460,45 @@ def test_a_redirecting_hub_url_gets_a_clear_message(tmp_path, mercy):
         assert "redirects" in result.stderr and "https://hub.example.org" in result.stderr
     finally:
         server.shutdown()
+
+
+# --------------------------------------------------------------------------- lost keys
+
+
+def test_a_lost_kek_is_never_replaced_and_a_short_one_stops_the_start(
+    hub, mercy, study_200, tmp_path
+):
+    emix_json("send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env)
+    hub.stop()
+    kek = hub.home / "keys" / "kek.key"
+    original = kek.read_bytes()
+    kek.unlink()
+    result = emix("hub", "init", "--home", str(hub.home), check=False)
+    assert result.returncode == 1 and "restore" in result.stderr
+    assert not kek.exists()
+    for damaged in (original[:31], bytes(32)):  # cut short, or a new key over old data
+        kek.write_bytes(damaged)
+        kek.chmod(0o600)
+        result = emix("hub", "serve", "--home", str(hub.home), check=False, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "key" in result.stderr and "restore" in result.stderr.lower()
+        kek.unlink()
+
+
+def test_a_package_whose_key_does_not_unwrap_is_skipped_and_audited(
+    hub, mercy, lakeside, study_200, tmp_path
+):
+    folder = small_study(study_200, tmp_path)
+    first = emix_json("send", str(folder), "--to", "lakeside", env=mercy.env)["package"]
+    second = emix_json("send", str(folder), "--to", "lakeside", env=mercy.env)["package"]
+    db = sqlite3.connect(hub.home / "metadata.db")
+    (wrapped,) = db.execute("select wrapped_key from packages where id = ?", (first,)).fetchone()
+    damaged = bytes(wrapped[:-1]) + bytes([wrapped[-1] ^ 1])
+    db.execute("update packages set wrapped_key = ? where id = ?", (damaged, first))
+    db.commit()
+    r = requests.get(f"{hub.url}/api/v1/inbox", headers=auth(lakeside.token))
+    assert r.status_code == 200
+    assert [p["id"] for p in r.json()["packages"]] == [second]
+    assert any("does not unwrap" in d for _, d, _ in audit_details(hub))
+    r = requests.get(f"{hub.url}/api/v1/packages/{first}/manifest", headers=auth(lakeside.token))
+    assert r.status_code == 422 and str(hub.home) not in r.text

@@ -246,6 +246,18 @@ def inbox() -> Response:
                 continue
             if not is_allowed(principal, "package:read", package):
                 continue
+            try:
+                summary = svc.open_summary(hub, row)
+            except IntegrityError:  # its key does not unwrap: skip it, the others stay listed
+                audit_request(
+                    "security-alert",
+                    "R",
+                    principal.email,
+                    "inbox: a package key does not unwrap; package skipped",
+                    package_id=row.id,
+                    outcome=8,
+                )
+                continue
             delivered = session.scalar(
                 select(PackageRecipient.delivered_at).where(
                     PackageRecipient.package_id == row.id,
@@ -263,7 +275,7 @@ def inbox() -> Response:
                     "items": row.item_count,
                     "size": row.total_size,
                     "delivered": delivered.isoformat() if delivered else None,
-                    "studies": svc.open_summary(hub, row).get("studies", []),
+                    "studies": summary.get("studies", []),
                 }
             )
     audit_request(

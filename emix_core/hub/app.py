@@ -85,7 +85,12 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(EmixError)
     def emix_error(exc: EmixError) -> tuple[Response, int, dict[str, str]]:
         headers = {"WWW-Authenticate": 'Bearer realm="emix"'} if exc.http_status == 401 else {}
-        return jsonify({"error": exc.code, "message": exc.message}), exc.http_status, headers
+        message = exc.message
+        if exc.http_status >= 500 and exc.http_status != 503:
+            # a server-side fault: its text may name server paths; the log has it
+            log.error("server error %s: %s", exc.code, exc.message)
+            message = "the hub has a configuration or storage problem; its operator was logged"
+        return jsonify({"error": exc.code, "message": message}), exc.http_status, headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:

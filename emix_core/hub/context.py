@@ -15,6 +15,7 @@ from emix_core.audit.chain import AuditLog
 from emix_core.config import CONFIG_NAME, Config, load_config, write_config
 from emix_core.crypto import SigningKey, create_key_file, load_key_file
 from emix_core.errors import ConfigError
+from emix_core.hub.keycheck import check_wrapper, refuse_new_kek_over_wrapped_keys
 from emix_core.model import AuditEvent
 from emix_core.plugins import default_plugin_manager, hooks_for
 from emix_core.store.blobs import BlobStore, open_blob_store
@@ -71,6 +72,7 @@ def init_hub_home(
         text.replace("default_retention_days = 30\n", f"{extra}default_retention_days = 30\n", 1),
     )
     keys = home / "keys"
+    refuse_new_kek_over_wrapped_keys(home, load_config(home).database_url)
     for name in ("kek.key", "audit.key"):
         if not (keys / name).exists():
             create_key_file(keys / name)
@@ -137,6 +139,7 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
     config = load_config(home)
     if not (config.home / CONFIG_NAME).exists() or not (config.keys_dir / "kek.key").exists():
         _refuse_facility_home(config.home)
+    if not (config.home / CONFIG_NAME).exists():  # a hub home missing its KEK: see check_wrapper
         raise ConfigError(
             f"{config.home} is not a hub home; create it with `emix hub init --home {config.home}`"
         )
@@ -146,6 +149,7 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
     wrapper = hooks_for(pm).key_wrapper(str(config.home))
     if wrapper is None:
         raise ConfigError("no key wrapper plugin answered; the built-in emix.keyfile is disabled")
+    check_wrapper(wrapper, db)
     signing_key = SigningKey.load_or_create(config.keys_dir / "hub-signing.key")
     # SQLite hub: the chain keeps its own file; shared database: its tables there.
     audit_log = AuditLog(

@@ -160,7 +160,9 @@ def serve(
     check_listener(host, tls_cert, tls_key, behind_proxy)
     from emix_core.config import load_config
     from emix_core.hub import worker
+    from emix_core.hub.context import open_hub
 
+    open_hub(home)  # a missing or wrong key is reported here, to the operator, not to clients
     settings = load_config(home).hub
     worker.HEADER_TIMEOUT = float(settings.header_timeout_seconds)
     worker.BODY_IDLE_TIMEOUT = float(settings.body_idle_timeout_seconds)
