@@ -502,3 +502,61 @@ def test_a_package_whose_key_does_not_unwrap_is_skipped_and_audited(
     assert any("does not unwrap" in d for _, d, _ in audit_details(hub))
     r = requests.get(f"{hub.url}/api/v1/packages/{first}/manifest", headers=auth(lakeside.token))
     assert r.status_code == 422 and str(hub.home) not in r.text
+
+
+# --------------------------------------------------------------------------- audit gaps
+
+
+def _hub_events(hub) -> list[dict]:
+    from emix_core.audit.chain import AuditLog
+    from emix_core.crypto import SigningKey, load_key_file
+
+    keys = hub.home / "keys"
+    log = AuditLog(
+        hub.home / "audit.db",
+        load_key_file(keys / "audit.key"),
+        SigningKey.load_or_create(keys / "hub-signing.key"),
+    )
+    return log.events(limit=None, include_phi=True)
+
+
+def test_audit_records_probes_listings_integrity_failures_and_removals(
+    hub, mercy, lakeside, study_200, tmp_path, smtp_server
+):
+    from emix_core.testing import PATIENT_ID
+
+    folder = small_study(study_200, tmp_path)
+    package = emix_json("send", str(folder), "--to", "lakeside", env=mercy.env)["package"]
+    other = hub.add_facility("Elsewhere", "x@else.example.org", "elsewhere")
+    for path in ("/manifest", "/items/1", "/zip"):
+        r = requests.get(f"{hub.url}/api/v1/packages/{package}{path}", headers=auth(other["token"]))
+        assert r.status_code == 404
+    requests.get(f"{hub.url}/api/v1/inbox", headers=auth(lakeside.token)).raise_for_status()
+    blob = hub.home / "blobs" / package / "2"
+    data = bytearray(blob.read_bytes())
+    data[5000] ^= 1
+    blob.write_bytes(bytes(data))
+    r = requests.get(f"{hub.url}/api/v1/packages/{package}/items/2", headers=auth(lakeside.token))
+    assert r.status_code == 422
+    with pytest.raises(requests.RequestException):  # the stream is cut
+        requests.get(
+            f"{hub.url}/api/v1/packages/{package}/stream?first=1&last=3",
+            headers=auth(lakeside.token),
+        )
+    added = requests.post(
+        f"{hub.url}/api/v1/members",
+        json={"email": "gone@lakeside.example.org"},
+        headers=auth(lakeside.token),
+    ).json()
+    requests.delete(f"{hub.url}/api/v1/members/{added['id']}", headers=auth(lakeside.token))
+    events = _hub_events(hub)
+    denied = [e for e in events if e["detail"].startswith("access denied")]
+    assert len(denied) == 3 and all(e["package_id"] == package for e in denied)
+    (listing,) = [e for e in events if e["detail"].startswith("inbox listed")]
+    assert listing["phi"]["packages"] == [package]
+    assert listing["phi"]["patients"] == [PATIENT_ID]
+    refused = [e for e in events if e["package_id"] == package and e["outcome"] == 8]
+    assert any("refused (integrity)" in e["detail"] for e in refused)
+    assert any("stream cut" in e["detail"] for e in refused)
+    assert not any(e["detail"].startswith("items 1-3 downloaded") for e in events)
+    assert any("gone@lakeside.example.org removed" in e["detail"] for e in events)

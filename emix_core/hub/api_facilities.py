@@ -190,13 +190,14 @@ def remove_member(member_id: int) -> Response:
         if member is None or member.facility_id != facility.id:
             raise NotFoundError("not found")
         member.verified = False
+        removed = member.email
         for token in session.scalars(select(Token).where(Token.member_id == member.id)):
             token.revoked_at = utcnow()
     audit_request(
         "security-alert",
         action=AuditAction.DELETE,
         actor=principal.email,
-        detail="member removed; tokens revoked",
+        detail=f"member {removed} removed from facility {principal.facility}; tokens revoked",
     )
     return jsonify({"id": member_id, "removed": True})
 

@@ -163,28 +163,39 @@ def seal(package_id: str) -> Response:
         require("package:write", package)
         if row.state != "open":
             raise ConflictError("package is already sealed")
-    with hub.db.session() as session:
-        svc.lock_open_package(session, package_id)  # no upload commits while we check
-        row, package = svc.load_package(session, package_id)
-        principal = require("package:write", package)
-        facility = session.get(Facility, row.sender_facility_id)
-        if not facility.signing_key:
-            raise ConflictError(
-                "the sending facility has no registered signing key; register it first"
-            )
-        document = crypto.verify_document(signed, facility.signing_key)
-        items = svc.check_manifest(session, row, package, document)
-        svc.put_small_blob(hub, row, svc.MANIFEST_BLOB, crypto.canonical_json(signed))
-        studies = document.get("studies", [])
-        row.summary = svc.seal_summary(hub, row, {"studies": studies})
-        row.item_count = len(items)
-        row.total_size = sum(i.size for i in items)
-        row.state = "sealed"
-        row.sealed_at = utcnow()
-        package.items = items
-        package.state = "sealed"
-        package.studies = studies
-        recipients = _notify_addresses(session, row.id)
+    try:
+        with hub.db.session() as session:
+            svc.lock_open_package(session, package_id)  # no upload commits while we check
+            row, package = svc.load_package(session, package_id)
+            principal = require("package:write", package)
+            facility = session.get(Facility, row.sender_facility_id)
+            if not facility.signing_key:
+                raise ConflictError(
+                    "the sending facility has no registered signing key; register it first"
+                )
+            document = crypto.verify_document(signed, facility.signing_key)
+            items = svc.check_manifest(session, row, package, document)
+            svc.put_small_blob(hub, row, svc.MANIFEST_BLOB, crypto.canonical_json(signed))
+            studies = document.get("studies", [])
+            row.summary = svc.seal_summary(hub, row, {"studies": studies})
+            row.item_count = len(items)
+            row.total_size = sum(i.size for i in items)
+            row.state = "sealed"
+            row.sealed_at = utcnow()
+            package.items = items
+            package.state = "sealed"
+            package.studies = studies
+            recipients = _notify_addresses(session, row.id)
+    except Exception as exc:  # a refused or failed seal is on the record too
+        audit_request(
+            "instances-transferred",
+            "C",
+            principal_of_request(),
+            f"seal refused or failed: {getattr(exc, 'message', type(exc).__name__)}"[:300],
+            package_id=package_id,
+            outcome=8 if not isinstance(exc, InvalidInput | IntegrityError) else 4,
+        )
+        raise
     phi = {"studies": [s.get("study_uid") for s in studies]}
     audit_request(
         "instances-transferred",
@@ -205,6 +216,12 @@ def seal(package_id: str) -> Response:
             current_app.logger.error("no notification sent for package %s", row.id)
     checkpoint = hub.audit_log.checkpoint()
     return jsonify({"id": row.id, "state": "sealed", "checkpoint": checkpoint})
+
+
+def principal_of_request() -> str:
+    from flask import g
+
+    return g.principal.email if "principal" in g else "unknown"
 
 
 def _notify_addresses(session: Session, package_id: str) -> list[tuple[Recipient, str]]:
@@ -283,6 +300,12 @@ def inbox() -> Response:
         action=AuditAction.EXECUTE,
         actor=principal.email,
         detail=f"inbox listed ({len(listing)} packages)",
+        phi={
+            "packages": [p["id"] for p in listing],
+            "patients": sorted(
+                {str(s.get("patient_id") or "") for p in listing for s in p["studies"]} - {""}
+            ),
+        },
     )
     return jsonify({"packages": listing})
 
@@ -393,22 +416,35 @@ def download_batch(package_id: str) -> Response:
         ).all()
 
     def generate() -> Iterator[bytes]:
-        for item in items:
-            yield frames.encode_header(item.item_id, item.size, item.media_type)
-            digest = hashlib.sha256()
-            for chunk in svc.read_item(hub, row, item.item_id):
-                digest.update(chunk)
-                yield chunk
-            yield digest.digest()
-        yield frames.END_MAGIC
+        try:
+            for item in items:
+                yield frames.encode_header(item.item_id, item.size, item.media_type)
+                digest = hashlib.sha256()
+                for chunk in svc.read_item(hub, row, item.item_id):
+                    digest.update(chunk)
+                    yield chunk
+                yield digest.digest()
+            yield frames.END_MAGIC
+        except Exception as exc:  # the stream is cut: say so in the audit trail
+            integrity = isinstance(exc, IntegrityError)
+            audit_request(
+                "instances-transferred",
+                "R",
+                principal.email,
+                f"items {first}-{last}: stream cut"
+                + (" (stored bytes failed authentication)" if integrity else ""),
+                package_id=row.id,
+                outcome=8,
+            )
+            raise
+        audit_request(
+            "instances-transferred",
+            "R",
+            principal.email,
+            f"items {first}-{last} downloaded ({len(items)} items)",
+            package_id=row.id,
+        )
 
-    audit_request(
-        "instances-transferred",
-        action=AuditAction.READ,
-        actor=principal.email,
-        detail=f"items {first}-{last} downloaded ({len(items)} items)",
-        package_id=row.id,
-    )
     response = Response(stream_with_context(generate()), mimetype=frames.MEDIA_TYPE)
     response.headers["Content-Length"] = str(
         sum(frames.frame_size(i.item_id, i.size, i.media_type) for i in items)

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import pluggy
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from emix_core.errors import EmixError
@@ -81,11 +81,34 @@ def _register_blueprints(app: Flask, hub: Hub) -> None:
     hooks_for(hub.pm).register_blueprints(register)
 
 
+def _audit_integrity_failure(exc: EmixError) -> None:
+    """A download refused because stored bytes failed authentication is audited."""
+    from flask import g
+
+    from emix_core.hub.auth import audit_request
+
+    actor = g.principal.email if "principal" in g else "unknown"
+    route = request.url_rule.rule if request.url_rule else ""
+    try:
+        audit_request(
+            "instances-transferred",
+            "R",
+            actor,
+            f"refused ({exc.code}): {request.method} {route}",
+            package_id=str(request.view_args["package_id"])[:32],
+            outcome=8,
+        )
+    except Exception:  # never hide the answer behind an audit failure
+        log.exception("audit of an integrity failure failed")
+
+
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(EmixError)
     def emix_error(exc: EmixError) -> tuple[Response, int, dict[str, str]]:
         headers = {"WWW-Authenticate": 'Bearer realm="emix"'} if exc.http_status == 401 else {}
         message = exc.message
+        if exc.code == "integrity" and request.view_args and "package_id" in request.view_args:
+            _audit_integrity_failure(exc)
         if exc.http_status >= 500 and exc.http_status != 503:
             # a server-side fault: its text may name server paths; the log has it
             log.error("server error %s: %s", exc.code, exc.message)

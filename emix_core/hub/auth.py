@@ -116,6 +116,14 @@ def require(action: str, resource: Any) -> Principal:
     """Return the caller, or raise 404 (never 403) unless it may act on the resource."""
     principal = current_principal()
     if not is_allowed(principal, action, resource):
+        audit_request(  # a denied access is evidence too (a probe of other facilities)
+            "security-alert",
+            "R",
+            principal.email,
+            f"access denied: {action} by facility {principal.facility}",
+            package_id=getattr(resource, "id", None) if isinstance(resource, Package) else None,
+            outcome=4,
+        )
         raise NotFoundError("not found")
     return principal
 
