@@ -560,3 +560,131 @@ def test_audit_records_probes_listings_integrity_failures_and_removals(
     assert any("stream cut" in e["detail"] for e in refused)
     assert not any(e["detail"].startswith("items 1-3 downloaded") for e in events)
     assert any("gone@lakeside.example.org removed" in e["detail"] for e in events)
+
+
+# --------------------------------------------------------------------------- low
+
+
+def _raw(hub, request_bytes: bytes) -> int:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", hub.port)) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_hostile_requests_get_4xx_never_500(hub, mercy, lakeside, study_200, tmp_path):
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = requests.post(f"{hub.url}/api/v1/members/confirm", data=deep)  # unauthenticated
+    assert r.status_code == 400
+    r = requests.post(
+        f"{hub.url}/api/v1/members/confirm",
+        data=b'{"code": "\\ud800"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code in (400, 404)
+    r = requests.post(
+        f"{hub.url}/api/v1/members",
+        data=b'{"email": "\\udc80@lakeside.example.org"}',
+        headers={**auth(lakeside.token), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+    r = requests.get(
+        f"{hub.url}/api/v1/audit?package={package}&limit=abc", headers=auth(mercy.token)
+    )
+    assert r.status_code < 500
+    for path in (f"/items/{10**30}", f"/stream?first=1&last={10**30}"):
+        r = requests.get(f"{hub.url}/api/v1/packages/{package}{path}", headers=auth(lakeside.token))
+        assert r.status_code in (400, 404), path
+    opened = requests.post(
+        f"{hub.url}/api/v1/packages", json={"to": ["lakeside"]}, headers=auth(mercy.token)
+    ).json()["id"]
+    body = b"%PDF-1.4\n"
+    status = _raw(
+        hub,
+        (
+            f"PUT /api/v1/packages/{opened}/items/1 HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {mercy.token}\r\nContent-Type: text/html\x0b<script>\r\n"
+            f"X-Emix-SHA256: {hashlib.sha256(body).hexdigest()}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode("latin-1")
+        + body,
+    )
+    assert status == 400
+
+
+def test_unauthenticated_callers_cannot_tell_packages_apart(hub, mercy, study_200, tmp_path):
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
+    for path in ("", "/manifest", "/items/1", "/zip"):
+        real = requests.get(f"{hub.url}/api/v1/packages/{package}{path}")
+        missing = requests.get(f"{hub.url}/api/v1/packages/{'0' * 32}{path}")
+        assert real.status_code == missing.status_code == 401, path
+        assert real.json() == missing.json()
+
+
+def test_downloads_carry_no_store_nosniff_and_attachment(hub, mercy, lakeside, study_200, tmp_path):
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
+    r = requests.get(f"{hub.url}/api/v1/packages/{package}/items/1", headers=auth(lakeside.token))
+    assert r.status_code == 200
+    assert r.headers["Cache-Control"] == "no-store"
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["Content-Disposition"].startswith("attachment")
+    r = requests.get(f"{hub.url}/api/v1/inbox", headers=auth(lakeside.token))
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_an_expired_package_is_gone_before_the_purge(hub, mercy, lakeside, study_200, tmp_path):
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
+    db = sqlite3.connect(hub.home / "metadata.db")
+    db.execute(
+        "update packages set expires = '2000-01-01 00:00:00.000000' where id = ?", (package,)
+    )
+    db.commit()
+    for path in ("/manifest", "/items/1", "/zip"):
+        r = requests.get(f"{hub.url}/api/v1/packages/{package}{path}", headers=auth(lakeside.token))
+        assert r.status_code == 404, path
+
+
+def test_only_an_admin_registers_the_facility_key_first(hub, lakeside, smtp_server, tmp_path):
+    requests.post(
+        f"{hub.url}/api/v1/members",
+        json={"email": "tech@lakeside.example.org"},
+        headers=auth(lakeside.token),
+    ).raise_for_status()
+    code = confirmation_code(smtp_server.wait_for(1)[0])
+    token = requests.post(f"{hub.url}/api/v1/members/confirm", json={"code": code}).json()["token"]
+    attacker = LocalHome(tmp_path / "attacker")
+    r = requests.put(
+        f"{hub.url}/api/v1/facilities/me/key",
+        json={"public_key": attacker.signing_key.public_key_b64},
+        headers=auth(token),
+    )
+    assert r.status_code == 409
+    admin = LocalHome(tmp_path / "admin")
+    admin.register_key(HubClient(hub.url, lakeside.token))
+    r = requests.get(f"{hub.url}/api/v1/facilities/lakeside/key", headers=auth(token))
+    assert r.json()["public_key"] == admin.signing_key.public_key_b64
+
+
+def test_a_member_removed_before_confirming_cannot_confirm(hub, lakeside, smtp_server):
+    added = requests.post(
+        f"{hub.url}/api/v1/members",
+        json={"email": "leaver@lakeside.example.org"},
+        headers=auth(lakeside.token),
+    ).json()
+    code = confirmation_code(smtp_server.wait_for(1)[0])
+    requests.delete(f"{hub.url}/api/v1/members/{added['id']}", headers=auth(lakeside.token))
+    r = requests.post(f"{hub.url}/api/v1/members/confirm", json={"code": code})
+    assert r.status_code == 404 and "token" not in r.json()

@@ -26,7 +26,7 @@ def audit_events() -> Response:
         from emix_core.errors import NotFoundError
 
         raise NotFoundError("not found")
-    limit = min(int(request.args.get("limit", 100) or 100), 1000)
+    limit = min(max(request.args.get("limit", 100, type=int) or 100, 1), 1000)
     return jsonify({"events": hub.audit_log.events(package_id=package.id, limit=limit)})
 
 

@@ -16,6 +16,7 @@ from emix_core.hub.auth import (
     client_source,
     current_principal,
     hash_secret,
+    is_allowed,
     issue_token,
     require,
 )
@@ -102,6 +103,11 @@ def register_key() -> tuple[Response, int]:
                 "by the hub operator (`emix hub facility reset-key`) and recipients re-pinned"
             )
         created = facility.signing_key is None
+        if created and not is_allowed(principal, "facility:key:first", principal_facility):
+            raise ConflictError(
+                "your facility has no signing key yet; its admin registers it first "
+                "(the admin's first `emix send` or `emix receive` does)"
+            )
         facility.signing_key = public_key
     if created:
         audit_request(

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from emix_core import crypto, frames
 from emix_core.content.archive import package_zip
+from emix_core.content.manifest_rules import MEDIA_TYPE_RE
 from emix_core.errors import (
     ConflictError,
     IntegrityError,
@@ -38,10 +39,23 @@ def json_body() -> dict[str, Any]:
     limit = _hub().config.hub.max_json_bytes
     if (request.content_length or 0) > limit:
         raise PayloadTooLarge(f"JSON body larger than {limit} bytes")
-    data = request.get_json(silent=True, force=True)
+    try:
+        data = request.get_json(silent=True, force=True)
+        # lone surrogates decode but cannot be stored or hashed: refuse them here
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (RecursionError, UnicodeError) as exc:
+        raise InvalidInput("request body is not acceptable JSON (too deep or not UTF-8)") from exc
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
     return data
+
+
+def checked_media_type(value: str) -> str:
+    """A plain ``type/subtype`` (parameters dropped); anything else is refused."""
+    media_type = value.split(";")[0].strip().lower()
+    if not MEDIA_TYPE_RE.fullmatch(media_type):
+        raise InvalidInput("Content-Type must be a plain type/subtype such as application/pdf")
+    return media_type
 
 
 @bp.post("/packages")
@@ -79,6 +93,7 @@ def create() -> tuple[Response, int]:
 
 def _writable(package_id: str) -> PackageRow:
     hub = _hub()
+    current_principal()  # authenticate first: unknown and missing packages answer alike
     with hub.db.session() as session:
         row, package = svc.load_package(session, package_id)
     require("package:write", package)
@@ -98,7 +113,7 @@ def upload_item(package_id: str, item_id: int) -> tuple[Response, int]:
     with hub.db.session() as session:
         svc.check_item_size(hub, size, svc.stored_bytes(session, row.id))
     sha256 = request.headers.get("X-Emix-SHA256", "").lower()
-    media_type = (request.content_type or "application/octet-stream").split(";")[0][:100]
+    media_type = checked_media_type(request.content_type or "application/octet-stream")
     body = cast(BinaryIO, request.stream)
     writer = svc.store_item(hub, row, item_id, body, size=size, sha256=sha256)
     item = ItemRow(
@@ -127,6 +142,7 @@ def upload_batch(package_id: str) -> tuple[Response, int]:
     try:
         while (header := frames.read_header(stream)) is not None:
             svc.check_item_size(hub, header.size, package_bytes)
+            checked_media_type(header.media_type)
             digest, writer = svc.write_item(hub, row, header.id, stream, size=header.size)
             declared = frames.read_exactly(stream, frames.DIGEST_SIZE)
             if declared.hex() != digest:
@@ -156,6 +172,7 @@ def upload_batch(package_id: str) -> tuple[Response, int]:
 @bp.post("/packages/<package_id>/seal")
 def seal(package_id: str) -> Response:
     hub = _hub()
+    current_principal()
     signed = json_body()
     with hub.db.session() as session:
         svc.lock_package(session, package_id)  # two instances never seal it twice
@@ -313,6 +330,7 @@ def inbox() -> Response:
 @bp.get("/packages/<package_id>")
 def status(package_id: str) -> Response:
     hub = _hub()
+    current_principal()
     with hub.db.session() as session:
         row, package = svc.load_package(session, package_id)
         require("package:status", package)
@@ -341,10 +359,12 @@ def status(package_id: str) -> Response:
 
 def _readable(package_id: str, action: str = "package:read"):  # type: ignore[no-untyped-def]
     hub = _hub()
+    current_principal()  # authenticate first: unknown and missing packages answer alike
     with hub.db.session() as session:
         row, package = svc.load_package(session, package_id)
     principal = require(action, package)
-    if row.state != "sealed":
+    expires = row.expires if row.expires.tzinfo else row.expires.replace(tzinfo=utcnow().tzinfo)
+    if row.state != "sealed" or expires < utcnow():  # expired: gone, before the purge runs
         raise NotFoundError("not found")
     return hub, row, package, principal
 
@@ -378,6 +398,8 @@ def _item_stream(hub, row, item_id) -> Any:  # type: ignore[no-untyped-def]
 @bp.get("/packages/<package_id>/items/<int:item_id>")
 def download_item(package_id: str, item_id: int) -> Response:
     hub, row, _package, principal = _readable(package_id)
+    if not 1 <= item_id <= svc.MAX_ITEMS:
+        raise NotFoundError("not found")
     with hub.db.session() as session:
         item = session.get(ItemRow, (row.id, item_id))
     if item is None:
@@ -406,7 +428,7 @@ def download_batch(package_id: str) -> Response:
     hub, row, _package, principal = _readable(package_id)
     first = request.args.get("first", type=int)
     last = request.args.get("last", type=int)
-    if first is None or last is None or not 1 <= first <= last:
+    if first is None or last is None or not 1 <= first <= last <= svc.MAX_ITEMS:
         raise InvalidInput("give ?first=N&last=M, the range of item ids to fetch")
     with hub.db.session() as session:
         items = session.scalars(

@@ -51,6 +51,20 @@ def _register_access_log(app: Flask) -> None:
         g.emix_started = time.monotonic()
 
     @app.after_request
+    def security_headers(response: Response) -> Response:
+        """PHI is never cached, sniffed as another type, or shown inline by accident."""
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if request.path.startswith("/api/") and response.mimetype not in (
+            "application/json",
+            "text/html",
+        ):
+            response.headers.setdefault("Content-Disposition", "attachment")
+        if request.is_secure:
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
+        return response
+
+    @app.after_request
     def log_request(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         took = (time.monotonic() - g.get("emix_started", time.monotonic())) * 1000

@@ -81,11 +81,11 @@ def emix_authenticate(request: Any) -> Principal | None:
 def emix_authorize(principal: Principal, action: str, resource: Any) -> bool | None:
     if not (principal.verified and principal.confirmed):
         return False
-    if action in ("package:create", "facility:key", "inbox:list"):
+    if action in ("package:create", "inbox:list", "facility:key"):
         return True
     if action == "token:rotate":
         return resource == principal.email
-    if action in ("member:add", "member:list", "audit:read", "token:revoke"):
+    if action in ("member:add", "member:list", "audit:read", "token:revoke", "facility:key:first"):
         return principal.is_admin and resource == principal.facility
     if isinstance(resource, Package):
         is_sender = resource.sender == principal.facility
