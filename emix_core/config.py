@@ -77,6 +77,10 @@ class HubSettings:
     trusted_proxy_hops: int = 0
     #: Who is mailed when a client is throttled (empty: the audit log only).
     alert_email: str = ""
+    #: The key that signs audit checkpoints; keep it outside the hub's home (another
+    #: disk, a mounted secret) so that whoever can edit the log cannot re-sign it.
+    #: Default: ``keys/hub-signing.key`` in the home.
+    audit_signing_key: str = ""
     #: A connection whose request headers take longer than this is closed, seconds.
     header_timeout_seconds: float = 10.0
     #: A request body that sends nothing for this long fails, seconds.

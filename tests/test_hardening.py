@@ -688,3 +688,53 @@ def test_a_member_removed_before_confirming_cannot_confirm(hub, lakeside, smtp_s
     requests.delete(f"{hub.url}/api/v1/members/{added['id']}", headers=auth(lakeside.token))
     r = requests.post(f"{hub.url}/api/v1/members/confirm", json={"code": code})
     assert r.status_code == 404 and "token" not in r.json()
+
+
+# --------------------------------------------------------------------------- audit tail
+
+
+def test_a_cut_tail_of_the_hub_log_is_detected_with_the_facilities_checkpoints(
+    hub, mercy, lakeside, study_200, tmp_path
+):
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
+    emix_json("receive", package, "--out", str(tmp_path / "in"), env=lakeside.env)
+    emix("inbox", env=lakeside.env)
+    hub.stop()
+    db = sqlite3.connect(hub.home / "audit.db")
+    (kept,) = db.execute("select max(seq) from audit_checkpoints").fetchone()
+    (last,) = db.execute("select max(seq) from audit_events").fetchone()
+    assert last > kept
+    db.execute("delete from audit_events where seq > ?", (kept,))  # the downloads vanish
+    db.commit()
+    db.close()
+    # the hub's own log cannot tell (said plainly in docs/security.md) ...
+    assert emix_json("audit", "verify", "--home", str(hub.home))["ok"] is True
+    # ... the recipient's kept checkpoint can
+    kept_by_lakeside = tmp_path / "lakeside-checkpoints.json"
+    kept_by_lakeside.write_text(emix("audit", "checkpoints", "--home", str(lakeside.home)).stdout)
+    result = emix(
+        "audit",
+        "verify",
+        "--home",
+        str(hub.home),
+        "--checkpoints",
+        str(kept_by_lakeside),
+        "--json",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "tail cut" in json.loads(result.stdout)["reason"]
+
+
+def test_the_checkpoint_signing_key_can_live_outside_the_hub_home(tmp_path, smtp_server):
+    outside = tmp_path / "elsewhere" / "audit-signing.key"
+    hub = make_hub(tmp_path, f'audit_signing_key = "{outside}"')
+    try:
+        info = requests.get(f"{hub.url}/api/v1/hub").json()
+        from emix_core.crypto import SigningKey
+
+        assert info["audit_public_key"] == SigningKey.load_or_create(outside).public_key_b64
+    finally:
+        hub.stop()

@@ -315,6 +315,17 @@ class AuditLog:
             self._keep(conn, signed)
         return signed
 
+    def signed_head(self) -> dict[str, Any]:
+        """Sign the current head without keeping it (handed to every API caller).
+
+        :raises ConfigError: this log has no signing key.
+        """
+        if self.signing_key is None:
+            raise ConfigError("this audit log has no signing key, so it cannot sign checkpoints")
+        seq, head = self.head()
+        document = {"log": self.log_id, "seq": seq, "head": head, "time": _iso(utcnow())}
+        return sign_document(self.signing_key, document)
+
     def store_checkpoint(self, signed: dict[str, Any], public_key_b64: str) -> None:
         """Keep a checkpoint signed by another party (the hub's, on a sending side).
 

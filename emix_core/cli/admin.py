@@ -374,18 +374,26 @@ def _audit_log(home: str | None):  # type: ignore[no-untyped-def]
 @click.option(
     "--checkpoints",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="JSON file of signed checkpoints kept by another party (from "
-    "`emix audit checkpoints` on a sending side).",
+    multiple=True,
+    help="JSON file of signed checkpoints kept by a facility (`emix audit checkpoints` "
+    "on its side); repeat for several. Detects a cut of the log up to their last contact.",
 )
 @json_option
 @handle_errors
-def audit_verify(home: str | None, checkpoints: str | None, as_json: bool) -> None:
-    """Verify the chain; exit 1 and name the first bad row when it was tampered with."""
+def audit_verify(home: str | None, checkpoints: tuple[str, ...], as_json: bool) -> None:
+    """Verify the chain; exit 1 and name the first bad row when it was tampered with.
+
+    On its own this cannot see rows cut from the end after the last kept checkpoint;
+    give the facilities' checkpoints with --checkpoints for that.
+    """
     log = _audit_log(home)
-    external = json.loads(Path(checkpoints).read_text()) if checkpoints else []
-    if isinstance(external, dict):
-        external = external.get("checkpoints", [])
+    external: list = []
+    for file in checkpoints:
+        try:
+            data = json.loads(Path(file).read_text("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"{file} is not a checkpoints JSON file") from exc
+        external += data.get("checkpoints", []) if isinstance(data, dict) else list(data)
     result = log.verify(
         external_checkpoints=external,
         public_key_b64=log.signing_key.public_key_b64 if log.signing_key else None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,36 @@ class LocalHome:
 
     def client(self, hub_url: str | None = None, token: str | None = None) -> HubClient:
         """A hub client from flags, else ``EMIX_HUB_URL``/``EMIX_TOKEN``, else config."""
-        return HubClient(
+        client = HubClient(
             hub_url or self.config.client.hub_url,
             token or self.config.client.token,
             verify=self.config.tls_verify,
         )
+        self.keep_checkpoints_from(client)
+        return client
+
+    def keep_checkpoints_from(self, client: HubClient) -> None:
+        """Keep the newest signed audit head the hub hands out with each answer, so
+        ``emix audit verify --checkpoints`` on the hub detects a cut of its log."""
+        state: dict[str, Any] = {"seq": -1, "key": None}
+        lock = threading.Lock()
+
+        def keep(signed: dict[str, Any]) -> None:
+            seq = signed.get("document", {}).get("seq", -1)
+            if not isinstance(seq, int) or seq <= state["seq"]:
+                return
+            if not lock.acquire(blocking=False):  # another thread keeps one right now
+                return
+            try:
+                if state["key"] is None:
+                    state["key"] = client.hub_info()["audit_public_key"]
+                    self.pin("hub-audit", state["key"])
+                self.audit_log.store_checkpoint(signed, state["key"])
+                state["seq"] = seq
+            finally:
+                lock.release()
+
+        client.checkpoint_sink = keep
 
     # ------------------------------------------------------------------ pins
     def _pins(self) -> dict[str, str]:

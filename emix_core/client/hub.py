@@ -84,6 +84,8 @@ class HubClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.timeout = timeout
+        #: called with the hub's signed audit head from each answer (see LocalHome)
+        self.checkpoint_sink: Callable[[dict[str, Any]], None] | None = None
 
     # ------------------------------------------------------------------ plumbing
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
@@ -111,6 +113,12 @@ class HubClient:
         )
         if response.status_code >= 400:
             raise self._error(response)
+        header = response.headers.get("X-Emix-Audit-Checkpoint")
+        if header and self.checkpoint_sink is not None:
+            try:
+                self.checkpoint_sink(json.loads(header))
+            except Exception:  # keeping evidence never stops the work
+                log.warning("the hub's audit checkpoint could not be kept", exc_info=True)
         if 300 <= response.status_code < 400:
             target = response.headers.get("Location", "")[:200]
             raise ConfigError(

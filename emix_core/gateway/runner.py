@@ -289,6 +289,7 @@ class Gateway:
             self._token(),
             verify=settings.get("tls_verify", self.home.config.tls_verify),
         )
+        self.home.keep_checkpoints_from(self.client)
         self._inbound: Any = None
         self.sources: list[Source] = []
         self.destinations: list[Destination] = []

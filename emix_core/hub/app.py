@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -62,6 +63,20 @@ def _register_access_log(app: Flask) -> None:
             response.headers.setdefault("Content-Disposition", "attachment")
         if request.is_secure:
             response.headers["Strict-Transport-Security"] = "max-age=31536000"
+        return response
+
+    @app.after_request
+    def audit_head(response: Response) -> Response:
+        """Every authenticated caller gets the signed head of the audit chain; clients
+        keep it, so a cut of the hub's log is detected up to anyone's last contact."""
+        if "principal" in g and request.path.startswith("/api/"):
+            try:
+                signed = app.extensions["emix"].audit_log.signed_head()
+                response.headers["X-Emix-Audit-Checkpoint"] = json.dumps(
+                    signed, separators=(",", ":")
+                )
+            except Exception:  # never fail an answer over its checkpoint
+                log.exception("audit head not signed")
         return response
 
     @app.after_request

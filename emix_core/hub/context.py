@@ -150,7 +150,10 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
     if wrapper is None:
         raise ConfigError("no key wrapper plugin answered; the built-in emix.keyfile is disabled")
     check_wrapper(wrapper, db)
-    signing_key = SigningKey.load_or_create(config.keys_dir / "hub-signing.key")
+    signing_path = config.keys_dir / "hub-signing.key"
+    if config.hub.audit_signing_key:
+        signing_path = Path(config.hub.audit_signing_key).expanduser()
+    signing_key = SigningKey.load_or_create(signing_path)
     # SQLite hub: the chain keeps its own file; shared database: its tables there.
     audit_log = AuditLog(
         config.home / "audit.db" if db.is_sqlite else db.engine,
