@@ -177,6 +177,10 @@ def load_config(home: str | os.PathLike[str] | None = None) -> Config:
             raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
         for table in ("hub", "client", "smtp", "identifiers"):
             _apply(getattr(config, table), data.get(table, {}), table)
+        if data.get("client", {}).get("token") and file.stat().st_mode & 0o077:
+            raise ConfigError(
+                f"{file} holds an API token but others can read it; run `chmod 600 {file}`"
+            )
     env = os.environ
     if env.get("EMIX_HUB_URL"):
         config.client.hub_url = env["EMIX_HUB_URL"]

@@ -39,7 +39,7 @@ def small_study(study_200: Path, tmp_path: Path, n: int = 3) -> Path:
 
 def confirmation_code(mail: Any) -> str:
     body = mail.get_payload(decode=True).decode()
-    return body.split("emix member confirm")[1].split()[0]
+    return body.split("enter this code when asked:")[1].split()[0]
 
 
 def audit_details(hub: Any) -> list[tuple[str, str, int]]:
@@ -738,3 +738,52 @@ def test_the_checkpoint_signing_key_can_live_outside_the_hub_home(tmp_path, smtp
         assert info["audit_public_key"] == SigningKey.load_or_create(outside).public_key_b64
     finally:
         hub.stop()
+
+
+def test_confirmation_codes_come_from_stdin_and_expire(hub, lakeside, smtp_server, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    for email in ("new@lakeside.example.org", "late@lakeside.example.org"):
+        requests.post(
+            f"{hub.url}/api/v1/members", json={"email": email}, headers=auth(lakeside.token)
+        ).raise_for_status()
+    mails = {m["To"]: confirmation_code(m) for m in smtp_server.wait_for(2)}
+    result = subprocess.run(
+        [sys.executable, "-m", "emix_core", "member", "confirm", "--hub", hub.url, "--json"],
+        input=mails["new@lakeside.example.org"] + "\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EMIX_HOME": str(tmp_path / "new")},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["token"].startswith("emx_")
+    db = sqlite3.connect(hub.home / "metadata.db")
+    db.execute(
+        "update members set created = '2020-01-01 00:00:00.000000' where email = ?",
+        ("late@lakeside.example.org",),
+    )
+    db.commit()
+    r = requests.post(
+        f"{hub.url}/api/v1/members/confirm", json={"code": mails["late@lakeside.example.org"]}
+    )
+    assert r.status_code == 404
+
+
+def test_a_token_in_a_world_readable_config_is_refused(hub, mercy, tmp_path):
+    home = tmp_path / "careless"
+    home.mkdir()
+    config = home / "emix.toml"
+    config.write_text(f'[client]\nhub_url = "{hub.url}"\ntoken = "{mercy.token}"\n')
+    config.chmod(0o644)
+    result = emix(
+        "inbox", env={"EMIX_HOME": str(home), "EMIX_TOKEN": "", "EMIX_HUB_URL": ""}, check=False
+    )
+    assert result.returncode == 1 and "chmod 600" in result.stderr
+    config.chmod(0o600)
+    assert (
+        emix("inbox", env={"EMIX_HOME": str(home), "EMIX_TOKEN": "", "EMIX_HUB_URL": ""}).returncode
+        == 0
+    )

@@ -177,7 +177,7 @@ def test_package_for_one_member_is_hidden_from_other_members(
     codes = {}
     for mail in smtp_server.wait_for(2):
         body = mail.get_payload(decode=True).decode()
-        code = body.split("emix member confirm ")[1].split()[0]
+        code = body.split("enter this code when asked:")[1].split()[0]
         codes[mail["To"]] = code
     tokens = {}
     for email, code in codes.items():

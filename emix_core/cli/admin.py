@@ -531,14 +531,32 @@ def member_add(
 
 
 @member.command("confirm")
-@click.argument("code")
+@click.argument("code", required=False)
 @hub_option
 @home_option
 @json_option
 @handle_errors
-def member_confirm(code: str, hub_url: str | None, home: str | None, as_json: bool) -> None:
-    """Confirm your identity with the mailed code; prints your API token once."""
+def member_confirm(code: str | None, hub_url: str | None, home: str | None, as_json: bool) -> None:
+    """Confirm your identity with the mailed code; prints your API token once.
+
+    The code is read from a prompt (or from standard input when piped), so that it
+    never shows in the process list or the shell history.
+    """
     from emix_core.client.home import LocalHome
+
+    if code:
+        click.secho(
+            "warning: a code on the command line is visible to other users of this machine; "
+            "leave it out and enter it when asked",
+            fg="yellow",
+            err=True,
+        )
+    elif sys.stdin.isatty():
+        code = click.prompt("confirmation code from the mail", hide_input=True, err=True)
+    else:
+        code = sys.stdin.readline().strip()
+    if not code:
+        raise InvalidInput("give the confirmation code from the mail")
 
     result = LocalHome(resolve_home(home)).client(hub_url, "").confirm_member(code)
     if as_json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from datetime import UTC, datetime, timedelta
 
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import select
@@ -25,7 +26,13 @@ from emix_core.model import AuditAction, utcnow
 from emix_core.store.db import Facility, Member, Token
 
 bp = Blueprint("facilities", __name__, url_prefix="/api/v1")
+#: A mailed confirmation code works once, within this time.
+CONFIRM_CODE_LIFETIME = timedelta(hours=72)
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _hub():  # type: ignore[no-untyped-def]
@@ -167,7 +174,12 @@ def confirm_member() -> Response:
     code = str(json_body().get("code", ""))[:100]
     with hub.db.session() as session:
         member = session.scalar(select(Member).where(Member.confirm_code_hash == hash_secret(code)))
-        if member is None or not code or not member.verified:  # removed before confirming
+        if (
+            member is None
+            or not code
+            or not member.verified  # removed before confirming
+            or _aware(member.created) < utcnow() - CONFIRM_CODE_LIFETIME
+        ):
             member = None
         else:
             member.confirmed_at = utcnow()

@@ -72,8 +72,11 @@ def send_confirmation(hub: Any, email: str, code: str) -> None:
         return
     body = (
         "Your facility administrator added you to emix.\n\n"
-        "Confirm your identity once with:\n\n"
-        f"    emix member confirm {code} --hub {hub.config.hub.public_url}\n\n"
-        "The code works once. If you did not expect this, ignore this message.\n"
+        "Confirm your identity once: run\n\n"
+        f"    emix member confirm --hub {hub.config.hub.public_url}\n\n"
+        "and enter this code when asked:\n\n"
+        f"    {code}\n\n"
+        "The code works once, within 72 hours. If you did not expect this, ignore this "
+        "message.\n"
     )
     send_mail(smtp.url, smtp.sender, email, "Confirm your emix account", body)
