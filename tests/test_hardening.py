@@ -787,3 +787,17 @@ def test_a_token_in_a_world_readable_config_is_refused(hub, mercy, tmp_path):
         emix("inbox", env={"EMIX_HOME": str(home), "EMIX_TOKEN": "", "EMIX_HUB_URL": ""}).returncode
         == 0
     )
+
+
+def test_the_receiver_picks_a_document_extension_from_its_media_type(
+    hub, mercy, lakeside, tmp_path
+):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    body = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+    (folder / "report.pdf.exe").write_bytes(body)
+    sent = emix_json("send", str(folder), "--to", "lakeside", env=mercy.env)
+    out = tmp_path / "in"
+    emix_json("receive", sent["package"], "--out", str(out), env=lakeside.env)
+    names = sorted(p.name for p in (out / sent["package"] / "documents").iterdir())
+    assert "0001-report.pdf" in names and not [n for n in names if ".exe" in n]
