@@ -801,3 +801,39 @@ def test_the_receiver_picks_a_document_extension_from_its_media_type(
     emix_json("receive", sent["package"], "--out", str(out), env=lakeside.env)
     names = sorted(p.name for p in (out / sent["package"] / "documents").iterdir())
     assert "0001-report.pdf" in names and not [n for n in names if ".exe" in n]
+
+
+def test_receipts_are_never_overwritten_misattributed_or_back_dated(
+    hub, mercy, lakeside, study_200, tmp_path
+):
+    package = emix_json(
+        "send", str(small_study(study_200, tmp_path)), "--to", "lakeside", env=mercy.env
+    )["package"]
+    emix_json("receive", package, "--out", str(tmp_path / "in"), env=lakeside.env)
+    status = requests.get(f"{hub.url}/api/v1/packages/{package}", headers=auth(mercy.token)).json()
+    delivered = status["recipients"][0]["delivered"]
+    home = LocalHome(lakeside.home)
+    from datetime import UTC, datetime
+
+    def post(**changes: Any) -> requests.Response:
+        receipt = {
+            "format": "emix-receipt/1",
+            "package": package,
+            "recipient": "lakeside",
+            "member": "it@lakeside.example.org",
+            "received": datetime.now(UTC).isoformat(),
+            "items": [],
+            **changes,
+        }
+        return requests.post(
+            f"{hub.url}/api/v1/packages/{package}/receipt",
+            json=crypto.sign_document(home.signing_key, receipt),
+            headers=auth(lakeside.token),
+        )
+
+    assert post(member="someone.else@lakeside.example.org").status_code == 400
+    assert post(received="2020-01-01T00:00:00+00:00").status_code == 400
+    again = post()
+    assert again.status_code == 200 and again.json()["receipt"] == "kept-first"
+    status = requests.get(f"{hub.url}/api/v1/packages/{package}", headers=auth(mercy.token)).json()
+    assert status["recipients"][0]["delivered"] == delivered

@@ -506,26 +506,53 @@ def receipt(package_id: str) -> Response:
         document = crypto.verify_document(signed, facility.signing_key)
         if document.get("format") != svc.RECEIPT_FORMAT or document.get("package") != row.id:
             raise IntegrityError("receipt does not belong to this package")
+        if (document.get("recipient"), document.get("member")) != (
+            principal.facility,
+            principal.email,
+        ):
+            raise InvalidInput("a receipt names the facility and member posting it")
+        _check_receipt_time(document.get("received"))
         stored = {
             i.item_id: i.sha256
             for i in session.scalars(select(ItemRow).where(ItemRow.package_id == row.id))
         }
-        got = {int(i["id"]): i["sha256"] for i in document.get("items", [])}
+        try:
+            got = {int(i["id"]): str(i["sha256"]) for i in document.get("items", [])}
+        except (TypeError, KeyError, ValueError) as exc:
+            raise InvalidInput("receipt items must be {id, sha256} objects") from exc
         complete = got == stored
+        kept = False
         for rec in session.scalars(
             select(PackageRecipient).where(
                 PackageRecipient.package_id == row.id,
                 PackageRecipient.facility_id == facility.id,
             )
         ):
-            rec.delivered_at = utcnow()
-            rec.receipt = json.dumps(signed)
+            if rec.receipt is None:  # the first receipt stays; later ones are only audited
+                rec.delivered_at = utcnow()
+                rec.receipt = json.dumps(signed)
+                kept = True
     audit_request(
         "instances-transferred",
         action=AuditAction.READ,
         actor=principal.email,
-        detail="receipt: complete" if complete else "receipt: items differ",
+        detail=("receipt: complete" if complete else "receipt: items differ")
+        + ("" if kept else " (a receipt was stored before; kept that one)"),
         package_id=row.id,
         outcome=AuditOutcome.SUCCESS if complete else AuditOutcome.MINOR_FAILURE,
     )
-    return jsonify({"id": row.id, "receipt": "stored", "complete": complete})
+    return jsonify(
+        {"id": row.id, "receipt": "stored" if kept else "kept-first", "complete": complete}
+    )
+
+
+def _check_receipt_time(value: Any) -> None:
+    """A receipt is dated now (within clock skew), never back- or forward-dated."""
+    from datetime import datetime, timedelta
+
+    try:
+        when = datetime.fromisoformat(str(value))
+    except ValueError as exc:
+        raise InvalidInput("receipt 'received' must be an ISO 8601 time") from exc
+    if when.tzinfo is None or abs(when - utcnow()) > timedelta(minutes=10):
+        raise InvalidInput("receipt 'received' must be the current time (check the clock)")
