@@ -206,11 +206,13 @@ def seal(package_id: str) -> Response:
     except Exception as exc:  # a refused or failed seal is on the record too
         audit_request(
             "instances-transferred",
-            "C",
-            principal_of_request(),
-            f"seal refused or failed: {getattr(exc, 'message', type(exc).__name__)}"[:300],
+            action=AuditAction.CREATE,
+            actor=principal_of_request(),
+            detail=f"seal refused or failed: {getattr(exc, 'message', type(exc).__name__)}"[:300],
             package_id=package_id,
-            outcome=8 if not isinstance(exc, InvalidInput | IntegrityError) else 4,
+            outcome=AuditOutcome.SERIOUS_FAILURE
+            if not isinstance(exc, InvalidInput | IntegrityError)
+            else AuditOutcome.MINOR_FAILURE,
         )
         raise
     phi = {"studies": [s.get("study_uid") for s in studies]}
@@ -285,11 +287,11 @@ def inbox() -> Response:
             except IntegrityError:  # its key does not unwrap: skip it, the others stay listed
                 audit_request(
                     "security-alert",
-                    "R",
-                    principal.email,
-                    "inbox: a package key does not unwrap; package skipped",
+                    action=AuditAction.READ,
+                    actor=principal.email,
+                    detail="inbox: a package key does not unwrap; package skipped",
                     package_id=row.id,
-                    outcome=8,
+                    outcome=AuditOutcome.SERIOUS_FAILURE,
                 )
                 continue
             delivered = session.scalar(
@@ -451,19 +453,19 @@ def download_batch(package_id: str) -> Response:
             integrity = isinstance(exc, IntegrityError)
             audit_request(
                 "instances-transferred",
-                "R",
-                principal.email,
-                f"items {first}-{last}: stream cut"
+                action=AuditAction.READ,
+                actor=principal.email,
+                detail=f"items {first}-{last}: stream cut"
                 + (" (stored bytes failed authentication)" if integrity else ""),
                 package_id=row.id,
-                outcome=8,
+                outcome=AuditOutcome.SERIOUS_FAILURE,
             )
             raise
         audit_request(
             "instances-transferred",
-            "R",
-            principal.email,
-            f"items {first}-{last} downloaded ({len(items)} items)",
+            action=AuditAction.READ,
+            actor=principal.email,
+            detail=f"items {first}-{last} downloaded ({len(items)} items)",
             package_id=row.id,
         )
 

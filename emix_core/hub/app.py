@@ -115,17 +115,18 @@ def _audit_integrity_failure(exc: EmixError) -> None:
     from flask import g
 
     from emix_core.hub.auth import audit_request
+    from emix_core.model import AuditAction, AuditOutcome
 
     actor = g.principal.email if "principal" in g else "unknown"
     route = request.url_rule.rule if request.url_rule else ""
     try:
         audit_request(
             "instances-transferred",
-            "R",
-            actor,
-            f"refused ({exc.code}): {request.method} {route}",
+            action=AuditAction.READ,
+            actor=actor,
+            detail=f"refused ({exc.code}): {request.method} {route}",
             package_id=str(request.view_args["package_id"])[:32],
-            outcome=8,
+            outcome=AuditOutcome.SERIOUS_FAILURE,
         )
     except Exception:  # never hide the answer behind an audit failure
         log.exception("audit of an integrity failure failed")

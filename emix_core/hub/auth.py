@@ -118,11 +118,11 @@ def require(action: str, resource: Any) -> Principal:
     if not is_allowed(principal, action, resource):
         audit_request(  # a denied access is evidence too (a probe of other facilities)
             "security-alert",
-            "R",
-            principal.email,
-            f"access denied: {action} by facility {principal.facility}",
+            action=AuditAction.READ,
+            actor=principal.email,
+            detail=f"access denied: {action} by facility {principal.facility}",
             package_id=getattr(resource, "id", None) if isinstance(resource, Package) else None,
-            outcome=4,
+            outcome=AuditOutcome.MINOR_FAILURE,
         )
         raise NotFoundError("not found")
     return principal
