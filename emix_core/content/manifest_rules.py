@@ -77,11 +77,32 @@ def check_study(entry: object, index: int) -> None:
     for key, value in entry.items():
         if not isinstance(key, str) or len(key) > 64:
             raise InvalidInput(f"{where} has a malformed field name")
-        if value is None or _text(value) or _is_int(value):
-            continue
-        if isinstance(value, list) and len(value) <= 64 and all(_text(v) for v in value):
-            continue
-        raise InvalidInput(f"{where}: {key} must be text, a number or a list of texts")
+        if key == "series_details":
+            _check_series(value, where)
+        elif not (_scalar(value) or _texts(value)):
+            raise InvalidInput(f"{where}: {key} must be text, a number or a list of texts")
+
+
+def _scalar(value: object) -> bool:
+    return value is None or isinstance(value, bool | float) or _is_int(value) or _text(value)
+
+
+def _texts(value: object) -> bool:
+    return isinstance(value, list) and len(value) <= 64 and all(_text(v) for v in value)
+
+
+def _check_series(value: object, where: str) -> None:
+    """``series_details``: a list of flat objects, each with a valid ``series_uid``."""
+    if not isinstance(value, list) or len(value) > 10_000:
+        raise InvalidInput(f"{where}: series_details must be a list")
+    for index, series in enumerate(value):
+        if not isinstance(series, dict) or not all(
+            isinstance(k, str) and len(k) <= 64 and _scalar(v) for k, v in series.items()
+        ):
+            raise InvalidInput(f"{where}: series {index + 1} must be an object of plain values")
+        uid = series.get("series_uid")
+        if uid is not None and not is_uid(uid):
+            raise InvalidInput(f"{where}: series {index + 1} has an invalid series_uid")
 
 
 def check_document(document: dict[str, Any]) -> list[Item]:
