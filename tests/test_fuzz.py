@@ -104,11 +104,6 @@ manifests = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.xfail(
-    reason="check_manifest sorts item ids of any JSON type (TypeError); strict manifest "
-    "validation at seal is being fixed separately",
-    strict=False,
-)
 @fuzz_settings()
 @given(manifests)
 def test_fuzz_manifest(document: dict) -> None:
@@ -301,7 +296,6 @@ def test_a_batch_stream_cut_inside_a_frame_header_is_a_typed_error(data: bytes) 
         _receive(data)
 
 
-@pytest.mark.xfail(reason="fixed with strict manifest validation at seal", strict=False)
 @pytest.mark.parametrize(
     "items",
     [[{}, {}], [{"id": [1]}, {"id": 2}], [{"id": None}, {"id": 1}]],

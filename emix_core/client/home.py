@@ -93,8 +93,9 @@ class LocalHome:
                 return
             try:
                 if state["key"] is None:
-                    state["key"] = client.hub_info()["audit_public_key"]
-                    self.pin("hub-audit", state["key"])
+                    key = str(client.hub_info()["audit_public_key"])
+                    self.pin("hub-audit", key)
+                    state["key"] = key
                 self.audit_log.store_checkpoint(signed, state["key"])
                 state["seq"] = seq
             finally:

@@ -10,7 +10,7 @@ PHI or hostile).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from emix_core.errors import InvalidInput
 from emix_core.model import Item
@@ -29,7 +29,7 @@ def is_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and UID_RE.fullmatch(value) is not None
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

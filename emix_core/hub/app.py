@@ -125,7 +125,7 @@ def _audit_integrity_failure(exc: EmixError) -> None:
             action=AuditAction.READ,
             actor=actor,
             detail=f"refused ({exc.code}): {request.method} {route}",
-            package_id=str(request.view_args["package_id"])[:32],
+            package_id=str((request.view_args or {}).get("package_id", ""))[:32],
             outcome=AuditOutcome.SERIOUS_FAILURE,
         )
     except Exception:  # never hide the answer behind an audit failure

@@ -23,7 +23,7 @@ def stored_package_key(db: Database) -> tuple[str, bytes] | None:
             .order_by(PackageRow.created.desc())
             .limit(1)
         ).first()
-    return (row[0], row[1]) if row else None
+    return (row[0], row[1]) if row and row[1] is not None else None
 
 
 def refuse_new_kek_over_wrapped_keys(home: Path, database_url: str) -> None:

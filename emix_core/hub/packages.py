@@ -279,7 +279,7 @@ def lock_open_package(session: Session, package_id: str) -> None:
     when the package is sealed is refused, and two uploads of one item id leave the
     database and the blob store in step.
     """
-    locked = session.execute(
+    locked = session.execute(  # type: ignore[attr-defined]  # an UPDATE's CursorResult
         update(PackageRow)
         .where(PackageRow.id == package_id, PackageRow.state == "open")
         .values(state="open")
