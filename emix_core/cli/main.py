@@ -347,6 +347,7 @@ def build_cli(pm: Any = None) -> EmixCLI:
     from emix_core.cli.demo import demo
     from emix_core.cli.doctor import doctor
     from emix_core.cli.gateway import gateway
+    from emix_core.cli.viewer import viewer
     from emix_core.reports.cli import report
 
     group = EmixCLI(
@@ -374,6 +375,7 @@ def build_cli(pm: Any = None) -> EmixCLI:
         demo,
         gateway,
         report,
+        viewer,
     ):
         group.add_command(command)
     return group
