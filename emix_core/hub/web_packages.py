@@ -9,6 +9,7 @@ from typing import Any
 
 import pydicom
 from flask import Blueprint, Response, url_for
+from sqlalchemy import select
 
 from emix_core.errors import NotFoundError
 from emix_core.hub import api_packages, disc_image, thumbnails
@@ -18,6 +19,7 @@ from emix_core.hub.viewer import viewer_url
 from emix_core.hub.web import hub, member_required, render_page
 from emix_core.model import Item, utcnow
 from emix_core.plugins import hooks_for
+from emix_core.store.db import Facility, PackageRow
 
 bp = Blueprint("web_packages", __name__)
 
@@ -87,8 +89,38 @@ def inbox() -> Response:
                 "size": sum(i.size for i in content.items),
             }
         )
+    sent = sent_packages(principal)
     audit_request("query", "E", principal.email, f"web inbox listed ({len(packages)} packages)")
-    return render_page("inbox.html", packages=packages)
+    return render_page("inbox.html", packages=packages, sent=sent)
+
+
+def sent_packages(principal: Any, limit: int = 50) -> list[dict[str, Any]]:
+    """Unexpired packages the member's facility sent (to share a study with its patient)."""
+    with hub().db.session() as session:
+        ids = list(
+            session.scalars(
+                select(PackageRow.id)
+                .join(Facility, Facility.id == PackageRow.sender_facility_id)
+                .where(
+                    Facility.address == principal.facility,
+                    PackageRow.state == "sealed",
+                    PackageRow.expires > utcnow(),
+                )
+                .order_by(PackageRow.sealed_at.desc())
+                .limit(limit)
+            )
+        )
+    out = []
+    for package_id in ids:
+        content = open_package(package_id, action="package:status")
+        out.append(
+            {
+                "id": content.id,
+                "to": ", ".join(str(r) for r in content.package.recipients),
+                "studies": study_rows(content),
+            }
+        )
+    return out
 
 
 def _header(content: PackageContent, item: Item) -> Any:
