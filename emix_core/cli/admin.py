@@ -360,6 +360,25 @@ def hub_usage(month: str, home: str | None, as_json: bool) -> None:
         )
 
 
+@hub.command("signin-link")
+@click.argument("email")
+@home_option
+@json_option
+@handle_errors
+def hub_signin_link(email: str, home: str | None, as_json: bool) -> None:
+    """Make a one-click browser sign-in link for a verified member (works once, 72 h).
+
+    For the operator who knows the person: no confirmation code is asked. Audited.
+    """
+    from emix_core.hub.sessions import operator_sign_in_link
+
+    link = operator_sign_in_link(_hub(home), email)
+    if as_json:
+        emit_json({"email": email, "link": link})
+    else:
+        click.echo(link)
+
+
 @hub.command("hold")
 @click.argument("package")
 @click.option("--release", is_flag=True, help="Release the hold.")
