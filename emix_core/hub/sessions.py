@@ -26,7 +26,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from emix_core.hub.auth import hash_secret
-from emix_core.model import AuditEvent, Principal, utcnow
+from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Principal, utcnow
 from emix_core.plugins import hookimpl
 from emix_core.store.db import Facility, Member, Token, WebAttempt, WebLink, WebSession
 
@@ -99,7 +99,7 @@ def operator_sign_in_link(hub: Any, email: str, package_id: str | None = None) -
     hub.audit(
         AuditEvent(
             event_type="security-alert",
-            action="C",
+            action=AuditAction.CREATE,
             actor="hub-operator",
             source="local",
             detail="one-click sign-in link made by the hub operator",
@@ -138,11 +138,12 @@ def code_matches(link: WebLink, code: str) -> bool:
 
 def failures(session: Session, key: str) -> int:
     """Failed attempts under ``key`` within the throttle window."""
-    return session.scalar(
+    count = session.scalar(
         select(func.count())
         .select_from(WebAttempt)
         .where(WebAttempt.key == key, WebAttempt.time > utcnow() - THROTTLE_WINDOW)
     )
+    return int(count or 0)
 
 
 def throttled(session: Session, key: str, limit: int = MAX_FAILURES) -> bool:
@@ -160,8 +161,8 @@ def record_failure(hub: Any, key: str, source: str, detail: str, limit: int = MA
     hub.audit(
         AuditEvent(
             event_type="security-alert" if alert else "user-authentication",
-            action="E",
-            outcome=8 if alert else 4,
+            action=AuditAction.EXECUTE,
+            outcome=AuditOutcome.SERIOUS_FAILURE if alert else AuditOutcome.MINOR_FAILURE,
             actor=key.split(":", 1)[-1][:200] if key.startswith("member:") else "unknown",
             source=source,
             detail=f"{detail}: throttled" if alert else detail,

@@ -31,7 +31,7 @@ from emix_core.errors import EmixError
 from emix_core.hub import sessions as web_sessions
 from emix_core.hub.auth import audit_request, client_source
 from emix_core.hub.notify import send_mail
-from emix_core.model import utcnow
+from emix_core.model import AuditAction, utcnow
 from emix_core.store.db import Member, WebIdentity
 
 bp = Blueprint("web", __name__)
@@ -123,7 +123,7 @@ def _set_pre_csrf(response: Response) -> Response:
     return response
 
 
-def start_session(response: Response, **owner: Any) -> Response:
+def start_session(response: Any, **owner: Any) -> Any:
     with hub().db.session() as session:
         token = web_sessions.open_session(session, **owner)
     response.set_cookie(
@@ -323,27 +323,42 @@ def confirm_code(token: str) -> Any:
             code_sent=True,
             error="That code is not right, or it expired. Check the latest mail and try again.",
         )
-    audit_request("user-authentication", "E", email, "identity confirmed with a mailed code")
+    audit_request(
+        "user-authentication",
+        action=AuditAction.EXECUTE,
+        actor=email,
+        detail="identity confirmed with a mailed code",
+    )
     return _signed_in(member_id, package_id)
 
 
-def _signed_in(member_id: int, package_id: str | None) -> Response:
+def _signed_in(member_id: int, package_id: str | None) -> Any:
     target = f"/packages/{package_id}" if package_id else "/inbox"
     response = start_session(redirect(target, code=303), member_id=member_id)
     with hub().db.session() as session:
         email = session.get(Member, member_id).email
-    audit_request("user-authentication", "E", email, "signed in to the web")
+    audit_request(
+        "user-authentication",
+        action=AuditAction.EXECUTE,
+        actor=email,
+        detail="signed in to the web",
+    )
     return response
 
 
 @bp.post("/logout")
-def logout() -> Response:
+def logout() -> Any:
     check_csrf()
     principal = web_principal()
     with hub().db.session() as session:
         web_sessions.end_session(session, request.cookies.get(web_sessions.COOKIE))
     if principal is not None:
-        audit_request("user-authentication", "E", principal.email, "signed out of the web")
+        audit_request(
+            "user-authentication",
+            action=AuditAction.EXECUTE,
+            actor=principal.email,
+            detail="signed out of the web",
+        )
     response = redirect("/", code=303)
     response.delete_cookie(web_sessions.COOKIE, path="/")
     return response

@@ -20,7 +20,7 @@ from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.hub.auth import audit_request
 from emix_core.hub.usage import monthly_usage
 from emix_core.hub.web import _mail, check_csrf, hub, member_required, render_page
-from emix_core.model import utcnow
+from emix_core.model import AuditAction, utcnow
 from emix_core.store.db import (
     Facility,
     Member,
@@ -125,7 +125,7 @@ NOTICES = {
 }
 
 
-def _done(what: str) -> Response:
+def _done(what: str) -> Any:
     return redirect(f"/admin?done={what}", code=303)
 
 
@@ -138,7 +138,7 @@ def _own_member(session: Any, principal: Any, member_id: int) -> Member:
 
 
 @bp.post("/members")
-def invite() -> Response:
+def invite() -> Any:
     principal = admin_required()
     check_csrf()
     email = request.form.get("email", "").strip().lower()[:254]
@@ -171,12 +171,17 @@ def invite() -> Response:
         f"images and reports with you.\n\nSign in here (the link works once, for 72 hours):\n\n"
         f"{web_sessions.link_url(hub(), token)}\n",
     )
-    audit_request("security-alert", "C", principal.email, f"member invited as {role} (web)")
+    audit_request(
+        "security-alert",
+        action=AuditAction.CREATE,
+        actor=principal.email,
+        detail=f"member invited as {role} (web)",
+    )
     return _done("invited")
 
 
 @bp.post("/members/<int:member_id>/<action>")
-def member_action(member_id: int, action: str) -> Response:
+def member_action(member_id: int, action: str) -> Any:
     principal = admin_required()
     check_csrf()
     if action not in ("disable", "enable", "reset"):
@@ -210,7 +215,12 @@ def member_action(member_id: int, action: str) -> Response:
             "Your administrator reset your emix sign-in. Confirm your address again here "
             f"(the link works once, for 72 hours):\n\n{web_sessions.link_url(hub(), token)}\n",
         )
-    audit_request("security-alert", "U", principal.email, f"member {action}d by an administrator")
+    audit_request(
+        "security-alert",
+        action=AuditAction.UPDATE,
+        actor=principal.email,
+        detail=f"member {action}d by an administrator",
+    )
     return _done({"disable": "disabled", "enable": "enabled", "reset": "reset"}[action])
 
 
@@ -251,7 +261,12 @@ def audit() -> Response:
         events.append(event)
         if len(events) >= 500:
             break
-    audit_request("query", "E", principal.email, f"audit trail searched ({len(events)} events)")
+    audit_request(
+        "query",
+        action=AuditAction.EXECUTE,
+        actor=principal.email,
+        detail=f"audit trail searched ({len(events)} events)",
+    )
     return render_page(
         "admin_audit.html", active="admin", events=events, who=who, package=package, days=days
     )

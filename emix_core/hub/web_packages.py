@@ -17,7 +17,7 @@ from emix_core.hub.auth import audit_request
 from emix_core.hub.reader import PackageContent, open_package, readable_packages
 from emix_core.hub.viewer import viewer_url
 from emix_core.hub.web import hub, member_required, render_page
-from emix_core.model import Item, utcnow
+from emix_core.model import AuditAction, Item, utcnow
 from emix_core.plugins import hooks_for
 from emix_core.store.db import Facility, PackageRow
 
@@ -90,7 +90,12 @@ def inbox() -> Response:
             }
         )
     sent = sent_packages(principal)
-    audit_request("query", "E", principal.email, f"web inbox listed ({len(packages)} packages)")
+    audit_request(
+        "query",
+        action=AuditAction.EXECUTE,
+        actor=principal.email,
+        detail=f"web inbox listed ({len(packages)} packages)",
+    )
     return render_page("inbox.html", packages=packages, sent=sent)
 
 
@@ -149,7 +154,12 @@ def series_rows(content: PackageContent) -> list[dict[str, Any]]:
                 "preview_item": items[len(items) // 2].id,
             }
         )
-    rows.sort(key=lambda r: (r["study"], int(r["number"]) if r["number"].isdigit() else 0))
+    rows.sort(
+        key=lambda r: (
+            str(r["study"]),
+            int(str(r["number"]) or 0) if str(r["number"]).isdigit() else 0,
+        )
+    )
     return rows
 
 
@@ -189,9 +199,9 @@ def package_page(package_id: str) -> Response:
     reports = report_views(content)
     audit_request(
         "instances-accessed",
-        "R",
-        principal.email,
-        "package page viewed",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail="package page viewed",
         package_id=content.id,
         phi={"studies": sorted(content.studies)},
     )
@@ -228,7 +238,11 @@ def document(package_id: str, item_id: int) -> Response:
     if item is None or item.media_type == "application/dicom":
         raise NotFoundError("not found")
     audit_request(
-        "instances-transferred", "R", principal.email, "document downloaded", package_id=content.id
+        "instances-transferred",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail="document downloaded",
+        package_id=content.id,
     )
     extension = {"application/pdf": "pdf", "text/plain": "txt"}.get(item.media_type, "bin")
     response = Response(b"".join(content.read_item(item.id)), mimetype=item.media_type)
@@ -249,9 +263,9 @@ def download_iso(package_id: str) -> Response:
     response = disc_image.response(content)
     audit_request(
         "instances-transferred",
-        "R",
-        principal.email,
-        f"CD image of {len(content.items)} items downloaded",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail=f"CD image of {len(content.items)} items downloaded",
         package_id=content.id,
     )
     return response

@@ -35,7 +35,7 @@ from emix_core.hub.web import (
     start_session,
 )
 from emix_core.hub.web_packages import series_rows, study_rows
-from emix_core.model import AuditEvent, utcnow
+from emix_core.model import AuditAction, AuditEvent, utcnow
 from emix_core.store.db import PackageRow, PatientShare
 
 bp = Blueprint("web_patient", __name__)
@@ -88,7 +88,9 @@ def share(package_id: str) -> Response:
     h = hub()
     token = secrets.token_urlsafe(32)
     code = new_access_code()
-    expires = min(utcnow() + timedelta(days=days), web_sessions.aware(content.package.expires))
+    expires = utcnow() + timedelta(days=days)
+    if content.package.expires is not None:
+        expires = min(expires, web_sessions.aware(content.package.expires))
     with h.db.session() as session:
         token_hash = hash_secret(token)
         session.add(
@@ -113,9 +115,9 @@ def share(package_id: str) -> Response:
     )
     audit_request(
         "export",
-        "R",
-        principal.email,
-        f"study shared with a patient for {days} days",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail=f"study shared with a patient for {days} days",
         package_id=content.id,
         phi={"studies": [study], "patient_email": email},
     )
@@ -155,7 +157,7 @@ def patient_link(token: str) -> Response:
 
 
 @bp.post("/patient/<token>")
-def patient_code(token: str) -> Response:
+def patient_code(token: str) -> Any:
     check_csrf()
     h = hub()
     source = client_source()
@@ -187,7 +189,7 @@ def _audit_patient(share_id: int, package_id: str, study: str, detail: str) -> N
     hub().audit(
         AuditEvent(
             event_type="instances-accessed",
-            action="R",
+            action=AuditAction.READ,
             actor=f"patient-share-{share_id}",
             source=client_source(),
             package_id=package_id,
