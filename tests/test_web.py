@@ -246,3 +246,35 @@ def test_forms_without_the_csrf_token_are_refused(hub, mercy, lakeside, small_st
     r = requests.post(f"{hub.url}/signin", data={"email": "it@lakeside.example.org"})
     assert r.status_code == 400
     assert len(smtp_server.messages) == 1  # no code, no link was mailed
+
+
+def test_cd_image_download_is_a_pdi_disc_when_the_hub_has_the_writer(
+    hub, mercy, lakeside, small_study, smtp_server, browser, tmp_path
+):
+    import emix_core
+
+    if not hasattr(emix_core, "write_pdi_iso"):
+        pytest.skip("this emix-core has no disc writer (write_pdi_iso) yet")
+    pycdlib = pytest.importorskip("pycdlib")
+    emix_json("send", str(small_study), "--to", "lakeside", env=mercy.env)
+    link = link_in(wait_for_mail(smtp_server, 1))
+    context = new_context(browser, accept_downloads=True)
+    page = context.new_page()
+    sign_in_with_mail(page, smtp_server, link, 1)
+    page.wait_for_url("**/packages/*")
+    with page.expect_download() as info:
+        page.get_by_role("link", name="Download as CD image (ISO)").click()
+    saved = tmp_path / "disc.iso"
+    info.value.save_as(saved)
+    iso = pycdlib.PyCdlib()
+    iso.open(str(saved))
+    try:
+        dicomdir = io.BytesIO()
+        iso.get_file_from_iso_fp(dicomdir, iso_path="/DICOMDIR.;1")
+        dicomdir.seek(0)
+        ds = pydicom.dcmread(dicomdir)
+        images = [r for r in ds.DirectoryRecordSequence if r.DirectoryRecordType == "IMAGE"]
+        assert len(images) == 24
+    finally:
+        iso.close()
+    context.close()

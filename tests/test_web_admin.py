@@ -184,3 +184,42 @@ def test_patient_sees_and_downloads_the_shared_study_only_with_the_code(
     other.get_by_label("Access code").fill(code)
     other.get_by_role("button", name="Open my images").click()
     assert "Too many wrong codes" in other.content()
+
+
+def test_admin_names_the_pacs_and_a_member_pushes_the_package_into_it(
+    hub,
+    mercy,
+    lakeside,
+    small_study,  # noqa: F811
+    smtp_server,
+    browser,  # noqa: F811
+    orthanc_factory,
+):
+    pacs = orthanc_factory("lakeside-pacs")
+    package = emix_json("send", str(small_study), "--to", "lakeside", env=mercy.env)["package"]
+    wait_for_mail(smtp_server, 1)
+    page = new_context(browser).new_page()
+    sign_in(page, hub, smtp_server, "it@lakeside.example.org")
+    page.goto(f"{hub.url}/packages/{package}")
+    assert page.get_by_role("button", name=re.compile("Send to my PACS")).count() == 0
+
+    page.goto(hub.url + "/admin")
+    page.get_by_label("Name", exact=True).fill("Lakeside Orthanc")
+    page.get_by_label("DICOMweb root URL").fill(pacs.url)
+    page.get_by_role("button", name="Save").click()
+    assert "PACS destination saved" in page.content()
+
+    page.goto(f"{hub.url}/packages/{package}")
+    page.get_by_role("button", name="Send to my PACS (Lakeside Orthanc)").click()
+    assert "All 24 images were stored in Lakeside Orthanc" in page.content()
+    Shots("pacs")(page, "pushed")
+    stored = pacs.sop_instance_uids()
+    assert len(stored) == 24
+    # byte for byte as sent
+    sent = {
+        pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData
+        for p in small_study.rglob("*.dcm")
+    }
+    assert stored == set(sent)
+    events = emix("audit", "export", "--home", str(hub.home)).stdout
+    assert "pushed to PACS Lakeside Orthanc: 24 stored, 0 failed" in events

@@ -1,16 +1,18 @@
 """A package as a CD image (ISO 9660, DICOMDIR after IHE PDI), for the browser's download.
 
-The disc writer is ``emix_core.write_pdi_iso(entries, out)``; a hub without it offers the
-zip only (:func:`available` says which). The image is built in a temporary file beside
-the hub's data, since ISO 9660 needs to know every file before writing, and streamed.
+The disc writer is ``emix_core.write_pdi_iso(entries, out)`` (entries: each item with a
+callable opening its bytes); a hub without it offers the zip only (:func:`available`).
+The image is built in a temporary file beside the hub's data, since ISO 9660 needs to
+know every file before writing, and then streamed.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from flask import Response, current_app, stream_with_context
 
@@ -31,6 +33,35 @@ def _writer() -> Any:
         return None
 
 
+class ChunkReader(io.RawIOBase):
+    """A readable binary stream over an iterator of byte chunks (a decrypted item)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._buffer = chunk
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        self._buffer = self._buffer[size:]
+        return size
+
+
+def _opener(content: Any, item_id: int) -> Callable[[], BinaryIO]:
+    def open_item() -> BinaryIO:
+        return io.BufferedReader(ChunkReader(iter(content.read_item(item_id))))
+
+    return open_item
+
+
 def available() -> bool:
     """Whether this hub can build CD images."""
     return _writer() is not None
@@ -45,8 +76,9 @@ def response(content: Any) -> Response:
     handle, name = tempfile.mkstemp(prefix="disc-", suffix=".iso", dir=home)
     os.close(handle)
     try:
-        entries = [(item, (lambda i=item: content.read_item(i.id))) for item in content.items]
-        writer(entries, name)
+        entries = [(item, _opener(content, item.id)) for item in content.items]
+        with open(name, "w+b") as sink:
+            writer(entries, sink, volume_id=f"EMIX {content.id[:8]}")
         size = os.path.getsize(name)
     except BaseException:
         os.unlink(name)

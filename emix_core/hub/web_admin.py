@@ -15,6 +15,7 @@ from flask import Blueprint, Response, redirect, request
 from sqlalchemy import func, select
 
 from emix_core.errors import NotFoundError
+from emix_core.hub import pacs_push
 from emix_core.hub import sessions as web_sessions
 from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.hub.auth import audit_request
@@ -95,6 +96,8 @@ def overview() -> Response:
             )
         )
         name = facility.name
+        pacs = pacs_push.destination_of(session, principal.facility)
+        pacs_info = {"name": pacs.name, "url": pacs.url} if pacs else None
     month = request.args.get("month") or utcnow().strftime("%Y-%m")
     usage = next(
         (
@@ -114,6 +117,7 @@ def overview() -> Response:
         usage=usage,
         month=month,
         notice=NOTICES.get(request.args.get("done", ""), ""),
+        pacs=pacs_info,
     )
 
 
@@ -122,6 +126,7 @@ NOTICES = {
     "disabled": "Member disabled: their sessions ended and their tokens were revoked.",
     "enabled": "Member enabled again.",
     "reset": "Reset: the member confirms their address again with a new link.",
+    "pacs": "PACS destination saved.",
 }
 
 
@@ -222,6 +227,27 @@ def member_action(member_id: int, action: str) -> Any:
         detail=f"member {action}d by an administrator",
     )
     return _done({"disable": "disabled", "enable": "enabled", "reset": "reset"}[action])
+
+
+@bp.post("/pacs")
+def set_pacs() -> Any:
+    """Name the facility's PACS (DICOMweb STOW-RS root) for "Send to my PACS"."""
+    principal = admin_required()
+    check_csrf()
+    with hub().db.session() as session:
+        pacs_push.set_destination(
+            session,
+            _facility(session, principal).id,
+            request.form.get("name", "")[:100],
+            request.form.get("url", "")[:500],
+        )
+    audit_request(
+        "security-alert",
+        action=AuditAction.UPDATE,
+        actor=principal.email,
+        detail="PACS destination changed",
+    )
+    return _done("pacs")
 
 
 @bp.get("/audit")

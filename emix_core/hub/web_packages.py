@@ -12,12 +12,12 @@ from flask import Blueprint, Response, url_for
 from sqlalchemy import select
 
 from emix_core.errors import NotFoundError
-from emix_core.hub import api_packages, disc_image, thumbnails
+from emix_core.hub import api_packages, disc_image, pacs_push, thumbnails
 from emix_core.hub.auth import audit_request
 from emix_core.hub.reader import PackageContent, open_package, readable_packages
 from emix_core.hub.viewer import viewer_url
-from emix_core.hub.web import hub, member_required, render_page
-from emix_core.model import AuditAction, Item, utcnow
+from emix_core.hub.web import check_csrf, hub, member_required, message, render_page
+from emix_core.model import AuditAction, AuditOutcome, Item, utcnow
 from emix_core.plugins import hooks_for
 from emix_core.store.db import Facility, PackageRow
 
@@ -197,6 +197,9 @@ def package_page(package_id: str) -> Response:
     studies = study_rows(content)
     series = series_rows(content)
     reports = report_views(content)
+    with hub().db.session() as session:
+        pacs = pacs_push.destination_of(session, principal.facility)
+        pacs_name = pacs.name if pacs else None
     audit_request(
         "instances-accessed",
         action=AuditAction.READ,
@@ -214,6 +217,7 @@ def package_page(package_id: str) -> Response:
         size=sum(i.size for i in content.items),
         viewer=viewer_url,
         iso=disc_image.available(),
+        pacs=pacs_name,
         documents=[i for i in content.items if i.media_type not in ("application/dicom",)],
     )
 
@@ -269,6 +273,37 @@ def download_iso(package_id: str) -> Response:
         package_id=content.id,
     )
     return response
+
+
+@bp.post("/packages/<package_id>/push")
+def push_to_pacs(package_id: str) -> Response:
+    """Send the package's instances into the facility's own PACS (STOW-RS)."""
+    principal = member_required()
+    check_csrf()
+    content = open_package(package_id)
+    with hub().db.session() as session:
+        pacs = pacs_push.destination_of(session, principal.facility)
+        target = (pacs.name, pacs.url) if pacs else None
+    if target is None:
+        raise NotFoundError("your facility has no PACS destination; ask its administrator")
+    result = pacs_push.push(content, target[1])
+    audit_request(
+        "export",
+        action=AuditAction.READ,
+        actor=principal.email,
+        detail=f"pushed to PACS {target[0]}: {result.stored} stored, {result.failed} failed",
+        package_id=content.id,
+        phi={"studies": sorted(content.studies)},
+        outcome=AuditOutcome.SUCCESS if not result.failed else AuditOutcome.MINOR_FAILURE,
+    )
+    if result.failed:
+        text = (
+            f"{result.stored} images were stored in {target[0]}, {result.failed} were not: "
+            + "; ".join(result.errors)
+            + ". Try again, or ask your PACS administrator."
+        )
+        return message("Not everything was sent", text, status=502)
+    return message("Sent to your PACS", f"All {result.stored} images were stored in {target[0]}.")
 
 
 def package_url(package_id: str) -> str:
