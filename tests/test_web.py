@@ -229,7 +229,7 @@ def test_wrong_codes_are_throttled_per_account_and_raise_a_security_alert(
         page.get_by_role("button", name="Confirm").click()
     page.get_by_label("One-time code").fill(code)
     page.get_by_role("button", name="Confirm").click()
-    assert "Too many wrong codes" in page.content()
+    assert "Too many codes or wrong codes" in page.content()
     Shots("throttled")(page, "throttled")
     events = emix("audit", "export", "--home", str(hub.home)).stdout.splitlines()
     alerts = [e for e in events if "wrong confirmation code: throttled" in e]

@@ -150,13 +150,18 @@ def throttled(session: Session, key: str, limit: int = MAX_FAILURES) -> bool:
     return failures(session, key) >= limit
 
 
-def record_failure(hub: Any, key: str, source: str, detail: str, limit: int = MAX_FAILURES) -> int:
-    """Count a failed attempt; at the limit, raise a Security Alert audit event."""
+def count_attempt(hub: Any, key: str) -> int:
+    """Count one attempt under ``key`` (rate limits); returns the count in the window."""
     with hub.db.session() as session:
         session.add(WebAttempt(key=key[:100]))
         session.execute(delete(WebAttempt).where(WebAttempt.time < utcnow() - timedelta(days=1)))
         session.flush()
-        count = failures(session, key)
+        return failures(session, key)
+
+
+def record_failure(hub: Any, key: str, source: str, detail: str, limit: int = MAX_FAILURES) -> int:
+    """Count a failed attempt; at the limit, raise a Security Alert audit event."""
+    count = count_attempt(hub, key)
     alert = count >= limit
     hub.audit(
         AuditEvent(

@@ -188,9 +188,9 @@ def request_link() -> Response:
             if member.verified:
                 members.append((member.email, web_sessions.create_link(session, member.id)))
     # every request counts towards the per-address and per-mailbox limits
-    web_sessions.record_failure(h, f"signin:{source}", source, "sign-in link requested", 10)
+    web_sessions.count_attempt(h, f"signin:{source}")
     if email:
-        web_sessions.record_failure(h, f"signin-mail:{email}", source, "sign-in link mailed", 3)
+        web_sessions.count_attempt(h, f"signin-mail:{email}")
     for address, token in members:
         _mail(
             address,
@@ -262,7 +262,9 @@ def use_link(token: str) -> Any:
         if member is None or not member.verified:
             return _gone()
         known = session.get(WebIdentity, member.id) is not None
-        if web_sessions.throttled(session, f"member:{member.email}"):
+        if web_sessions.throttled(session, f"member:{member.email}") or (
+            not known and web_sessions.throttled(session, f"code-mail:{member.email}")
+        ):
             return _throttled()
         if known:
             link.used_at = utcnow()
@@ -272,6 +274,7 @@ def use_link(token: str) -> Any:
             email = member.email
     if known:
         return _signed_in(member_id, package_id)
+    web_sessions.count_attempt(h, f"code-mail:{email}")
     _mail(
         email,
         "Your emix confirmation code",
@@ -285,7 +288,7 @@ def use_link(token: str) -> Any:
 def _throttled() -> Response:
     return message(
         "Please wait",
-        "Too many wrong codes for this account. Try again in 15 minutes.",
+        "Too many codes or wrong codes for this account. Try again in 15 minutes.",
         status=429,
     )
 
