@@ -211,6 +211,7 @@ def test_admin_names_the_pacs_and_a_member_pushes_the_package_into_it(
 
     page.goto(f"{hub.url}/packages/{package}")
     page.get_by_role("button", name="Send to my PACS (Lakeside Orthanc)").click()
+    page.get_by_role("heading", name="Sent to your PACS").wait_for(timeout=120_000)
     assert "All 24 images were stored in Lakeside Orthanc" in page.content()
     Shots("pacs")(page, "pushed")
     stored = pacs.sop_instance_uids()
