@@ -36,7 +36,6 @@ from emix_core.store.db import Member, WebIdentity
 
 bp = Blueprint("web", __name__)
 log = logging.getLogger("emix.hub")
-log = logging.getLogger("emix.hub")
 
 EMAIL_MAX = 254
 
