@@ -8,7 +8,6 @@ know every file before writing, and then streamed.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,31 +32,16 @@ def _writer() -> Any:
         return None
 
 
-class ChunkReader(io.RawIOBase):
-    """A readable binary stream over an iterator of byte chunks (a decrypted item)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buffer = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: Any) -> int:
-        while not self._buffer:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._buffer = chunk
-        size = min(len(target), len(self._buffer))
-        target[:size] = self._buffer[:size]
-        self._buffer = self._buffer[size:]
-        return size
-
-
 def _opener(content: Any, item_id: int) -> Callable[[], BinaryIO]:
+    """Open an item as a seekable stream (the writer reads DICOM headers with pydicom):
+    decrypted into a spooled temporary file, in memory up to 8 MiB, on disk beyond."""
+
     def open_item() -> BinaryIO:
-        return io.BufferedReader(ChunkReader(iter(content.read_item(item_id))))
+        spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115
+        for chunk in content.read_item(item_id):
+            spool.write(chunk)
+        spool.seek(0)
+        return spool  # type: ignore[return-value]
 
     return open_item
 
