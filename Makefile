@@ -7,7 +7,7 @@ VENV   := .venv
 PIP    := $(VENV)/bin/pip
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
-.PHONY: install demo test test-fast system-deps lint bench
+.PHONY: install demo test test-fast system-deps lint bench viewer
 
 $(VENV)/.installed: pyproject.toml $(PLUGINS)
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/emix demo
+
+# The OHIF viewer the hub serves at /viewer/ (npm pack @ohif/app): make viewer HOME_DIR=hub-home
+viewer: install
+	$(VENV)/bin/emix viewer install $(if $(HOME_DIR),--home $(HOME_DIR))
 
 system-deps:
 	bash .ci/system-deps

@@ -53,6 +53,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 #: Built-in plugins: (name, module). Each module implements hooks at module level.
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("emix.tokens", "emix_core.hub.auth"),
+    ("emix.sessions", "emix_core.hub.sessions"),
     ("emix.smtp", "emix_core.hub.notify"),
     ("emix.filesystem-store", "emix_core.store.blobs"),
     ("emix.keyfile", "emix_core.crypto"),

@@ -110,12 +110,12 @@ def test_notification_mail_has_link_from_public_url_and_no_phi(hub, mercy, study
     mail = messages[0]
     assert mail["To"] == "it@lakeside.example.org"
     body = mail.get_payload(decode=True).decode()
-    assert f"{hub.url}/packages/{package}" in body
+    assert f"{hub.url}/signin/" in body  # a one-time sign-in link, built from the public URL
     text = body + str(mail["Subject"])
-    for phi in (PATIENT_NAME, "MUSTERMANN", PATIENT_ID, "ACC-99120", "report.pdf"):
+    for phi in (PATIENT_NAME, "MUSTERMANN", PATIENT_ID, "ACC-99120", "report.pdf", package):
         assert phi not in text
     page = requests.get(f"{hub.url}/packages/{package}")
-    assert page.status_code == 200 and "emix receive" in page.text
+    assert page.status_code == 401 and "Sign in" in page.text and "MUSTERMANN" not in page.text
 
 
 def test_no_phi_in_plaintext_anywhere_under_the_hub_home(hub, mercy, lakeside, study_200, tmp_path):

@@ -24,6 +24,17 @@ V01_TABLES = {
 }
 
 
+#: the browser's tables (migration 0004)
+WEB_TABLES = {
+    "web_links",
+    "web_identities",
+    "web_sessions",
+    "web_attempts",
+    "patient_shares",
+    "destinations",
+}
+
+
 def tables(engine) -> set[str]:  # type: ignore[no-untyped-def]
     return set(inspect(engine).get_table_names()) - {"alembic_version"}
 
@@ -69,13 +80,17 @@ def test_sqlite_hub_from_before_migrations_upgrades_in_place(tmp_path):
 def test_sqlite_migrations_down_and_up(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     db.create_all()
+    assert tables(db.engine) == V01_TABLES | {"notices", "failed_attempts"} | WEB_TABLES
+    assert migrate.downgrade(db.engine, "0003") == "0003"
     assert tables(db.engine) == V01_TABLES | {"notices", "failed_attempts"}
+    assert migrate.downgrade(db.engine, "0002") == "0002"
+    assert tables(db.engine) == V01_TABLES | {"notices"}
     assert migrate.downgrade(db.engine, "0001") == "0001"
     assert tables(db.engine) == V01_TABLES
     assert migrate.downgrade(db.engine, "base") is None
     assert tables(db.engine) == set()
     assert migrate.upgrade(db.engine) == migrate.head()
-    assert tables(db.engine) == V01_TABLES | {"notices", "failed_attempts"}
+    assert tables(db.engine) == V01_TABLES | {"notices", "failed_attempts"} | WEB_TABLES
 
 
 def test_migrate_cli_down_up_and_unknown_revision(tmp_path):
@@ -102,13 +117,11 @@ def test_postgresql_init_migrate_down_and_up(tmp_path, postgres):
     assert made["database"].startswith("postgresql+psycopg://")
     assert postgres.password not in json.dumps(made)  # never the password in output
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-    everything = V01_TABLES | {
-        "notices",
-        "failed_attempts",
-        "audit_events",
-        "audit_checkpoints",
-        "audit_meta",
-    }
+    everything = (
+        V01_TABLES
+        | WEB_TABLES
+        | {"notices", "failed_attempts", "audit_events", "audit_checkpoints", "audit_meta"}
+    )
     assert tables(engine) == everything
 
     down = emix_json("hub", "migrate", "--home", str(home), "--to", "0001")
@@ -140,7 +153,7 @@ def test_postgresql_downgrade_refuses_to_drop_the_audit_chain(tmp_path, postgres
     refused = emix("hub", "migrate", "--home", str(home), "--to", "0001", check=False)
     assert refused.returncode != 0 and "audit chain holds" in refused.stderr
     assert postgres.password not in refused.stderr
-    assert emix_json("hub", "migrate", "--home", str(home), "--status")["current"] == "0003"
+    assert emix_json("hub", "migrate", "--home", str(home), "--status")["current"] == migrate.head()
 
 
 @pytest.mark.e2e

@@ -339,6 +339,46 @@ def facility_reset_key(address: str, home: str | None) -> None:
     click.echo(f"signing key of {address} reset; recipients must re-pin it")
 
 
+@hub.command("usage")
+@click.option("--month", required=True, help="The month to count, YYYY-MM (UTC).")
+@home_option
+@json_option
+@handle_errors
+def hub_usage(month: str, home: str | None, as_json: bool) -> None:
+    """Packages and bytes sent and received per facility in a month (for billing)."""
+    from emix_core.hub.usage import monthly_usage
+
+    result = monthly_usage(_hub(home), month)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"usage in {result['month']} (packages / bytes)")
+    for f in result["facilities"]:
+        click.echo(
+            f"  {f['address']:<24} sent {f['packages_sent']:>5} / {f['bytes_sent']:>14}"
+            f"   received {f['packages_received']:>5} / {f['bytes_received']:>14}"
+        )
+
+
+@hub.command("signin-link")
+@click.argument("email")
+@home_option
+@json_option
+@handle_errors
+def hub_signin_link(email: str, home: str | None, as_json: bool) -> None:
+    """Make a one-click browser sign-in link for a verified member (works once, 72 h).
+
+    For the operator who knows the person: no confirmation code is asked. Audited.
+    """
+    from emix_core.hub.sessions import operator_sign_in_link
+
+    link = operator_sign_in_link(_hub(home), email)
+    if as_json:
+        emit_json({"email": email, "link": link})
+    else:
+        click.echo(link)
+
+
 @hub.command("hold")
 @click.argument("package")
 @click.option("--release", is_flag=True, help="Release the hold.")

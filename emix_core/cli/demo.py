@@ -131,8 +131,14 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     is_flag=True,
     help="Stop after the sample exchange instead of running until Ctrl-C.",
 )
+@click.option(
+    "--viewer/--no-viewer",
+    default=True,
+    show_default=True,
+    help="Install the OHIF viewer (npm pack, cached) so the study opens in the browser.",
+)
 @handle_errors
-def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
+def demo(home: Path, port: int, slices: int, exit_after: bool, viewer: bool) -> None:
     """Run a hub and two facilities with their gateways, and send a sample study between them.
 
     Each facility gets a gateway watching its ``outbox/<recipient>/`` folders and writing
@@ -147,6 +153,7 @@ def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
     with_gateways = folder_plugin_installed()
     if with_gateways:
         write_gateway_configs(homes)
+    with_viewer = viewer and _install_viewer(root / "hub")
     processes = [start_hub(root / "hub", port, root / "hub" / "hub.log")]
     try:
         click.echo(f"hub running at http://127.0.0.1:{port} (log: {root / 'hub' / 'hub.log'})")
@@ -164,6 +171,7 @@ def demo(home: Path, port: int, slices: int, exit_after: bool) -> None:
                 fg="yellow",
             )
             _direct_exchange(study, homes, sender_addr, recipient_addr)
+        _browser_steps(root, port, with_viewer)
         if exit_after:
             click.echo(
                 "\nThe demo hub and gateways stop now (--exit). Run the demo again without "
@@ -345,6 +353,39 @@ def emix_command() -> str:
     if here.exists():
         return str(here)
     return f"{sys.executable} -m emix_core"
+
+
+def _install_viewer(hub_home: Path) -> bool:
+    """Install the OHIF viewer into the demo hub (once); a failure only skips the viewer."""
+    from emix_core.errors import EmixError
+    from emix_core.hub import viewer as ohif
+
+    if ohif.installed(hub_home):
+        return True
+    click.echo("installing the OHIF viewer (npm pack @ohif/app, cached after the first time)")
+    try:
+        ohif.install(ohif.viewer_dir(hub_home))
+    except EmixError as exc:
+        click.secho(f"viewer not installed: {exc.message}; previews are shown instead", fg="yellow")
+        return False
+    return True
+
+
+def _browser_steps(root: Path, port: int, with_viewer: bool) -> None:
+    """Print a one-click sign-in link for the recipient's administrator."""
+    from emix_core.hub.context import open_hub
+    from emix_core.hub.sessions import operator_sign_in_link
+
+    email = FACILITIES[1][2]
+    link = operator_sign_in_link(open_hub(root / "hub"), email)
+    click.secho("\nSee it in your browser:", bold=True)
+    click.echo(f"  {link}")
+    click.echo(
+        f"  (works once, signed in as {email}, the recipient; for another link: "
+        f"emix hub signin-link {email} --home {root / 'hub'})"
+    )
+    if with_viewer:
+        click.echo("  open the package, then 'Open in viewer' shows the study in OHIF")
 
 
 def _next_steps(

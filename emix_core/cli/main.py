@@ -350,6 +350,7 @@ def build_cli(pm: Any = None) -> EmixCLI:
     from emix_core.cli.demo import demo
     from emix_core.cli.doctor import doctor
     from emix_core.cli.gateway import gateway
+    from emix_core.cli.viewer import viewer
     from emix_core.reports.cli import report
 
     group = EmixCLI(
@@ -377,6 +378,7 @@ def build_cli(pm: Any = None) -> EmixCLI:
         demo,
         gateway,
         report,
+        viewer,
     ):
         group.add_command(command)
     return group

@@ -23,6 +23,7 @@ from emix_core.errors import (
 )
 from emix_core.hub import packages as svc
 from emix_core.hub.auth import audit_request, current_principal, is_allowed, require
+from emix_core.hub.sessions import package_link
 from emix_core.model import AuditAction, AuditOutcome, Recipient, utcnow
 from emix_core.plugins import hooks_for
 from emix_core.store.db import Facility, ItemRow, Member, PackageRecipient, PackageRow
@@ -202,7 +203,10 @@ def seal(package_id: str) -> Response:
             package.items = items
             package.state = "sealed"
             package.studies = studies
-            recipients = _notify_addresses(session, row.id)
+            recipients = [
+                (recipient, email, package_link(hub, session, facility_id, email, row.id))
+                for recipient, email, facility_id in _notify_addresses(session, row.id)
+            ]
     except Exception as exc:  # a refused or failed seal is on the record too
         audit_request(
             "instances-transferred",
@@ -227,8 +231,7 @@ def seal(package_id: str) -> Response:
     # Notifications: a plugin that fails is logged and never undoes the seal.
     hooks = hooks_for(hub.pm)
     hooks.package_sealed(package)
-    link = f"{hub.config.hub.public_url.rstrip('/')}/packages/{row.id}"
-    for recipient, email in recipients:
+    for recipient, email, link in recipients:
         if not svc.claim_notice(hub, row.id, email):
             continue  # another instance (or an earlier try) notifies this one
         if not hooks.notify(recipient, email, package, link):
@@ -243,7 +246,7 @@ def principal_of_request() -> str:
     return g.principal.email if "principal" in g else "unknown"
 
 
-def _notify_addresses(session: Session, package_id: str) -> list[tuple[Recipient, str]]:
+def _notify_addresses(session: Session, package_id: str) -> list[tuple[Recipient, str, int]]:
     """Who to mail: the addressed member, or the admin of an addressed facility."""
     out = []
     for rec in session.scalars(
@@ -254,9 +257,9 @@ def _notify_addresses(session: Session, package_id: str) -> list[tuple[Recipient
         if rec.member_id:
             member = session.get(Member, rec.member_id)
             assert member is not None
-            out.append((Recipient(facility.address, member.email), member.email))
+            out.append((Recipient(facility.address, member.email), member.email, facility.id))
         else:
-            out.append((Recipient(facility.address), facility.admin_email))
+            out.append((Recipient(facility.address), facility.admin_email, facility.id))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pluggy
 from flask import Flask, Response, jsonify, request
@@ -35,6 +36,7 @@ def create_app(home: str | Path | None = None, pm: pluggy.PluginManager | None =
 
     metrics.install(app)
     _register_access_log(app)
+    app.after_request(security_headers)
     return app
 
 
@@ -94,8 +96,36 @@ def _register_access_log(app: Flask) -> None:
         return response
 
 
+#: The pages' policy: our own stylesheet and images only, no script at all, no framing.
+PAGE_CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def security_headers(response: Response) -> Response:
+    """Every answer: no framing, no sniffing, no referrer (links carry one-time tokens)."""
+    response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    if response.mimetype == "text/html":
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
 def _register_blueprints(app: Flask, hub: Hub) -> None:
-    from emix_core.hub import api_audit, api_facilities, api_inbox_cursor, api_packages, web
+    from emix_core.hub import (
+        api_audit,
+        api_facilities,
+        api_inbox_cursor,
+        api_packages,
+        viewer,
+        web,
+        web_admin,
+        web_packages,
+        web_patient,
+    )
 
     for bp in (api_packages.bp, api_inbox_cursor.bp, api_facilities.bp, api_audit.bp, web.bp):
         app.register_blueprint(bp)
@@ -103,6 +133,8 @@ def _register_blueprints(app: Flask, hub: Hub) -> None:
 
     app.register_blueprint(api_accounts.bp)
     app.register_blueprint(api_resume.bp)
+    for bp in (web_packages.bp, web_admin.bp, web_patient.bp, viewer.bp):
+        app.register_blueprint(bp)
 
     def register(blueprint, url_prefix: str | None = None) -> None:  # type: ignore[no-untyped-def]
         app.register_blueprint(blueprint, url_prefix=url_prefix)
@@ -132,9 +164,18 @@ def _audit_integrity_failure(exc: EmixError) -> None:
         log.exception("audit of an integrity failure failed")
 
 
+def is_page_request() -> bool:
+    """A request from a person's browser (pages), not from an API or DICOMweb client."""
+    return not request.path.startswith(("/api/", "/dicomweb", "/viewer/", "/healthz"))
+
+
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(EmixError)
-    def emix_error(exc: EmixError) -> tuple[Response, int, dict[str, str]]:
+    def emix_error(exc: EmixError) -> Any:
+        if is_page_request():
+            from emix_core.hub.web import error_page
+
+            return error_page(exc)
         headers = {"WWW-Authenticate": 'Bearer realm="emix"'} if exc.http_status == 401 else {}
         message = exc.message
         if exc.code == "integrity" and request.view_args and "package_id" in request.view_args:
@@ -146,7 +187,11 @@ def _register_error_handlers(app: Flask) -> None:
         return jsonify({"error": exc.code, "message": message}), exc.http_status, headers
 
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[Response, int]:
+    def http_error(exc: HTTPException) -> Any:
+        if is_page_request():
+            from emix_core.hub.web import message
+
+            return message(exc.name, exc.description or "", status=exc.code or 500)
         return jsonify(
             {"error": exc.name.lower().replace(" ", "_"), "message": exc.description}
         ), exc.code or 500
