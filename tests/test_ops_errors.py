@@ -164,6 +164,10 @@ def test_doctor_checks_a_facility_setup(hub, mercy, tmp_path: Path) -> None:
     checks = {c["name"]: c for c in json.loads(bad.stdout)["checks"]}
     assert checks["config-permissions"]["status"] == "fail"
     assert "chmod 600" in checks["config-permissions"]["detail"]
+    config.chmod(0o600)  # a world-readable token is refused before it is tried
+    bad = emix("doctor", "--json", env=env, check=False)
+    assert bad.returncode == 1
+    checks = {c["name"]: c for c in json.loads(bad.stdout)["checks"]}
     assert checks["token"]["status"] == "fail"
     # an unreachable hub names the cause
     down = emix("doctor", env={**mercy.env, "EMIX_HUB_URL": f"http://127.0.0.1:{free_port()}"},

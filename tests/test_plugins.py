@@ -312,7 +312,7 @@ def test_exchange_hooks_fire_on_the_hub_and_the_receiving_side(tmp_path, smtp_se
     kinds = [e["kind"] for e in events]
     assert kinds == ["sealed", "notify", "received"]
     assert events[0] == {"kind": "sealed", "id": package, "items": 1}
-    assert events[1]["link"] == f"{hub.url}/packages/{package}"
+    assert events[1]["link"].startswith(f"{hub.url}/signin/")  # a one-time sign-in link
     assert events[2]["path"].endswith(package)
     assert smtp_server.messages == []  # the plugin answered first
     assert os.path.isdir(events[2]["path"])
@@ -347,12 +347,12 @@ def test_a_failing_sealed_notification_neither_fails_the_send_nor_skips_the_mail
         src = next(study_200.rglob("*.dcm"))
         (one / src.name).write_bytes(src.read_bytes())
         result = emix("send", str(one), "--to", "lakeside", "--json", env={**sender.env, **env})
-        package = json.loads(result.stdout)["package"]
+        assert json.loads(result.stdout)["package"]
         mails = smtp_server.wait_for(1)
     finally:
         hub.stop()
     assert result.returncode == 0
     assert [m["To"] for m in mails] == ["b@l.example.org"]
-    assert package in mails[0].get_payload(decode=True).decode()
+    assert f"{hub.url}/signin/" in mails[0].get_payload(decode=True).decode()
     log = (hub.home / "hub-test.log").read_text()
     assert "brokenseal failed in emix_package_sealed" in log

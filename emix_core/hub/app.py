@@ -85,7 +85,16 @@ def _register_access_log(app: Flask) -> None:
     def log_request(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
         took = (time.monotonic() - g.get("emix_started", time.monotonic())) * 1000
-        access.info(
+        quiet = route in (
+            "/healthz",
+            "/readyz",
+            "/api/v1/inbox/cursor",
+        ) and response.status_code in (
+            200,
+            304,
+        )
+        access.log(
+            logging.DEBUG if quiet else logging.INFO,
             '%s "%s %s" %s %sms',
             request.remote_addr,
             request.method,

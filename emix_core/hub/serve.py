@@ -121,7 +121,9 @@ def logging_config(style: str, level: str) -> dict[str, Any]:
         "root": {"level": "WARNING", "handlers": ["stderr"]},
         "loggers": {
             "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
-            "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+            # gunicorn's own access lines would carry path values (UIDs): the app logs
+            # route templates instead (emix.access), with successful polls at debug level.
+            "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
             "emix": {"level": level, "handlers": ["stderr"], "propagate": False},
         },
     }
