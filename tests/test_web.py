@@ -15,7 +15,7 @@ import pytest
 import requests
 from sqlalchemy import update
 
-from emix_core.testing import PATIENT_ID, PATIENT_NAME, emix, emix_json
+from emix_core.testing import PATIENT_ID, PATIENT_NAME, emix, emix_json, write_study_with_report
 from tests.web_browser import (
     ARGS,
     CHROMIUM,
@@ -34,26 +34,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 24-slice CT in 2 series (512x512, 16-bit) with a PDF report."""
-    from emix_core.content.samples import generate_study, write_sample_report_pdf
-
-    folder = tmp_path_factory.mktemp("study24")
-    generate_study(
-        folder,
-        slices=24,
-        series=2,
-        patient_name=PATIENT_NAME,
-        patient_id=PATIENT_ID,
-        accession_number="ACC-99120",
-    )
-    write_sample_report_pdf(
-        folder / "report.pdf",
-        facility="Mercy General",
-        accession_number="ACC-99120",
-        patient_name=PATIENT_NAME,
-        findings="No acute abnormality.",
-        impression="Normal study.",
-    )
-    return folder
+    return write_study_with_report(tmp_path_factory.mktemp("study24"), slices=24, series=2)
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ __all__ = [
     "free_port",
     "make_hub",
     "side",
+    "write_study_with_report",
     # fuzzing helpers, from emix_core.testing.fuzz (needs hypothesis; imported on first use)
     "fuzz_settings",
     "mutated",
@@ -323,16 +324,14 @@ PATIENT_NAME = "MUSTERMANN^ERIKA"
 PATIENT_ID = "PID-7734-XQ"
 
 
-@pytest.fixture(scope="session")
-def study_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A generated multi-series CT study: 200 slices of 512x512 16-bit, plus a PDF report."""
+def write_study_with_report(folder: Path, *, slices: int, series: int) -> Path:
+    """A generated CT study (512x512, 16-bit) of the test patient, plus a PDF report."""
     from emix_core.content.samples import generate_study, write_sample_report_pdf
 
-    folder = tmp_path_factory.mktemp("study200")
     generate_study(
         folder,
-        slices=200,
-        series=3,
+        slices=slices,
+        series=series,
         patient_name=PATIENT_NAME,
         patient_id=PATIENT_ID,
         accession_number="ACC-99120",
@@ -346,6 +345,12 @@ def study_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
         impression="Normal study.",
     )
     return folder
+
+
+@pytest.fixture(scope="session")
+def study_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated multi-series CT study: 200 slices of 512x512 16-bit, plus a PDF report."""
+    return write_study_with_report(tmp_path_factory.mktemp("study200"), slices=200, series=3)
 
 
 @pytest.fixture(scope="module")
