@@ -27,8 +27,12 @@ viewer: install
 system-deps:
 	bash .ci/system-deps
 
+# The suite mostly waits on the real peers it starts (hub, PACS, browsers), so it runs
+# four files at a time even on two cores; a file's tests stay on one worker.
+TEST_WORKERS ?= 4
+
 test: system-deps install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The fast in-process loop (no real hub process, PACS or browser).
 test-fast: install

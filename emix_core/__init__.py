@@ -108,6 +108,10 @@ _EXPORTS: dict[str, str] = {
     "audit_hub_event": "emix_core.hub.reader",
     "to_dicom_audit_messages": "emix_core.audit.export",
     "event_row": "emix_core.audit.export",
+    "audited_transfer": "emix_core.audit.transfer",
+    "TransferAudit": "emix_core.audit.transfer",
+    "transfer_outcome": "emix_core.audit.transfer",
+    "audited_query": "emix_core.audit.transfer",
     # reports
     "Report": "emix_core.reports.model",
     "Patient": "emix_core.reports.model",
@@ -157,6 +161,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from emix_core.audit.export import event_row, to_dicom_audit_messages
+    from emix_core.audit.transfer import (
+        TransferAudit,
+        audited_query,
+        audited_transfer,
+        transfer_outcome,
+    )
     from emix_core.cli.util import (
         client_for,
         emit_json,

@@ -17,7 +17,7 @@ from emix_core.client.home import LocalHome
 from emix_core.client.hub import HubClient
 from emix_core.client.receiver import receive_package
 from emix_core.errors import IntegrityError
-from emix_core.testing import emix, emix_json, make_hub
+from emix_core.testing import emix, emix_json, make_hub, wait_for_http
 
 
 def auth(token: str) -> dict[str, str]:
@@ -315,7 +315,6 @@ def test_tls_listener_serves_https(tmp_path):
     import datetime as dt
     import subprocess
     import sys
-    import time
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -374,12 +373,7 @@ def test_tls_listener_serves_https(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(100):
-            try:
-                r = requests.get(f"https://127.0.0.1:{port}/healthz", verify=str(cert_path))
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        r = wait_for_http(f"https://127.0.0.1:{port}/healthz", process, verify=str(cert_path))
         assert r.status_code == 200
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from emix_core import crypto, frames
+from emix_core.audit.transfer import audited_transfer
 from emix_core.client.home import LocalHome
 from emix_core.client.hub import HubClient
 from emix_core.client.resume import ResumeStore, files_fingerprint, send_key
@@ -22,7 +23,7 @@ from emix_core.content.dicom import DicomInstance
 from emix_core.content.documents import classify
 from emix_core.content.layout import DICOM_MEDIA_TYPE
 from emix_core.errors import EmixError, HubUnavailable, NotFoundError, PolicyRejected
-from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Item, Package, Recipient, utcnow
+from emix_core.model import AuditAction, Item, Package, Recipient, utcnow
 from emix_core.plugins import hooks_for
 
 MANIFEST_FORMAT = "emix-manifest/1"
@@ -263,56 +264,49 @@ def send_paths(
     if on_package is not None:
         on_package(package_id, resumed)
     draft.id = package_id
-    home.audit(
-        AuditEvent(
-            event_type="begin-transferring",
-            action=AuditAction.READ,
-            outcome=AuditOutcome.SUCCESS,
-            actor=sender,
-            package_id=package_id,
-            phi={"studies": [s["study_uid"] for s in draft.studies]},
-            detail=f"sending {len(items)} items",
+    with audited_transfer(
+        home,
+        action=AuditAction.READ,
+        actor=sender,
+        package_id=package_id,
+        phi={"studies": [s["study_uid"] for s in draft.studies]},
+        what="sending the package to the hub",
+        begin=f"sending {len(items)} items",
+    ) as audit:
+        by_id = {item.id: (item, p) for item, p in zip(items, prepared, strict=True)}
+        kept = _already_held(by_id, held, result)
+        todo = {i: v for i, v in by_id.items() if i not in {k.id for k in kept}}
+        uploaded = kept + _upload(client, package_id, todo, result, parallel, progress)
+        if not uploaded:
+            audit.done("no item could be sent", succeeded=0, failed=len(by_id))
+            return result
+        uploaded.sort(key=lambda i: i.id)
+        sent_sops = {i.sop_instance_uid for i in uploaded}
+        studies = summarize_studies(
+            [p for p in prepared if p.instance is None or p.instance.sop_instance_uid in sent_sops]
         )
-    )
-
-    by_id = {item.id: (item, p) for item, p in zip(items, prepared, strict=True)}
-    kept = _already_held(by_id, held, result)
-    todo = {i: v for i, v in by_id.items() if i not in {k.id for k in kept}}
-    uploaded = kept + _upload(client, package_id, todo, result, parallel, progress)
-    if not uploaded:
-        return result
-    uploaded.sort(key=lambda i: i.id)
-    sent_sops = {i.sop_instance_uid for i in uploaded}
-    studies = summarize_studies(
-        [p for p in prepared if p.instance is None or p.instance.sop_instance_uid in sent_sops]
-    )
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "package": package_id,
-        "sender": sender,
-        "recipients": list(to),
-        "created": utcnow().isoformat(),
-        "items": [i.to_dict() for i in uploaded],
-        "studies": studies,
-    }
-    signed = crypto.sign_document(home.signing_key, manifest)
-    answer = _with_retry(lambda: client.seal(package_id, signed))
-    if answer.get("checkpoint"):
-        home.keep_hub_checkpoint(client, answer["checkpoint"])
-    home.audit(
-        AuditEvent(
-            event_type="instances-transferred",
-            action=AuditAction.READ,
-            outcome=AuditOutcome.SUCCESS,
-            actor=sender,
-            package_id=package_id,
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "package": package_id,
+            "sender": sender,
+            "recipients": list(to),
+            "created": utcnow().isoformat(),
+            "items": [i.to_dict() for i in uploaded],
+            "studies": studies,
+        }
+        signed = crypto.sign_document(home.signing_key, manifest)
+        answer = _with_retry(lambda: client.seal(package_id, signed))
+        if answer.get("checkpoint"):
+            home.keep_hub_checkpoint(client, answer["checkpoint"])
+        audit.done(
+            f"sent {len(uploaded)} items to {', '.join(to)}, {len(result.failed)} not sent",
+            succeeded=len(uploaded),
+            failed=len(result.failed),
             phi={
                 "studies": [s["study_uid"] for s in studies],
                 "patients": sorted({s["patient_id"] or "" for s in studies}),
             },
-            detail=f"sent {len(uploaded)} items to {', '.join(to)}",
         )
-    )
     if resume:
         store.forget(key)
     result.package_id = package_id

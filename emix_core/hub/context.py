@@ -16,7 +16,7 @@ from emix_core.config import CONFIG_NAME, Config, load_config, write_config
 from emix_core.crypto import SigningKey, create_key_file, load_key_file
 from emix_core.errors import ConfigError
 from emix_core.hub.keycheck import check_wrapper, refuse_new_kek_over_wrapped_keys
-from emix_core.model import AuditEvent
+from emix_core.model import AuditAction, AuditEvent
 from emix_core.plugins import default_plugin_manager, hooks_for
 from emix_core.store.blobs import BlobStore, open_blob_store
 from emix_core.store.db import Database
@@ -132,6 +132,22 @@ class Hub:
         hooks_for(self.pm).audit_event(event, home=str(self.config.home))
         if self.audit_log.head()[0] % max(self.config.hub.checkpoint_every, 1) == 0:
             self.audit_log.checkpoint()
+
+    def audit_operator(
+        self, action: AuditAction, detail: str, *, package_id: str | None = None
+    ) -> None:
+        """Audit what the hub operator did on this machine's command line (a PS3.15
+        *Security Alert*: facilities, keys, legal holds, sign-in links)."""
+        self.audit(
+            AuditEvent(
+                event_type="security-alert",
+                action=action,
+                actor="hub-operator",
+                source="local",
+                package_id=package_id,
+                detail=detail,
+            )
+        )
 
 
 def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = None) -> Hub:

@@ -12,7 +12,7 @@ from emix_core.errors import ConflictError, InvalidInput, NotFoundError
 from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.hub.auth import issue_token
 from emix_core.hub.context import Hub
-from emix_core.model import AuditAction, AuditEvent, AuditOutcome, is_valid_address, utcnow
+from emix_core.model import AuditAction, is_valid_address, utcnow
 from emix_core.reports.convert import report_formats
 from emix_core.store.db import Facility, Member
 
@@ -68,16 +68,7 @@ def add_facility(
         session.flush()
         token = issue_token(session, admin, days=hub.config.hub.token_days, label="admin")
         facility_id = facility.id
-    hub.audit(
-        AuditEvent(
-            event_type="security-alert",
-            action=AuditAction.CREATE,
-            outcome=AuditOutcome.SUCCESS,
-            actor="hub-operator",
-            source="local",
-            detail=f"facility {address} added",
-        )
-    )
+    hub.audit_operator(AuditAction.CREATE, f"facility {address} added")
     return {"id": facility_id, "address": address, "token": token}
 
 
@@ -103,13 +94,4 @@ def reset_key(hub: Hub, address: str) -> None:
         if facility is None:
             raise NotFoundError(f"no facility with address {address!r}")
         facility.signing_key = None
-    hub.audit(
-        AuditEvent(
-            event_type="security-alert",
-            action=AuditAction.UPDATE,
-            outcome=AuditOutcome.SUCCESS,
-            actor="hub-operator",
-            source="local",
-            detail=f"signing key of facility {address} reset",
-        )
-    )
+    hub.audit_operator(AuditAction.UPDATE, f"signing key of facility {address} reset")

@@ -80,14 +80,6 @@ def set_legal_hold(hub: Hub, package_id: str, hold: bool) -> None:
 
             raise NotFoundError("no such package")
         row.legal_hold = hold
-    hub.audit(
-        AuditEvent(
-            event_type="security-alert",
-            action=AuditAction.UPDATE,
-            outcome=AuditOutcome.SUCCESS,
-            actor="hub-operator",
-            source="local",
-            package_id=package_id,
-            detail=f"legal hold {'set' if hold else 'released'}",
-        )
+    hub.audit_operator(
+        AuditAction.UPDATE, f"legal hold {'set' if hold else 'released'}", package_id=package_id
     )

@@ -96,15 +96,7 @@ def operator_sign_in_link(hub: Any, email: str, package_id: str | None = None) -
         if session.get(WebIdentity, member.id) is None:
             session.add(WebIdentity(member_id=member.id))
         token = create_link(session, member.id, package_id)
-    hub.audit(
-        AuditEvent(
-            event_type="security-alert",
-            action=AuditAction.CREATE,
-            actor="hub-operator",
-            source="local",
-            detail="one-click sign-in link made by the hub operator",
-        )
-    )
+    hub.audit_operator(AuditAction.CREATE, "one-click sign-in link made by the hub operator")
     return link_url(hub, token)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "PATIENT_ID",
     "PATIENT_NAME",
     "HubProcess",
+    "wait_for_http",
     "Side",
     "SmtpServer",
     "emix",
@@ -193,6 +194,35 @@ def smtp_server() -> Iterator[SmtpServer]:
         controller.stop()
 
 
+def wait_for_http(
+    url: str,
+    process: subprocess.Popen | None = None,
+    *,
+    timeout: float = 60,
+    verify: bool | str = True,
+    log: Path | None = None,
+) -> requests.Response:
+    """Wait until ``url`` answers (any status below 500) and return the answer.
+
+    Fails at once, with the process's log, when ``process`` has exited. The timeout is
+    generous because a loaded CI machine can take many seconds to start a server.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            output = log.read_text(errors="replace") if log and log.exists() else ""
+            raise AssertionError(f"the server exited with {process.returncode}\n{output}")
+        try:
+            answer = requests.get(url, timeout=2, verify=verify)
+            if answer.status_code < 500:
+                return answer
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing answered at {url} within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 @dataclass
 class HubProcess:
     """A hub served by gunicorn in a child process, as `emix hub serve` runs it."""
@@ -225,15 +255,7 @@ class HubProcess:
             start_new_session=True,
             env={**os.environ, **(env or {})},
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.home / "hub-test.log").read_text()
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise AssertionError("hub did not start")
+        wait_for_http(f"{self.url}/healthz", self.process, log=self.home / "hub-test.log")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -18,14 +18,14 @@ from typing import Any
 from emix_core import (
     DICOM_MEDIA_TYPE,
     AuditAction,
-    AuditEvent,
-    AuditOutcome,
     HubClient,
     Item,
     LocalHome,
     NotFoundError,
     Package,
     SendResult,
+    audited_query,
+    audited_transfer,
     send_paths,
 )
 from emix_dicomweb.connection import PacsConnection, PacsError
@@ -100,26 +100,15 @@ def query_studies(
     conn: PacsConnection, filters: dict[str, str], *, home: LocalHome, actor: str
 ) -> list[StudyMatch]:
     """QIDO-RS for studies, audited as a Query (the filters and results are PHI)."""
-    outcome = AuditOutcome.SUCCESS
-    matches: list[StudyMatch] = []
-    try:
+    with audited_query(
+        home,
+        actor=actor,
+        peer=conn.host,
+        query=filters,
+        what=f"QIDO-RS study query on PACS {conn.host}",
+    ) as audit:
         matches = find_studies(conn, filters)
-    except PacsError:
-        outcome = AuditOutcome.SERIOUS_FAILURE
-        raise
-    finally:
-        home.audit(
-            AuditEvent(
-                event_type="query",
-                action=AuditAction.EXECUTE,
-                outcome=outcome,
-                actor=actor,
-                source=conn.host,
-                package_id=None,
-                phi={"query": dict(filters), "studies": [m.study_uid for m in matches]},
-                detail=f"QIDO-RS study query on PACS {conn.host}: {len(matches)} studies",
-            )
-        )
+        audit.found([m.study_uid for m in matches])
     return matches
 
 
@@ -150,35 +139,19 @@ def retrieve_studies(
         "studies": [s.study_uid for s in studies],
         "patients": sorted({s.patient_id for s in studies if s.patient_id}),
     }
-    try:
+    with audited_transfer(
+        home,
+        action=AuditAction.CREATE,
+        actor=actor,
+        peer=conn.host,
+        phi=phi,
+        what=f"WADO-RS retrieval from PACS {conn.host}",
+    ) as audit:
         result = retrieve_all(conn, retrievals, folder, parallel=parallel)
-    except PacsError as exc:
-        home.audit(
-            AuditEvent(
-                event_type="instances-transferred",
-                action=AuditAction.CREATE,
-                outcome=AuditOutcome.SERIOUS_FAILURE,
-                actor=actor,
-                source=conn.host,
-                package_id=None,
-                phi=phi,
-                detail=f"WADO-RS retrieval from PACS {conn.host} failed: {exc.message}",
-            )
+        audit.done(
+            f"retrieved {len(result.files)} instances ({result.bytes} bytes) from PACS "
+            f"{conn.host} with WADO-RS"
         )
-        raise
-    home.audit(
-        AuditEvent(
-            event_type="instances-transferred",
-            action=AuditAction.CREATE,
-            outcome=AuditOutcome.SUCCESS,
-            actor=actor,
-            source=conn.host,
-            package_id=None,
-            phi=phi,
-            detail=f"retrieved {len(result.files)} instances ({result.bytes} bytes) from PACS "
-            f"{conn.host} with WADO-RS",
-        )
-    )
     return result
 
 
@@ -281,55 +254,24 @@ def store_package_folder(
     :returns: the report and the number of non-DICOM items (documents) left out.
     """
     instances, documents = instances_in_folder(package.items, folder)
-    phi = {"studies": sorted({i.study_uid for i in instances if i.study_uid})}
-    home.audit(
-        AuditEvent(
-            event_type="begin-transferring",
-            action=AuditAction.EXECUTE,
-            outcome=AuditOutcome.SUCCESS,
-            actor=actor,
-            source=conn.host,
-            package_id=package.id,
-            phi=phi,
-            detail=f"storing {len(instances)} instances into PACS {conn.host} with STOW-RS",
-        )
-    )
-    try:
+    with audited_transfer(
+        home,
+        action=AuditAction.READ,
+        actor=actor,
+        peer=conn.host,
+        package_id=package.id,
+        phi={"studies": sorted({i.study_uid for i in instances if i.study_uid})},
+        what=f"STOW-RS into PACS {conn.host}",
+        begin=f"storing {len(instances)} instances into PACS {conn.host} with STOW-RS",
+    ) as audit:
         report = store_instances(conn, instances, settings, progress=progress)
-    except PacsError as exc:
-        home.audit(
-            AuditEvent(
-                event_type="instances-transferred",
-                action=AuditAction.READ,
-                outcome=AuditOutcome.SERIOUS_FAILURE,
-                actor=actor,
-                source=conn.host,
-                package_id=package.id,
-                phi=phi,
-                detail=f"STOW-RS into PACS {conn.host} failed: {exc.message}",
-            )
-        )
-        raise
-    summary = report.summary()
-    home.audit(
-        AuditEvent(
-            event_type="instances-transferred",
-            action=AuditAction.READ,
-            outcome=(
-                AuditOutcome.SUCCESS
-                if report.complete
-                else AuditOutcome.MINOR_FAILURE
-                if summary["failed"] < len(instances)
-                else AuditOutcome.SERIOUS_FAILURE
-            ),
-            actor=actor,
-            source=conn.host,
-            package_id=package.id,
-            phi=phi,
-            detail=f"STOW-RS into PACS {conn.host}: {summary['stored']} stored, "
+        summary = report.summary()
+        audit.done(
+            f"STOW-RS into PACS {conn.host}: {summary['stored']} stored, "
             f"{summary['already_there']} already there, {summary['failed']} failed",
+            succeeded=len(instances) - summary["failed"],
+            failed=summary["failed"],
         )
-    )
     return report, len(documents)
 
 

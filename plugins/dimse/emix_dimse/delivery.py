@@ -19,17 +19,15 @@ from typing import TYPE_CHECKING, Any
 from emix_core import (
     DICOM_MEDIA_TYPE,
     AuditAction,
-    AuditEvent,
-    AuditOutcome,
     ConfigError,
     LocalHome,
     Package,
+    audited_transfer,
     item_relative_path,
 )
 from emix_dimse.peers import check_ae_title, parse_peer
 from emix_dimse.scu import (
     CallSettings,
-    DimseError,
     InstanceToStore,
     PeerUnavailable,
     StoreOutcome,
@@ -82,54 +80,27 @@ def store_folder(
     dicom = [i for i in package.items if i.media_type == DICOM_MEDIA_TYPE]
     documents = len(package.items) - len(dicom)
     instances, bad = describe([(folder / item_relative_path(i), i.id) for i in dicom])
-    phi = {"studies": sorted({i.study_uid for i in instances if i.study_uid})}
     peer = settings.peer
-    home.audit(
-        AuditEvent(
-            event_type="begin-transferring",
-            action=AuditAction.EXECUTE,
-            actor=actor,
-            source=peer.host,
-            package_id=package.id,
-            phi=phi,
-            detail=f"storing {len(instances)} instances into {peer.ae_title} with C-STORE",
-        )
-    )
-    try:
+    with audited_transfer(
+        home,
+        action=AuditAction.READ,
+        actor=actor,
+        peer=peer.host,
+        package_id=package.id,
+        phi={"studies": sorted({i.study_uid for i in instances if i.study_uid})},
+        what=f"C-STORE into {peer.ae_title}",
+        begin=f"storing {len(instances)} instances into {peer.ae_title} with C-STORE",
+    ) as audit:
         report = store_instances(settings, instances, progress=progress)
-    except DimseError as exc:
-        home.audit(
-            AuditEvent(
-                event_type="instances-transferred",
-                action=AuditAction.READ,
-                outcome=AuditOutcome.SERIOUS_FAILURE,
-                actor=actor,
-                source=peer.host,
-                package_id=package.id,
-                phi=phi,
-                detail=f"C-STORE into {peer.ae_title} failed: {exc.message}",
-            )
-        )
-        raise
-    for reason in bad:  # items that are not valid DICOM: reported, never sent
-        report.outcomes.append(StoreOutcome(InstanceToStore(Path()), "failed", reason=reason))
-    summary = report.summary()
-    outcome = AuditOutcome.SUCCESS
-    if summary["failed"]:
-        outcome = AuditOutcome.MINOR_FAILURE if summary["stored"] else AuditOutcome.SERIOUS_FAILURE
-    home.audit(
-        AuditEvent(
-            event_type="instances-transferred",
-            action=AuditAction.READ,
-            outcome=outcome,
-            actor=actor,
-            source=peer.host,
-            package_id=package.id,
-            phi=phi,
-            detail=f"C-STORE into {peer.ae_title}: {summary['stored']} stored, "
+        for reason in bad:  # items that are not valid DICOM: reported, never sent
+            report.outcomes.append(StoreOutcome(InstanceToStore(Path()), "failed", reason=reason))
+        summary = report.summary()
+        audit.done(
+            f"C-STORE into {peer.ae_title}: {summary['stored']} stored, "
             f"{summary['failed']} failed, {summary['decompressed']} decompressed",
+            succeeded=summary["stored"],
+            failed=summary["failed"],
         )
-    )
     return report, documents
 
 

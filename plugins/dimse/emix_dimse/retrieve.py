@@ -29,13 +29,13 @@ from pynetdicom.status import code_to_category
 
 from emix_core import (
     AuditAction,
-    AuditEvent,
-    AuditOutcome,
     ConfigError,
     HubClient,
     LocalHome,
     NotFoundError,
     SendResult,
+    audited_query,
+    audited_transfer,
     send_paths,
 )
 from emix_dimse.delivery import work_folder
@@ -382,25 +382,11 @@ def pull_and_send(
         )
         if v
     }
-    outcome = AuditOutcome.SUCCESS
-    matches: list[StudyMatch] = []
-    try:
+    with audited_query(
+        home, actor=actor, peer=peer.host, query=keys, what=f"C-FIND on {peer.ae_title}"
+    ) as audit:
         matches = find_studies(call, study=study, accession=accession, patient_id=patient_id)
-    except DimseError:
-        outcome = AuditOutcome.SERIOUS_FAILURE
-        raise
-    finally:
-        home.audit(
-            AuditEvent(
-                event_type="query",
-                action=AuditAction.EXECUTE,
-                outcome=outcome,
-                actor=actor,
-                source=peer.host,
-                phi={"query": keys, "studies": [m.study_uid for m in matches]},
-                detail=f"C-FIND on {peer.ae_title}: {len(matches)} studies",
-            )
-        )
+        audit.found([m.study_uid for m in matches])
     if not matches:
         raise NotFoundError(f"no study on the DICOM node {peer} matches the query")
     result = PullResult(studies=len(matches))
@@ -409,38 +395,23 @@ def pull_and_send(
         "patients": sorted({m.patient_id for m in matches if m.patient_id}),
     }
     with work_folder(home, "dimse-send") as folder:
-        try:
-            result.retrieved = retrieve(
+        with audited_transfer(
+            home,
+            action=AuditAction.CREATE,
+            actor=actor,
+            peer=peer.host,
+            phi=phi,
+            what=f"retrieval from {peer.ae_title}",
+        ) as audit:
+            result.retrieved = retrieved = retrieve(
                 call, matches, folder, move_dest=move_dest, move_port=move_port
             )
-        except DimseError as exc:
-            home.audit(
-                AuditEvent(
-                    event_type="instances-transferred",
-                    action=AuditAction.CREATE,
-                    outcome=AuditOutcome.SERIOUS_FAILURE,
-                    actor=actor,
-                    source=peer.host,
-                    phi=phi,
-                    detail=f"retrieval from {peer.ae_title} failed: {exc.message}",
-                )
-            )
-            raise
-        retrieved = result.retrieved
-        home.audit(
-            AuditEvent(
-                event_type="instances-transferred",
-                action=AuditAction.CREATE,
-                outcome=AuditOutcome.SUCCESS
-                if not retrieved.failed
-                else AuditOutcome.MINOR_FAILURE,
-                actor=actor,
-                source=peer.host,
-                phi=phi,
-                detail=f"{retrieved.method} from {peer.ae_title}: {len(retrieved.files)} "
+            audit.done(
+                f"{retrieved.method} from {peer.ae_title}: {len(retrieved.files)} "
                 f"instances ({retrieved.bytes} bytes), {retrieved.failed} failed",
+                succeeded=len(retrieved.files),
+                failed=retrieved.failed,
             )
-        )
         if not retrieved.files:
             raise DimseError(f"the DICOM node {peer} found the studies but sent no instance")
         result.sent = send_paths(
