@@ -265,6 +265,24 @@ class DimseSource:
         )
 
     # ------------------------------------------------------------------ status
+    def queue_depths(self) -> dict[str, int]:
+        """Instances waiting for their study to settle, in a package being sent, and among
+        those the ones whose sending failed and is retried (a listener never gives up)."""
+        db = self.spool.db()
+        waiting = db.execute("SELECT COUNT(*) FROM instances WHERE batch IS NULL").fetchone()[0]
+        row = db.execute(
+            "SELECT SUM(CASE WHEN attempts = 0 THEN instances ELSE 0 END) AS sending, "
+            "SUM(CASE WHEN attempts > 0 THEN instances ELSE 0 END) AS retrying "
+            "FROM batches WHERE state != 'sent'"
+        ).fetchone()
+        retrying = row["retrying"] or 0
+        return {
+            "pending": waiting,
+            "in_flight": (row["sending"] or 0) + retrying,
+            "failed": 0,
+            "retrying": retrying,
+        }
+
     def status(self) -> dict[str, Any]:
         s = self.listener_settings
         return {
