@@ -66,6 +66,8 @@ class _Instance:
     header: dict[str, str]
     transfer_syntax: str
     file_id: tuple[str, ...] = ()
+    #: a ready lowest-level record (SR DOCUMENT, ENCAP DOC, ...); IMAGE when none
+    leaf: Any = None
 
 
 @dataclass
@@ -262,7 +264,14 @@ def _dicomdir_bytes(layout: _Layout, file_set_id: str) -> bytes:
                         "ReferencedTransferSyntaxUIDInFile": instance.transfer_syntax,
                         "InstanceNumber": instance.header["InstanceNumber"] or "0",
                     }
-                    image_indexes.append(add(_record("IMAGE", values)))
+                    if instance.leaf is not None:
+                        leaf = instance.leaf
+                        for keyword, value in values.items():
+                            if keyword != "InstanceNumber" or keyword not in leaf:
+                                setattr(leaf, keyword, value)
+                        image_indexes.append(add(leaf))
+                    else:
+                        image_indexes.append(add(_record("IMAGE", values)))
                 links[e][0] = image_indexes[0] if image_indexes else None
                 chain(image_indexes)
             links[s][0] = series_indexes[0] if series_indexes else None
