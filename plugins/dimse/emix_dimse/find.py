@@ -203,7 +203,7 @@ class FindService:
             "dimse.find.answered",
             listener=self.name,
             calling_ae=calling_ae,
-            level=query.level,
+            query_level=query.level,
             matches=sent,
         )
         yield SUCCESS, None

@@ -129,6 +129,8 @@ def test_findscu_finds_what_the_facility_may_read(listeners, shared_study, tmp_p
     assert len(queries) == 8
     assert all(q["actor"] == "dicom:PACS" and q["source"] == "127.0.0.1" for q in queries)
     assert "C-FIND STUDY to EMIX: 1 matches" in queries[0]["detail"]
+    answered = [line for line in listener.log_text().splitlines() if "dimse.find.answered" in line]
+    assert len(answered) == 8 and "'query_level': 'IMAGE'" in "\n".join(answered)
     assert PATIENT_ID not in listener.log_text()  # the query stays out of the logs
 
 
