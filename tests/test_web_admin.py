@@ -235,7 +235,7 @@ def test_a_pacs_named_as_a_dicom_node_gets_the_package_by_c_store(
     browser,  # noqa: F811
     orthanc_factory,
 ):
-    """"Send to my PACS" into a PACS without DICOMweb: the dimse plugin's C-STORE
+    """ "Send to my PACS" into a PACS without DICOMweb: the dimse plugin's C-STORE
     (``emix_pacs_push``), every dataset stored as sent."""
     pacs = orthanc_factory("lakeside-dimse-pacs", dicom=True, aet="LAKE_PACS")
     package = emix_json("send", str(small_study), "--to", "lakeside", env=mercy.env)["package"]
