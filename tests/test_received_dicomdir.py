@@ -157,3 +157,24 @@ def test_nothing_to_index_writes_no_dicomdir(tmp_path: Path) -> None:
 )
 def test_record_types_follow_the_sop_class(sop_class: str, record_type: str) -> None:
     assert record_type_of(sop_class) == record_type
+
+
+def test_a_failing_index_leaves_the_reception_complete(
+    hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import emix_core.content.dicomdir as dicomdir
+
+    def broken(*args: object, **kwargs: object) -> bytes:
+        raise MemoryError("no room for the index")
+
+    monkeypatch.setattr(dicomdir, "_dicomdir_bytes", broken)
+    files = generate_study(tmp_path / "study", slices=3, series=1, rows=32, columns=32)
+    mercy, mercy_client = hub_server.facility_home(tmp_path, "mercy")
+    lakeside, lakeside_client = hub_server.facility_home(tmp_path, "lakeside")
+    sent = send_paths([tmp_path / "study"], ["lakeside"], client=mercy_client, home=mercy)
+    received = receive_package(
+        sent.package_id, tmp_path / "in", client=lakeside_client, home=lakeside
+    )
+    assert len(received.items) == len(files) and all(p.is_file() for _, p in received.items)
+    assert not (received.path / "DICOMDIR").exists()
+    assert not (received.path / "DIRLINKS").exists()  # no half index left behind
