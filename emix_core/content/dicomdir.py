@@ -47,6 +47,7 @@ __all__ = [
     "DICOMDIR_NAME",
     "LINKS_FOLDER",
     "DicomdirResult",
+    "leaf_record",
     "record_type_of",
     "write_received_dicomdir",
 ]
@@ -90,7 +91,7 @@ def record_type_of(sop_class_uid: str) -> str:
     return "IMAGE"
 
 
-def _leaf(ds: Any, record_type: str) -> Any:
+def leaf_record(ds: Any, record_type: str) -> Any:
     """The lowest-level record, by pydicom's creator for that type when it can make one."""
     from pydicom.fileset import DIRECTORY_RECORDERS
 
@@ -110,7 +111,7 @@ def _read(path: Path) -> tuple[dict[str, str], str, Any]:
     header = {k: str(ds.get(k, "") or "") for k in RECORD_KEYS}
     meta = getattr(ds, "file_meta", None)
     syntax = str(getattr(meta, "TransferSyntaxUID", "") or EXPLICIT_VR_LITTLE)
-    return header, syntax, _leaf(ds, record_type_of(header["SOPClassUID"]))
+    return header, syntax, leaf_record(ds, record_type_of(header["SOPClassUID"]))
 
 
 def write_received_dicomdir(
