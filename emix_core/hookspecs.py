@@ -31,6 +31,7 @@ __all__ = [
     "emix_render_report",
     "emix_parse_report",
     "emix_notify",
+    "emix_pacs_push",
     "emix_reconcile_patient",
     "emix_register_report_formats",
     "emix_authenticate",
@@ -129,6 +130,28 @@ def emix_register_report_formats(register: Callable[..., None]) -> None:
         extension received reports are written with (``.hl7``), ``readable`` whether
         the plugin's ``emix_parse_report`` reads it back. A plugin that registers a
         format must also render it (``emix_render_report``).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec(firstresult=True)
+def emix_pacs_push(content: Any, target: str) -> dict[str, Any] | None:
+    """Store a package's DICOM instances into a PACS the hub cannot reach by DICOMweb.
+
+    Called by the hub when a member sends a package to the facility's PACS ("Send to my
+    PACS") and the administrator named it by something other than a DICOMweb URL, e.g.
+    a DICOM node ``AET@HOST:PORT`` (the dimse plugin answers those with C-STORE).
+
+    firstresult: stops at the first plugin that returns a report; return ``None`` for a
+    target you do not understand.
+
+    :param content: the opened package (:class:`emix_core.PackageContent`):
+        ``dicom_items()`` lists the instances, ``read_item(id)`` streams one's bytes.
+    :param target: the PACS as the facility's administrator named it.
+    :return: ``{"stored": n, "failed": n, "errors": [text, ...]}`` (texts without PHI),
+        or ``None``.
+    :raises EmixError: the PACS cannot be reached at all.
 
     .. versionadded:: 0.2
     """

@@ -250,6 +250,11 @@ class Hooks:
         result: bytes | None = self.pm.hook.emix_render_report(report=report, format=format)
         return result
 
+    def pacs_push(self, content: Any, target: str) -> dict[str, Any] | None:
+        """Answer: the first plugin that stores ``content`` into the PACS ``target``."""
+        result: dict[str, Any] | None = self.pm.hook.emix_pacs_push(content=content, target=target)
+        return result
+
     def parse_report(self, data: bytes, media_type: str) -> Report | None:
         """Answer: the first plugin that parses ``data``."""
         result: Report | None = self.pm.hook.emix_parse_report(data=data, media_type=media_type)

@@ -74,7 +74,7 @@ def test_folder_has_dicomdir_8_char_names_index_and_readme(study, tmp_path):
         findings="Normal.",
         impression="Normal study.",
     )
-    extra = [Path(get_testdata_file("MR_small.dcm"))]
+    extra = [Path(get_testdata_file("MR_small.dcm")), Path(get_testdata_file("test-SR.dcm"))]
     entries = entries_for(study + extra) + entries_for([report], "text/plain", start=100)
     disc = write_pdi_folder(entries, tmp_path / "disc")
     names = sorted(p.relative_to(disc).as_posix() for p in disc.rglob("*") if p.is_file())
@@ -84,9 +84,14 @@ def test_folder_has_dicomdir_8_char_names_index_and_readme(study, tmp_path):
     ]
     assert "DOCS/DOC00001.TXT" in names and {"DICOMDIR", "INDEX.HTM", "README.TXT"} <= set(names)
     fs = FileSet(disc / "DICOMDIR")
-    assert len(fs) == 41
+    assert len(fs) == 42
+    # each instance's record follows its SOP class: a viewer lists the report as a report
+    types = {i.SOPInstanceUID: i.node.record_type for i in fs}
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"), stop_before_pixels=True)
+    assert types.pop(sr.SOPInstanceUID) == "SR DOCUMENT"
+    assert set(types.values()) == {"IMAGE"}
     assert len(fs.find(PatientID="4MR1")) == 1
-    assert len(fs.find_values("StudyInstanceUID")) == 2
+    assert len(fs.find_values("StudyInstanceUID")) == 3  # the generated CT, MR_small, the SR
     original = {str(pydicom.dcmread(p).SOPInstanceUID): p.read_bytes() for p in study}
     for instance in fs.find(PatientID="DEMO-0001"):
         assert Path(instance.path).read_bytes() == original[instance.SOPInstanceUID]

@@ -16,7 +16,7 @@ def digest_tree(root: Path) -> dict[str, str]:
     return {
         hashlib.sha256(p.read_bytes()).hexdigest(): p.name
         for p in root.rglob("*")
-        if p.is_file() and p.name != "emix-manifest.json"
+        if p.is_file() and p.name not in ("emix-manifest.json", "DICOMDIR")
     }
 
 
@@ -39,6 +39,7 @@ def test_study_sent_listed_and_received_byte_identical(
     for copy in got["converted"]:  # lakeside prefers HL7: the PDF's copy sits beside it
         Path(copy).unlink()
     assert digest_tree(out / package).keys() == digest_tree(study_200).keys()
+    assert (out / package / "DICOMDIR").is_file()  # a viewer opens the folder by it
     dicoms = list((out / package / "DICOM").rglob("*.dcm"))
     assert len(dicoms) == 200
 

@@ -224,3 +224,51 @@ def test_admin_names_the_pacs_and_a_member_pushes_the_package_into_it(
     assert stored == set(sent)
     events = emix("audit", "export", "--home", str(hub.home)).stdout
     assert "pushed to PACS Lakeside Orthanc: 24 stored, 0 failed" in events
+
+
+def test_a_pacs_named_as_a_dicom_node_gets_the_package_by_c_store(
+    hub,
+    mercy,
+    lakeside,
+    small_study,  # noqa: F811
+    smtp_server,
+    browser,  # noqa: F811
+    orthanc_factory,
+):
+    """ "Send to my PACS" into a PACS without DICOMweb: the dimse plugin's C-STORE
+    (``emix_pacs_push``), every dataset stored as sent."""
+    pacs = orthanc_factory("lakeside-dimse-pacs", dicom=True, aet="LAKE_PACS")
+    package = emix_json("send", str(small_study), "--to", "lakeside", env=mercy.env)["package"]
+    wait_for_mail(smtp_server, 1)
+    page = new_context(browser).new_page()
+    sign_in(page, hub, smtp_server, "it@lakeside.example.org")
+    page.goto(hub.url + "/admin")
+    page.get_by_label("Name", exact=True).fill("Lakeside PACS")
+    page.get_by_label("DICOM node (AET@HOST:PORT)").fill("not a node")
+    page.get_by_role("button", name="Save").click()
+    assert "DICOM node, e.g. ORTHANC@pacs.example.org:104" in page.content()
+    page.goto(hub.url + "/admin")
+    page.get_by_label("Name", exact=True).fill("Lakeside PACS")
+    page.get_by_label("DICOM node (AET@HOST:PORT)").fill(pacs.dicom_address)
+    page.get_by_role("button", name="Save").click()
+    assert "PACS destination saved" in page.content()
+
+    page.goto(f"{hub.url}/packages/{package}")
+    page.get_by_role("button", name="Send to my PACS (Lakeside PACS)").click()
+    page.get_by_role("heading", name="Sent to your PACS").wait_for(timeout=120_000)
+    assert "All 24 images were stored in Lakeside PACS" in page.content()
+    Shots("pacs")(page, "pushed-dimse")
+    sent = {
+        pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData
+        for p in small_study.rglob("*.dcm")
+    }
+    assert pacs.sop_instance_uids() == set(sent)
+    events = emix("audit", "export", "--home", str(hub.home)).stdout
+    assert "pushed to PACS Lakeside PACS: 24 stored, 0 failed" in events
+
+    # the PACS goes away: the member is told, nothing claims success
+    pacs.stop()
+    page.goto(f"{hub.url}/packages/{package}")
+    page.get_by_role("button", name="Send to my PACS (Lakeside PACS)").click()
+    page.get_by_role("heading", name="Not everything was sent").wait_for(timeout=120_000)
+    assert "0 images were stored in Lakeside PACS" in page.content()

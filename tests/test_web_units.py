@@ -87,6 +87,11 @@ def test_access_codes_and_pacs_urls():
     assert len(codes) == 200
     assert all(re.fullmatch(r"[A-HJ-NP-Z2-9]{4}(-[A-HJ-NP-Z2-9]{4}){2}", c) for c in codes)
     assert check_url("https://pacs.example.org/dicom-web/") == "https://pacs.example.org/dicom-web"
+    assert check_url(" ORTHANC@pacs.example.org:104 ") == "ORTHANC@pacs.example.org:104"
+    assert check_url("LAKE_PACS@10.1.2.3:11112") == "LAKE_PACS@10.1.2.3:11112"
+    for node in ("@pacs:104", "A" * 17 + "@pacs:104", "PACS@pacs:0", "PACS@pacs:99999"):
+        with pytest.raises(InvalidInput):
+            check_url(node)
     for bad in ("ftp://pacs/x", "https://user:pw@pacs/x", "https://pacs/x?y=1", "pacs"):
         with pytest.raises(InvalidInput):
             check_url(bad)

@@ -191,6 +191,40 @@ class HubClient:
                 f"{self.base} did not answer like an emix hub (no JSON); check the hub URL"
             ) from exc
 
+    def search_dicom(
+        self, level: str, params: Sequence[tuple[str, str]] = ()
+    ) -> list[dict[str, Any]]:
+        """QIDO-RS at the hub's root DICOMweb service: what this member may read.
+
+        :param level: ``studies``, ``series`` or ``instances``.
+        :param params: query parameters: attribute matching (PS3.4 C.2.2.2 as the hub's
+            QIDO-RS does it), ``includefield``, ``limit``, ``offset``.
+        :returns: the matches in the DICOM JSON model.
+        :raises HubUnavailable: the hub cannot be reached or did not answer DICOM JSON.
+        """
+        if level not in ("studies", "series", "instances"):
+            raise errors.InvalidInput("a search is for studies, series or instances")
+        try:
+            response = self.session.get(
+                f"{self.base}/dicomweb/{level}",
+                params=list(params),
+                headers={"Accept": "application/dicom+json"},
+                timeout=self.timeout,
+                allow_redirects=False,
+                verify=self.session.verify,
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise HubUnavailable(connection_cause(self.base, exc)[1]) from exc
+        if response.status_code >= 400:
+            raise self._error(response)
+        if response.status_code == 204 or not response.content:
+            return []
+        try:
+            rows = response.json()
+        except ValueError as exc:
+            raise HubUnavailable(f"{self.base} did not answer a search with DICOM JSON") from exc
+        return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+
     # ------------------------------------------------------------------ facilities
     def me(self) -> dict[str, Any]:
         return self._json("GET", "/me")

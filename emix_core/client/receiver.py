@@ -156,6 +156,19 @@ def _reports_in_preferred_format(
     return converted
 
 
+def _index_for_viewers(staging: Path, targets: list[tuple[Item, Path]]) -> None:
+    """Write the DICOMDIR a viewer opens the folder by; a failure never stops a reception."""
+    from emix_core.content.dicomdir import write_received_dicomdir
+
+    try:
+        result = write_received_dicomdir(staging, targets)
+    except Exception as exc:  # the index is a convenience: the package is complete without it
+        log.warning("dicomdir.not_written", extra={"emix": {"reason": type(exc).__name__}})
+        return
+    if result.left_out:
+        log.warning("dicomdir.incomplete", extra={"emix": {"left_out": result.left_out}})
+
+
 def receive_package(
     package_id: str,
     out_dir: Path,
@@ -201,6 +214,7 @@ def receive_package(
             me.get("report_format", ""),
             str(me.get("facility") or ""),
         )
+        _index_for_viewers(staging, targets)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -66,6 +66,8 @@ class _Instance:
     header: dict[str, str]
     transfer_syntax: str
     file_id: tuple[str, ...] = ()
+    #: a ready lowest-level record (SR DOCUMENT, ENCAP DOC, ...); IMAGE when none
+    leaf: Any = None
 
 
 @dataclass
@@ -111,20 +113,24 @@ class _Layout:
 # --------------------------------------------------------------------------- layout
 
 
-def _read_header(opener: Callable[[], BinaryIO]) -> tuple[dict[str, str], str]:
-    """The record attributes and transfer syntax of one instance (pixel data not read)."""
+def _read_header(opener: Callable[[], BinaryIO]) -> tuple[dict[str, str], str, Any]:
+    """The record attributes, transfer syntax and lowest-level directory record of one
+    instance (pixel data not read, large values deferred)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from emix_core.content.dicomdir import leaf_record, record_type_of
+
     try:
         with opener() as stream:
-            ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=list(RECORD_KEYS))
+            ds = pydicom.dcmread(stream, stop_before_pixels=True, defer_size=1024)
+            header = {k: str(ds.get(k, "") or "") for k in RECORD_KEYS}
+            leaf = leaf_record(ds, record_type_of(header["SOPClassUID"]))
     except (InvalidDicomError, EOFError, ValueError) as exc:
         raise InvalidInput("an item marked as DICOM cannot be read as DICOM") from exc
-    header = {k: str(ds.get(k, "") or "") for k in RECORD_KEYS}
     meta = getattr(ds, "file_meta", None)
     syntax = str(getattr(meta, "TransferSyntaxUID", "") or EXPLICIT_VR_LITTLE)
-    return header, syntax
+    return header, syntax, leaf
 
 
 def _extension(name: str) -> str:
@@ -142,14 +148,14 @@ def _plan(entries: Iterable[Entry]) -> _Layout:
             name = f"DOC{number:05d}" + (f".{extension}" if extension else "")
             layout.documents.append(_Document(item, opener, ("DOCS", name)))
             continue
-        header, syntax = _read_header(opener)
+        header, syntax, leaf = _read_header(opener)
         patient_key = header["PatientID"] + "\x00" + header["PatientName"]
         patient = layout.patients.setdefault(patient_key, _Patient(patient_key, header))
         study_uid = header["StudyInstanceUID"] or item.study_uid or ""
         study = patient.studies.setdefault(study_uid, _Study(study_uid, header))
         series_uid = header["SeriesInstanceUID"] or item.series_uid or ""
         series = study.series.setdefault(series_uid, _Series(series_uid, header))
-        series.instances.append(_Instance(item, opener, header, syntax))
+        series.instances.append(_Instance(item, opener, header, syntax, leaf=leaf))
     if len(layout.patients) > 999_999:
         raise InvalidInput("too many patients for one disc")
     for p, patient in enumerate(layout.patients.values(), start=1):
@@ -262,7 +268,14 @@ def _dicomdir_bytes(layout: _Layout, file_set_id: str) -> bytes:
                         "ReferencedTransferSyntaxUIDInFile": instance.transfer_syntax,
                         "InstanceNumber": instance.header["InstanceNumber"] or "0",
                     }
-                    image_indexes.append(add(_record("IMAGE", values)))
+                    if instance.leaf is not None:
+                        leaf = instance.leaf
+                        for keyword, value in values.items():
+                            if keyword != "InstanceNumber" or keyword not in leaf:
+                                setattr(leaf, keyword, value)
+                        image_indexes.append(add(leaf))
+                    else:
+                        image_indexes.append(add(_record("IMAGE", values)))
                 links[e][0] = image_indexes[0] if image_indexes else None
                 chain(image_indexes)
             links[s][0] = series_indexes[0] if series_indexes else None

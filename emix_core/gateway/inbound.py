@@ -112,6 +112,8 @@ class InboundDelivery:
         self._has_cursor = True
         self._full_list_at = 0.0
         self._swept = False
+        #: the package a receive or a delivery is working on (read by metrics scrapes)
+        self.working: str | None = None
         attempts = gateway.settings.get("max_receive_attempts", MAX_RECEIVE_ATTEMPTS)
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise ConfigError("[gateway] max_receive_attempts must be a whole number of at least 1")
@@ -133,7 +135,11 @@ class InboundDelivery:
             "SELECT id FROM packages WHERE state = 'receiving' AND next_attempt <= ? ORDER BY seen",
             (now,),
         ).fetchall():
-            self._receive(row["id"])
+            self.working = row["id"]
+            try:
+                self._receive(row["id"])
+            finally:
+                self.working = None
             self._deliver_due()  # each package goes on as soon as it is in
         self._deliver_due()
 
@@ -371,7 +377,11 @@ class InboundDelivery:
                 )
                 continue
             packages[package_id] = package
-            self._deliver_one(destination, package, folder, row["attempts"])
+            self.working = package_id
+            try:
+                self._deliver_one(destination, package, folder, row["attempts"])
+            finally:
+                self.working = None
         for package_id in touched:
             self._finish_if_done(package_id, set(destinations))
 
@@ -450,6 +460,28 @@ class InboundDelivery:
         shutil.rmtree(self.spool / package_id, ignore_errors=True)
 
     # ------------------------------------------------------------------ status
+    def queue_depths(self) -> dict[str, int]:
+        """Packages waiting (``pending``), being received or delivered now (``in_flight``),
+        given up (``failed``), and among the waiting ones those failing and retried
+        (``retrying``): the gauges of ``emix_gateway_queue_depth``."""
+        depths = {"pending": 0, "in_flight": 0, "failed": 0, "retrying": 0}
+        if not self.path.exists():
+            return depths
+        counts = {
+            r["state"]: r["n"]
+            for r in self.db.execute("SELECT state, COUNT(*) AS n FROM packages GROUP BY state")
+        }
+        busy = 1 if self.working else 0
+        depths["in_flight"] = busy
+        depths["pending"] = max(counts.get("receiving", 0) + counts.get("received", 0) - busy, 0)
+        depths["failed"] = counts.get("failed", 0)
+        depths["retrying"] = self.db.execute(
+            "SELECT COUNT(*) FROM packages p WHERE (p.state = 'receiving' AND p.attempts > 0) "
+            "OR (p.state = 'received' AND EXISTS (SELECT 1 FROM deliveries d WHERE "
+            "d.package_id = p.id AND d.state = 'pending' AND d.attempts > 0))"
+        ).fetchone()[0]
+        return depths
+
     def status(self) -> dict[str, Any]:
         """Counts per state and the deliveries that are failing, with their reason."""
         if not self.path.exists():

@@ -387,6 +387,7 @@ class Gateway:
             from emix_core.gateway import metrics
 
             metrics.serve(int(port), str(self.settings.get("metrics_host", "127.0.0.1")))
+            metrics.watch_queues(self)
         with _RunLock(self.state_dir / "gateway.lock"):
             log_event(
                 log,
@@ -418,6 +419,23 @@ class Gateway:
                     except Exception:  # one source failing to stop must not block the rest
                         log.exception("source.stop_failed")
                 log_event(log, "gateway.stopped")
+
+    def queue_depths(self) -> dict[str, dict[str, int]]:
+        """Work waiting per queue, for the metrics endpoint: ``inbound`` (packages that
+        arrived for this facility) and each source that reports its own (a source may
+        implement ``queue_depths() -> {"pending": n, "in_flight": n, "failed": n}``)."""
+        queues: dict[str, dict[str, int]] = {}
+        if self.inbound is not None:
+            queues["inbound"] = self.inbound.queue_depths()
+        for source in self.sources:
+            depths = getattr(source, "queue_depths", None)
+            if not callable(depths):
+                continue
+            try:
+                queues[f"source:{source.name}"] = {k: int(v) for k, v in depths().items()}
+            except Exception:  # a broken source must not hide the other queues
+                log.warning("source.queue_depths_failed", exc_info=True)
+        return queues
 
     def status(self) -> dict[str, Any]:
         """Pending, sent and failed work, read from the journals (no hub needed)."""

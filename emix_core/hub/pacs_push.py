@@ -1,13 +1,16 @@
 """ "Push to my PACS": the hub stores a package's instances into the recipient facility's PACS.
 
-The facility's administrator names one DICOMweb STOW-RS root (``https://pacs/dicom-web``)
-on the administration page; a member then sends a package there from its page. Each
-instance goes in its own STOW-RS request, exactly as stored (never transcoded), so memory
-stays flat whatever the study's size.
+The facility's administrator names one PACS on the administration page: a DICOMweb
+STOW-RS root (``https://pacs/dicom-web``) or a DICOM node (``AET@HOST:PORT``); a member
+then sends a package there from its page. For DICOMweb each instance goes in its own
+STOW-RS request, exactly as stored (never transcoded), so memory stays flat whatever the
+study's size. A DICOM node is stored into by the plugin that answers
+``emix_pacs_push`` (the dimse plugin: C-STORE, each file in its own transfer syntax).
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +19,8 @@ from urllib.parse import urlsplit
 import requests
 from sqlalchemy import select
 
-from emix_core.errors import InvalidInput
+from emix_core.errors import ConfigError, InvalidInput
+from emix_core.plugins import Hooks
 from emix_core.store.db import Destination, Facility
 
 TIMEOUT = 60
@@ -31,12 +35,31 @@ class PushResult:
     errors: list[str] = field(default_factory=list)
 
 
+#: A DICOM node: AE title (1 to 16 characters, no backslash or control character),
+#: host name or address, port.
+DICOM_NODE = re.compile(r"^([^\\\x00-\x1f@]{1,16})@([A-Za-z0-9.:\[\]_-]{1,253}):([0-9]{1,5})$")
+
+
+def is_dicom_node(target: str) -> bool:
+    """Whether the PACS is named as a DICOM node ``AET@HOST:PORT`` (else a DICOMweb URL)."""
+    return not target.startswith(("http://", "https://"))
+
+
 def check_url(url: str) -> str:
-    """A STOW-RS root must be an http(s) URL without credentials or query."""
+    """A PACS: a STOW-RS root (an http(s) URL without credentials or query), or a DICOM
+    node ``AET@HOST:PORT``."""
     url = url.strip()
+    node = DICOM_NODE.match(url)
+    if node:
+        if not node.group(1).strip() or not 0 < int(node.group(3)) < 65536:
+            raise InvalidInput("a DICOM node is AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:104")
+        return url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-        raise InvalidInput("give the PACS's DICOMweb root, e.g. https://pacs.example.org/dicom-web")
+        raise InvalidInput(
+            "give the PACS's DICOMweb root, e.g. https://pacs.example.org/dicom-web, "
+            "or its DICOM node, e.g. ORTHANC@pacs.example.org:104"
+        )
     if parts.username or parts.password:
         raise InvalidInput("the PACS URL must not carry a user name or password")
     return url.rstrip("/")
@@ -58,11 +81,33 @@ def set_destination(session: Any, facility_id: int, name: str, url: str) -> None
             session.delete(existing)
         return
     url = check_url(url)
-    name = (name.strip() or urlsplit(url).hostname or "PACS")[:100]
+    default = url.split("@")[0] if is_dicom_node(url) else urlsplit(url).hostname
+    name = (name.strip() or default or "PACS")[:100]
     if existing is None:
         session.add(Destination(facility_id=facility_id, name=name, url=url))
     else:
         existing.name, existing.url = name, url
+
+
+def push_to(content: Any, target: str, hooks: Hooks) -> PushResult:
+    """Store every DICOM instance of an opened package into the facility's PACS.
+
+    :raises ConfigError: a DICOM node, but no installed plugin stores into one.
+    :raises EmixError: the plugin could not reach the PACS at all.
+    """
+    if not is_dicom_node(target):
+        return push(content, target)
+    answer = hooks.pacs_push(content, target)
+    if answer is None:
+        raise ConfigError(
+            "the hub cannot store into a DICOM node: its operator must install the "
+            "emix-dimse plugin (or name the PACS by its DICOMweb URL)"
+        )
+    return PushResult(
+        stored=int(answer.get("stored", 0)),
+        failed=int(answer.get("failed", 0)),
+        errors=sorted({str(e)[:200] for e in answer.get("errors", [])}),
+    )
 
 
 def push(content: Any, url: str) -> PushResult:

@@ -11,7 +11,7 @@ import pydicom
 from flask import Blueprint, Response, url_for
 from sqlalchemy import select
 
-from emix_core.errors import NotFoundError
+from emix_core.errors import EmixError, NotFoundError
 from emix_core.hub import api_packages, disc_image, pacs_push, thumbnails
 from emix_core.hub.auth import audit_request
 from emix_core.hub.reader import PackageContent, open_package, readable_packages
@@ -277,7 +277,7 @@ def download_iso(package_id: str) -> Response:
 
 @bp.post("/packages/<package_id>/push")
 def push_to_pacs(package_id: str) -> Response:
-    """Send the package's instances into the facility's own PACS (STOW-RS)."""
+    """Send the package's instances into the facility's own PACS (STOW-RS or C-STORE)."""
     principal = member_required()
     check_csrf()
     content = open_package(package_id)
@@ -286,7 +286,10 @@ def push_to_pacs(package_id: str) -> Response:
         target = (pacs.name, pacs.url) if pacs else None
     if target is None:
         raise NotFoundError("your facility has no PACS destination; ask its administrator")
-    result = pacs_push.push(content, target[1])
+    try:
+        result = pacs_push.push_to(content, target[1], hooks_for(hub().pm))
+    except EmixError as exc:
+        result = pacs_push.PushResult(failed=len(list(content.dicom_items())), errors=[exc.message])
     audit_request(
         "export",
         action=AuditAction.READ,

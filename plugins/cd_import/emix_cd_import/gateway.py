@@ -122,6 +122,20 @@ class CdSource:
             self._thread.join(timeout=60)
             self._thread = None
 
+    def queue_depths(self) -> dict[str, int]:
+        """Media whose import is to be tried again (``pending``, all ``retrying``: the hub
+        or the PACS was unreachable) and media moved to ``failed/``."""
+        counts = dict(
+            self.journal.get().execute("SELECT state, COUNT(*) FROM media GROUP BY state")
+        )
+        waiting = counts.get("waiting", 0)
+        return {
+            "pending": waiting,
+            "in_flight": 0,
+            "failed": counts.get("failed", 0),
+            "retrying": waiting,
+        }
+
     def status(self) -> dict[str, Any]:
         db = self.journal.get()
         counts = dict(db.execute("SELECT state, COUNT(*) FROM media GROUP BY state").fetchall())

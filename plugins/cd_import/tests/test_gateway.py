@@ -73,6 +73,8 @@ def test_discs_dropped_at_the_station_are_shared_and_sorted(cd_folder, tmp_path,
         assert len(lakeside.inbox()) == 2
         status = gateway.status()["sources"][0]
         assert (status["done"], status["failed"]) == (2, 1)
+        depths = gateway.queue_depths()["source:cd-station"]  # what the metrics endpoint shows
+        assert depths == {"pending": 0, "in_flight": 0, "failed": 1, "retrying": 0}
     finally:
         stop.set()
         runner.join(timeout=60)

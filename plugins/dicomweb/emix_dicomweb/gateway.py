@@ -339,6 +339,23 @@ class DicomwebSource:
                 )
             db.execute("DELETE FROM pending_packages WHERE package_id = ?", (row["package_id"],))
 
+    def queue_depths(self) -> dict[str, int]:
+        """Studies waiting to settle or to be tried again (``pending``), in a package being
+        sent (``in_flight``), and among the pending those whose last try failed."""
+        depths = {"pending": 0, "in_flight": 0, "failed": 0, "retrying": 0}
+        if not self.journal_path.exists():
+            return depths
+        db = self._db()
+        try:
+            counts = dict(db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state"))
+            in_flight = db.execute("SELECT COUNT(*) FROM pending_packages").fetchone()[0]
+        finally:
+            db.close()
+        depths["retrying"] = counts.get("failed", 0)  # tried again after a delay
+        depths["pending"] = counts.get("settling", 0) + depths["retrying"]
+        depths["in_flight"] = in_flight
+        return depths
+
     def status(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         if self.journal_path.exists():

@@ -316,6 +316,8 @@ def test_gateways_route_a_study_and_deliver_it_once_the_pacs_is_back(
             failing = receiver.status()["inbound"]["failing"]
             time.sleep(0.2)
         assert failing and "cannot reach the PACS" in failing[0]["error"], receiver.status()
+        waiting = receiver.queue_depths()["inbound"]  # what the metrics endpoint shows
+        assert waiting["pending"] + waiting["in_flight"] == 1 and waiting["retrying"] == 1
         reading_room.start()
 
         def delivered(count: int) -> None:
@@ -337,6 +339,9 @@ def test_gateways_route_a_study_and_deliver_it_once_the_pacs_is_back(
     assert reading_room.sop_instance_uids() == set(routed.pixel_data())
     source = sender.status()["sources"][0]
     assert source["studies"] == {"sent": 1}, source
+    assert sender.queue_depths()["source:dicomweb"] == {
+        "pending": 0, "in_flight": 0, "failed": 0, "retrying": 0
+    }  # fmt: skip
     # the study went out once, the late slices once more, although the source kept polling
     inbox = LocalHome(exchange.lakeside.home).client(exchange.hub.url, exchange.lakeside.token)
     routed_packages = [

@@ -442,6 +442,54 @@ def test_ohif_viewer_calls_to_open_a_study(hub, lakeside, shared, study):
         assert f"transfer-syntax={expected}" in frame.content.split(b"\r\n\r\n")[0].decode()
 
 
+def _image_parts(response: requests.Response) -> list[tuple[str, Image.Image]]:
+    """The parts of a multipart answer, each opened as an image."""
+    from emix_dicomweb.multipart import PartHeaders, boundary_of, iter_multipart
+
+    parts: list[tuple[str, Image.Image]] = []
+    content_type, body = "", b""
+    for piece in iter_multipart([response.content], boundary_of(response.headers["Content-Type"])):
+        if isinstance(piece, PartHeaders):
+            content_type, body = piece.headers.get("content-type", ""), b""
+        elif isinstance(piece, bytes):
+            body += piece
+        else:
+            parts.append((content_type, Image.open(io.BytesIO(body))))
+    return parts
+
+
+def test_rendered_series_and_study_are_multipart_images(hub, lakeside, shared, study):
+    in_series = [pydicom.dcmread(p) for p in study.files if p.parent.name != study.folder.name]
+    series_uid = in_series[0].SeriesInstanceUID
+    assert len(in_series) > 1 and {d.SeriesInstanceUID for d in in_series} == {series_uid}
+    base = f"/dicomweb/studies/{study.study_uid}/series/{series_uid}"
+    answer = get(hub, lakeside, f"{base}/rendered", accept='multipart/related; type="image/png"')
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["Content-Type"].startswith('multipart/related; type="image/png"')
+    parts = _image_parts(answer)
+    assert len(parts) == len(in_series)
+    assert all(t == "image/png" and i.format == "PNG" for t, i in parts)
+    assert {i.size for _, i in parts} == {(in_series[0].Columns, in_series[0].Rows)}
+    # the slices differ: each part is its own instance, not one image repeated
+    assert len({i.tobytes() for _, i in parts}) > 1
+    small = get(hub, lakeside, f"{base}/rendered", viewport="32,32", window="40,400")
+    assert small.headers["Content-Type"].startswith('multipart/related; type="image/jpeg"')
+    assert {i.size for _, i in _image_parts(small)} == {(32, 32)}
+    # the whole study: every instance with pixel data the hub can decode, nothing else
+    whole = get(hub, lakeside, f"/dicomweb/studies/{study.study_uid}/rendered", accept="*/*")
+    assert len(in_series) < len(_image_parts(whole)) <= len(study.files)
+    # per package too
+    packaged = get(
+        hub, lakeside, f"/api/v1/packages/{shared}/dicomweb/studies/{study.study_uid}/rendered"
+    )
+    assert len(_image_parts(packaged)) == len(_image_parts(whole))
+    # PS3.18 10.4.4: a study or series asked for in a single-part media type only is 406
+    assert get(hub, lakeside, f"{base}/rendered", accept="image/jpeg").status_code == 406
+    assert get(hub, lakeside, f"{base}/rendered", window="1,-5").status_code == 400
+    unknown = f"/dicomweb/studies/{study.study_uid}/series/1.2.3.4/rendered"
+    assert get(hub, lakeside, unknown).status_code == 404
+
+
 def test_cors_only_for_allow_listed_origins(hub, lakeside, shared):
     preflight = requests.options(
         f"{hub.url}/dicomweb/studies",

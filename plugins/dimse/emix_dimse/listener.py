@@ -160,8 +160,10 @@ class Listener:
         *,
         name: str = "dimse",
         on_stored: Callable[[str], None] | None = None,
+        finder: Any = None,
     ) -> None:
         self.settings = settings
+        self.finder = finder  # a FindService answering C-FIND, or none
         self.spool = spool
         self.router = router
         self.home = home
@@ -193,6 +195,12 @@ class Listener:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+        if self.finder is not None:
+            from emix_dimse.find import FIND_CONTEXTS
+
+            for context in FIND_CONTEXTS:
+                ae.add_supported_context(context)
+            handlers.append((evt.EVT_C_FIND, self.finder.handle))
         try:
             self._server = ThreadedAssociationServer(
                 ae,

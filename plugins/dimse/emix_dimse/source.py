@@ -61,6 +61,7 @@ SOURCE_SETTINGS = {
     "tls_cert": "server certificate (PEM) for DICOM TLS",
     "tls_key": "its private key (PEM), if not in tls_cert",
     "tls_ca": "CA bundle: callers must present a certificate it signed",
+    "find": "answer C-FIND with what the facility may read on the hub (default true)",
 }
 
 
@@ -141,8 +142,20 @@ class DimseSource:
         self.expires_days = settings.get("expires_days")
         digest = hashlib.sha256(self.name.encode()).hexdigest()[:12]
         self.spool = Spool(gateway.state_dir / f"dimse-{digest}")
+        finder = None
+        if settings.get("find", True) is not False:
+            from emix_dimse.find import FindService
+
+            finder = FindService(
+                gateway.client, gateway.home, self.listener_settings.ae_title, self.name
+            )
         self.listener = Listener(
-            self.listener_settings, self.spool, self.router, gateway.home, name=self.name
+            self.listener_settings,
+            self.spool,
+            self.router,
+            gateway.home,
+            name=self.name,
+            finder=finder,
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -265,6 +278,24 @@ class DimseSource:
         )
 
     # ------------------------------------------------------------------ status
+    def queue_depths(self) -> dict[str, int]:
+        """Instances waiting for their study to settle, in a package being sent, and among
+        those the ones whose sending failed and is retried (a listener never gives up)."""
+        db = self.spool.db()
+        waiting = db.execute("SELECT COUNT(*) FROM instances WHERE batch IS NULL").fetchone()[0]
+        row = db.execute(
+            "SELECT SUM(CASE WHEN attempts = 0 THEN instances ELSE 0 END) AS sending, "
+            "SUM(CASE WHEN attempts > 0 THEN instances ELSE 0 END) AS retrying "
+            "FROM batches WHERE state != 'sent'"
+        ).fetchone()
+        retrying = row["retrying"] or 0
+        return {
+            "pending": waiting,
+            "in_flight": (row["sending"] or 0) + retrying,
+            "failed": 0,
+            "retrying": retrying,
+        }
+
     def status(self) -> dict[str, Any]:
         s = self.listener_settings
         return {

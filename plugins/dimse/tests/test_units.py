@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,27 @@ def test_spool_requeues_what_the_hub_did_not_take_and_removes_strays(tmp_path):
 
 def first_arrival(spool: Spool) -> float:
     return min(r["last_arrival"] for r in spool.db().execute("SELECT last_arrival FROM groups"))
+
+
+def test_listener_queue_depths_count_waiting_sending_and_retried_instances(tmp_path: Path):
+    from emix_core import Gateway
+
+    settings = {"home": str(tmp_path / "home"), "hub_url": "http://127.0.0.1:9", "token": "x"}
+    source = {"kind": "dimse", "name": "pacs-push", "ae_title": "EMIX", "port": 0, "to": "lake"}
+    gateway = Gateway(tmp_path / "gateway.toml", settings, sources=[source])
+    listener = gateway.sources[0]
+    assert gateway.queue_depths()["source:pacs-push"] == {
+        "pending": 0, "in_flight": 0, "failed": 0, "retrying": 0
+    }  # fmt: skip
+    for number, study in enumerate(("1.2.3", "1.2.3", "1.2.4")):
+        received = tmp_path / f"in-{number}.dcm"
+        shutil.copy(get_testdata_file("CT_small.dcm"), received)
+        listener.spool.keep(received, study, f"1.2.9.{number}", ["lake"])
+    assert gateway.queue_depths()["source:pacs-push"]["pending"] == 3
+    first = next(iter(listener.spool.due_groups(0, set(), time.time() + 10)))
+    listener.spool.open_batch(first)
+    batch = listener.spool.unfinished(time.time())[0]
+    listener.spool.failed(batch.id, "hub down", time.time() + 60)
+    depths = gateway.queue_depths()["source:pacs-push"]
+    assert depths["pending"] + depths["in_flight"] == 3 and depths["retrying"] >= 1
+    assert depths["in_flight"] == depths["retrying"] and depths["failed"] == 0

@@ -265,6 +265,25 @@ class OutboxJournal:
         }
 
     # ------------------------------------------------------------------ status
+    def queue_depths(self) -> dict[str, int]:
+        """Files waiting, in a package being sent, kept in ``failed/``, and retried."""
+        db = self.db
+        row = db.execute(
+            "SELECT SUM(state = 'pending') AS pending, "
+            "SUM(state IN ('batched', 'moving')) AS in_flight, "
+            "SUM(state = 'finished' AND outcome = 'failed') AS failed FROM files"
+        ).fetchone()
+        retrying = db.execute(
+            "SELECT COUNT(*) FROM files f JOIN batches b ON b.id = f.batch "
+            "WHERE f.state = 'batched' AND b.state = 'sending' AND b.attempts > 0"
+        ).fetchone()[0]
+        return {
+            "pending": row["pending"] or 0,
+            "in_flight": row["in_flight"] or 0,
+            "failed": row["failed"] or 0,
+            "retrying": retrying,
+        }
+
     def summary(self) -> dict[str, Any]:
         """Counts for ``emix gateway status``."""
         db = self.db

@@ -157,6 +157,12 @@ class FolderSource:
             self._thread.join(timeout=60)
             self._thread = None
 
+    def queue_depths(self) -> dict[str, int]:
+        """Files pending, being sent and failed, for the gateway's metrics."""
+        if not self.journal.path.exists():
+            return {"pending": 0, "in_flight": 0, "failed": 0, "retrying": 0}
+        return self.journal.queue_depths()
+
     def status(self) -> dict[str, Any]:
         summary = self.journal.summary() if self.journal.path.exists() else {}
         return {

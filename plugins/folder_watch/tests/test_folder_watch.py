@@ -71,6 +71,12 @@ def test_big_study_and_report_arrive_complete_and_identical_while_bad_files_are_
     report = (big_study / "report.pdf").read_bytes()
     assert report in [d.read_bytes() for d in (package / "documents").iterdir()]
     assert (package / "emix-manifest.json").exists()
+    # the inbox folder opens in a viewer by its DICOMDIR; its links lead to the files
+    from pydicom import dcmread
+    from pydicom.fileset import FileSet
+
+    indexed = {Path(i.path).resolve() for i in FileSet(dcmread(package / "DICOMDIR"))}
+    assert indexed == {p.resolve() for p in dicom_files(package)}
 
     wait_for(lambda: not files_under(mercy.folder("outbox")), 30, "an empty outbox")
     assert len(files_under(mercy.folder("sent"))) == 301

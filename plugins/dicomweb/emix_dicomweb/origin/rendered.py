@@ -1,5 +1,10 @@
 """Rendered resources and thumbnails (PS3.18 8.3.5, 10.4.1.1.3, 10.7): JPEG or PNG.
 
+A rendered study or series is a ``multipart/related`` answer with one rendered image per
+instance that has pixel data (its first frame), in the order a viewer shows them;
+instances without pixel data (reports, documents) are left out. As PS3.18 10.4.4 says,
+a request that accepts only single-part media types for a study or series gets 406.
+
 One frame is decoded, rescaled (Rescale Slope/Intercept), windowed with ``window`` from
 the request (``center,width[,linear|linear-exact|sigmoid]``) or else the instance's own
 VOI (Window Center/Width), else its minimum and maximum, and fitted into ``viewport``
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flask import Response, request
@@ -22,8 +28,9 @@ from emix_dicomweb.origin.negotiate import accepted
 from emix_dicomweb.origin.scope import Located, Scope
 from emix_dicomweb.origin.stored import StoredInstance
 from emix_dicomweb.origin.transcode import can_decode, decode_frame
+from emix_dicomweb.origin.wado import multipart_response
 
-__all__ = ["render"]
+__all__ = ["render", "rendered_set_media_type"]
 
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG"}
 THUMBNAIL_SIZE = 128
@@ -222,3 +229,70 @@ def frame_thumbnail(
 ) -> Response:
     scope = Scope(package_id)
     return _answer(scope, _pick(scope, study, series, sop), frame, THUMBNAIL_SIZE, "thumbnail")
+
+
+# --------------------------------------------------------------------------- study, series
+
+
+def rendered_set_media_type() -> str:
+    """The image type of the parts of a rendered study or series.
+
+    :raises NotAcceptable: the request accepts only single-part or other media types.
+    """
+    wanted = request.args.get("accept")
+    for entry in accepted(wanted) if wanted else accepted():
+        media_type = entry.media_type.split(";")[0].strip().lower()
+        if entry.multipart and media_type in FORMATS:
+            return media_type
+        if media_type in ("", "*/*") or entry.multipart and media_type == "image/*":
+            return "image/jpeg"
+    raise NotAcceptable(
+        "a rendered study or series is sent as multipart/related; "
+        'type="image/jpeg" or type="image/png"'
+    )
+
+
+def _rendered_parts(
+    located: list[Located], media_type: str, viewport: tuple[int, int] | None
+) -> Iterator[tuple[str, Iterable[bytes], int | None]]:
+    for entry in located:
+        stored = StoredInstance(entry.view.read_item(entry.item.id))
+        try:
+            if stored.pixel is None or not can_decode(stored.transfer_syntax):
+                continue  # a report or a document: nothing to show
+            image = render(stored, 1, media_type, viewport)
+        finally:
+            stored.close()
+        yield media_type, [image], len(image)
+
+
+def _rendered_set(scope: Scope, located: list[Located], what: str) -> Response:
+    media_type = rendered_set_media_type()
+    viewport = _viewport(None)
+    _window()  # a malformed window is refused before the first part
+    parts = _rendered_parts(located, media_type, viewport)
+    first = next(parts, None)
+    if first is None:
+        raise NotFoundError("nothing in it has pixel data the hub can render")
+    scope.audit("instances-transferred", located, f"DICOMweb WADO-RS {what}")
+    return multipart_response(_after(first, parts), media_type)
+
+
+def _after(
+    first: tuple[str, Iterable[bytes], int | None],
+    rest: Iterator[tuple[str, Iterable[bytes], int | None]],
+) -> Iterator[tuple[str, Iterable[bytes], int | None]]:
+    yield first
+    yield from rest
+
+
+@route("/studies/<study>/rendered")
+def rendered_study(study: str, package_id: str | None = None) -> Response:
+    scope = Scope(package_id)
+    return _rendered_set(scope, scope.found(study), "rendered study")
+
+
+@route("/studies/<study>/series/<series>/rendered")
+def rendered_series(study: str, series: str, package_id: str | None = None) -> Response:
+    scope = Scope(package_id)
+    return _rendered_set(scope, scope.found(study, series), "rendered series")

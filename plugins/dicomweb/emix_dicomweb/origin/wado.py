@@ -25,7 +25,7 @@ from emix_dicomweb.origin.scope import Located, Scope
 from emix_dicomweb.origin.stored import PIXEL_DATA, StoredInstance
 from emix_dicomweb.origin.transcode import decode_frame, instance_stream
 
-__all__ = ["metadata_json", "parse_frame_list"]
+__all__ = ["metadata_json", "multipart_response", "parse_frame_list"]
 
 JSON_TYPES = frozenset({"", "*/*", "application/*", DICOM_JSON, "application/json"})
 #: Binary values longer than this are given as a BulkDataURI in metadata.
@@ -38,7 +38,7 @@ def _boundary() -> str:
     return f"emix-{secrets.token_hex(16)}"
 
 
-def _multipart(
+def multipart_response(
     parts: Iterable[tuple[str, Iterable[bytes], int | None]], part_type: str
 ) -> Response:
     """A streamed ``multipart/related`` answer; ``parts`` yields (type, body, length)."""
@@ -91,7 +91,7 @@ def _instance_parts(
 def _retrieve(scope: Scope, located: list[Located], what: str) -> Response:
     for entry in located:  # refuse before the first byte rather than halfway
         instance_syntax(entry.item.transfer_syntax_uid or "")
-    response = _multipart(_instance_parts(located), DICOM_MEDIA_TYPE)
+    response = multipart_response(_instance_parts(located), DICOM_MEDIA_TYPE)
     scope.audit(
         "instances-transferred", located, f"DICOMweb WADO-RS {what}: {len(located)} instances"
     )
@@ -238,7 +238,7 @@ def _frames_response(stored: StoredInstance, numbers: list[int], choice: Choice)
         data = next(frames)
         stored.close()
         return Response(data, content_type=choice.part_type)
-    return _multipart(((choice.part_type, [f], len(f)) for f in frames), choice.part_type)
+    return multipart_response(((choice.part_type, [f], len(f)) for f in frames), choice.part_type)
 
 
 @route("/studies/<study>/series/<series>/instances/<sop>/frames/<frame_list>")
@@ -275,7 +275,7 @@ def retrieve_bulk(
         if element is None or not isinstance(element.value, bytes | bytearray):
             raise NotFoundError("the instance has no such bulk data")
         value = bytes(element.value)
-        response = _multipart(
+        response = multipart_response(
             [("application/octet-stream", [value], len(value))], "application/octet-stream"
         )
     scope.audit("instances-transferred", [entry], "DICOMweb WADO-RS bulk data")
