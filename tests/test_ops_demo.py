@@ -53,3 +53,5 @@ def test_demo_with_exit_prints_no_commands_for_a_stopped_hub(tmp_path: Path) -> 
     )  # fmt: skip
     assert "stop now (--exit)" in result.stdout
     assert " inbox --home " not in result.stdout
+    # 4 slices and the report, counted from the signed manifest (not the DICOMDIR's links)
+    assert "(5 items and a DICOMDIR)" in result.stdout

@@ -297,9 +297,10 @@ def _exchange_through_folders(
     while time.monotonic() < deadline:
         arrived = [p for p in inbox.glob("*") if p not in before and not p.name.startswith(".")]
         if arrived:
-            count = sum(1 for p in arrived[0].rglob("*") if p.is_file())
+            count = _received_items(arrived[0])
+            index = " and a DICOMDIR" if (arrived[0] / "DICOMDIR").exists() else ""
             click.echo(
-                f"{recipient} has it in {arrived[0]} ({count} files) "
+                f"{recipient} has it in {arrived[0]} ({count} items{index}) "
                 f"{time.monotonic() - landed:.1f} s after the copy ended:\n"
                 "  signature verified, every SHA-256 checked, signed receipt sent; "
                 f"the originals go to {homes[sender] / 'sent'}"
@@ -408,3 +409,14 @@ def _next_steps(
         f"  {emix} audit verify --home {root / 'hub'}\n"
         f"  {emix} plugins"
     )
+
+
+def _received_items(folder: Path) -> int:
+    """How many items the received package holds, from its signed manifest."""
+    import json
+
+    try:
+        manifest = json.loads((folder / "emix-manifest.json").read_text("utf-8"))
+        return len(manifest["document"]["items"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return sum(1 for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
