@@ -106,6 +106,15 @@ _EXPORTS: dict[str, str] = {
     "hub_public_url": "emix_core.hub.reader",
     "hub_settings": "emix_core.hub.reader",
     "audit_hub_event": "emix_core.hub.reader",
+    "PluginRecords": "emix_core.hub.web_plugins",
+    "hub_config_table": "emix_core.hub.web_plugins",
+    "hub_hooks": "emix_core.hub.web_plugins",
+    "member_principal": "emix_core.hub.web_plugins",
+    "sign_in_member": "emix_core.hub.web_plugins",
+    "verified_member": "emix_core.hub.web_plugins",
+    "render_page": "emix_core.hub.web",
+    "page_message": "emix_core.hub.web:message",
+    "viewer_url": "emix_core.hub.viewer",
     "to_dicom_audit_messages": "emix_core.audit.export",
     "event_row": "emix_core.audit.export",
     "audited_transfer": "emix_core.audit.transfer",
@@ -233,6 +242,17 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         hub_settings,
         open_package,
         readable_packages,
+    )
+    from emix_core.hub.viewer import viewer_url
+    from emix_core.hub.web import message as page_message
+    from emix_core.hub.web import render_page
+    from emix_core.hub.web_plugins import (
+        PluginRecords,
+        hub_config_table,
+        hub_hooks,
+        member_principal,
+        sign_in_member,
+        verified_member,
     )
     from emix_core.model import (
         AuditAction,

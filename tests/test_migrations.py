@@ -34,6 +34,9 @@ WEB_TABLES = {
     "destinations",
 }
 
+#: plugins' short-lived records (migration 0005)
+PLUGIN_TABLES = {"plugin_records"}
+
 
 def tables(engine) -> set[str]:  # type: ignore[no-untyped-def]
     return set(inspect(engine).get_table_names()) - {"alembic_version"}
@@ -80,6 +83,9 @@ def test_sqlite_hub_from_before_migrations_upgrades_in_place(tmp_path):
 def test_sqlite_migrations_down_and_up(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     db.create_all()
+    everything = V01_TABLES | {"notices", "failed_attempts"} | WEB_TABLES | PLUGIN_TABLES
+    assert tables(db.engine) == everything
+    assert migrate.downgrade(db.engine, "0004") == "0004"
     assert tables(db.engine) == V01_TABLES | {"notices", "failed_attempts"} | WEB_TABLES
     assert migrate.downgrade(db.engine, "0003") == "0003"
     assert tables(db.engine) == V01_TABLES | {"notices", "failed_attempts"}
@@ -90,7 +96,7 @@ def test_sqlite_migrations_down_and_up(tmp_path):
     assert migrate.downgrade(db.engine, "base") is None
     assert tables(db.engine) == set()
     assert migrate.upgrade(db.engine) == migrate.head()
-    assert tables(db.engine) == V01_TABLES | {"notices", "failed_attempts"} | WEB_TABLES
+    assert tables(db.engine) == everything
 
 
 def test_migrate_cli_down_up_and_unknown_revision(tmp_path):
@@ -120,6 +126,7 @@ def test_postgresql_init_migrate_down_and_up(tmp_path, postgres):
     everything = (
         V01_TABLES
         | WEB_TABLES
+        | PLUGIN_TABLES
         | {"notices", "failed_attempts", "audit_events", "audit_checkpoints", "audit_meta"}
     )
     assert tables(engine) == everything

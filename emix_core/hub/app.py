@@ -114,10 +114,11 @@ PAGE_CSP = (
 
 def security_headers(response: Response) -> Response:
     """Every answer: no framing, no sniffing, no referrer (links carry one-time tokens)."""
-    response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+    csp = response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "no-referrer")
-    response.headers.setdefault("X-Frame-Options", "DENY")
+    if "frame-ancestors 'none'" in csp:  # a page that names who may frame it says so in CSP
+        response.headers.setdefault("X-Frame-Options", "DENY")
     if response.mimetype == "text/html":
         response.headers.setdefault("Cache-Control", "no-store")
     return response

@@ -222,6 +222,19 @@ class Destination(Base):
     url: Mapped[str] = mapped_column(String(500))
 
 
+class PluginRecord(Base):
+    """A short-lived record a plugin keeps on the hub (e.g. an OAuth transaction), shared by
+    every hub process; the key is stored as SHA-256 only."""
+
+    __tablename__ = "plugin_records"
+    __table_args__ = (UniqueConstraint("namespace", "key_hash"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(64))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
