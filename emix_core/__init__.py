@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "PayloadTooLarge": "emix_core.errors",
     "PolicyRejected": "emix_core.errors",
     "HubUnavailable": "emix_core.errors",
+    "LaunchRejected": "emix_core.errors",
     "NotAcceptable": "emix_core.errors",
     # content of a package
     "DICOM_MEDIA_TYPE": "emix_core.content.layout",
@@ -210,6 +211,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         HubUnavailable,
         IntegrityError,
         InvalidInput,
+        LaunchRejected,
         NotAcceptable,
         NotDicomError,
         NotFoundError,

@@ -110,6 +110,14 @@ class PolicyRejected(EmixError):
     code = "policy"
 
 
+class LaunchRejected(EmixError):
+    """A sign-in through an outside identity provider (a SMART on FHIR launch from an EMR)
+    was refused: unknown issuer, bad or replayed state, a token that does not verify."""
+
+    http_status = 403
+    code = "launch_rejected"
+
+
 class HubUnavailable(EmixError):
     """The hub could not be reached or answered with a server error; retry later."""
 
