@@ -89,6 +89,8 @@ def load_settings() -> SmartSettings:
         if key not in known:
             raise ConfigError(f"unknown setting [smart] {key} in emix.toml (see docs/smart.md)")
         setattr(settings, key, value)
+    if not table:
+        return settings
     for iss in settings.allowed_issuers:
         if urlsplit(iss).scheme not in ("https", "http") or not urlsplit(iss).hostname:
             raise ConfigError(f"[smart] allowed_issuers takes FHIR base URLs, not {iss!r}")
