@@ -182,17 +182,13 @@ def _callback() -> Response:
     if not code:
         raise LaunchRejected("the EMR's answer carries no authorization code")
     server = oauth.discover(transaction["iss"])
-    tokens = oauth.exchange_code(
-        settings, server, _redirect_uri(), code, transaction["verifier"]
-    )
+    tokens = oauth.exchange_code(settings, server, _redirect_uri(), code, transaction["verifier"])
     if not tokens.get("id_token"):
         raise LaunchRejected("the EMR sent no id_token; emix needs the openid scope")
     claims = oauth.verify_id_token(settings, server, tokens["id_token"], transaction["nonce"])
     patient = str(tokens.get("patient") or "")
     if not patient or len(patient) > 64:
-        raise LaunchRejected(
-            "the EMR gave no patient context; open emix from a patient's chart"
-        )
+        raise LaunchRejected("the EMR gave no patient context; open emix from a patient's chart")
     member = _member_of(server, tokens, claims)
     if member is None:
         return _notice(

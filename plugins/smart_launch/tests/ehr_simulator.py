@@ -27,6 +27,7 @@ from joserfc.jwk import KeySet, RSAKey
 
 PRACTITIONER = "dr-lake"
 PATIENT = "pat-1"
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
 
 
 @dataclass
@@ -377,7 +378,8 @@ class EhrSimulator:
         @app.get("/chart/<patient>")
         def chart(patient: str) -> Any:
             app_url = request.args.get("app", "")
-            items = [f'<li><a id="launch-emix" href="/launch?{urlencode({"app": app_url, "patient": patient})}">emix: images received</a></li>']
+            query = urlencode({"app": app_url, "patient": patient})
+            items = [f'<li><a id="launch-emix" href="/launch?{query}">emix</a></li>']
             for s in sim.resources["ImagingStudy"].values():
                 if s["subject"]["reference"] == f"Patient/{patient}":
                     query = urlencode({"app": app_url, "patient": patient, "study": s["id"]})
@@ -389,6 +391,15 @@ class EhrSimulator:
                 "<!doctype html><title>Chart</title><h1>Chart of patient</h1><ul>"
                 + "".join(items)
                 + "</ul>"
+            )
+
+        @app.get("/emr/<patient>")
+        def emr(patient: str) -> Any:
+            """The EMR's own page, with the chart (and the apps it launches) in an iframe."""
+            chart = f"/chart/{patient}?{urlencode({'app': request.args.get('app', '')})}"
+            return (
+                "<!doctype html><title>EMR</title><h1>EMR</h1>"
+                f'<iframe id="chart" src="{chart}" width="1200" height="800"></iframe>'
             )
 
         @app.get("/launch")
@@ -493,7 +504,7 @@ def sample_resources(patient_id: str = "PID-7734-XQ", study_uid: str = "") -> di
                 "subject": {"reference": f"Patient/{PATIENT}"},
                 "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}],
                 "started": "2024-01-31T10:00:00Z",
-                "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
+                "modality": [{"system": DCM, "code": "CT"}],
                 "description": "CT chest outside study",
             }
         },
