@@ -205,7 +205,7 @@ def verify_id_token(
     if not server.jwks_uri:
         raise LaunchRejected("the EMR's SMART configuration names no jwks_uri to check tokens")
     try:
-        keys = KeySet.import_key_set(_get_json(server.jwks_uri, "key set (JWKS)"))
+        keys = KeySet.import_key_set(_get_json(server.jwks_uri, "key set (JWKS)"))  # type: ignore[arg-type]
         token = jwt.decode(id_token, keys, algorithms=ID_TOKEN_ALGORITHMS)
     except (JoseError, ValueError, TypeError) as exc:
         raise LaunchRejected(

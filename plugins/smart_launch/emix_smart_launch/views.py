@@ -9,7 +9,8 @@ import secrets
 import time
 from typing import Any
 
-from flask import Blueprint, Response, g, redirect, request
+from flask import Blueprint, g, redirect, request
+from werkzeug.wrappers import Response
 
 from emix_core import (
     AuditAction,
