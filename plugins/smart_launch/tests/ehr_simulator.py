@@ -127,6 +127,8 @@ class EhrSimulator:
         #: "ok", "wrong_aud", "bad_signature", "expired"
         self.id_token_mode = "ok"
         self.omit_patient = False
+        #: where the id_token's fhirUser points (default: this FHIR server)
+        self.fhir_user_base = ""
         self.capabilities = [
             "launch-ehr",
             "launch-standalone",
@@ -257,7 +259,8 @@ class EhrSimulator:
             def generate_user_info(self, user: str, scope: str) -> dict[str, Any]:
                 info: dict[str, Any] = {"sub": user}
                 if "fhirUser" in scope.split():
-                    info["fhirUser"] = f"{sim.fhir_base}/Practitioner/{user}"
+                    base = sim.fhir_user_base or sim.fhir_base
+                    info["fhirUser"] = f"{base}/Practitioner/{user}"
                 return info
 
             def process_token(self, grant: Any, response: Any) -> Any:

@@ -266,3 +266,26 @@ def test_secret_is_never_sent_to_an_unlisted_server(smart_hub, ehr):
     launch = launch_of(smart_hub, ehr)
     launch.start(urlencode({"iss": ehr.fhir_base + "x", "launch": "x"}))
     assert all(SECRET not in str(r) for r in ehr.token_requests)
+
+
+# --------------------------------------------------------------------------- hostile answers
+
+
+def test_an_allowed_issuer_without_smart_configuration_is_refused_clearly(hub_app, ehr):
+    configure(hub_app.home, ehr, allowed_issuers=[f"{ehr.base}/chart"])
+    launch = launch_of(hub_app, ehr)
+    answer = launch.start(urlencode({"iss": f"{ehr.base}/chart", "launch": "x"}))
+    refused(answer, "SMART configuration answered HTTP 404")
+
+
+def test_a_fhir_user_on_another_server_is_not_followed(smart_hub, ehr):
+    ehr.fhir_user_base = "http://127.0.0.1:9/fhir"  # a claim naming another server
+    refused(launch_of(smart_hub, ehr).ehr_launch(), "named a resource on another server")
+
+
+def test_hostile_launch_parameters_are_cut_and_refused(smart_hub, ehr):
+    launch = launch_of(smart_hub, ehr)
+    answer = launch.start(urlencode({"iss": "javascript:alert(1)", "launch": "x" * 100000}))
+    refused(answer, "not on this hub")
+    answer = launch.start(urlencode({"launch": "x"}))  # a launch without its iss
+    refused(answer, "without its FHIR server")
