@@ -7,6 +7,7 @@ import hmac
 import logging
 import secrets
 import time
+from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, g, redirect, request
@@ -39,6 +40,8 @@ CONTEXT_COOKIE = "emix_smart"
 TX_COOKIE = "emix_smart_tx"
 #: Refresh the access token when it has less than this left, seconds.
 REFRESH_MARGIN = 30
+#: A link from the EMR's emix page to the viewer works once, for this long.
+OPEN_TTL = timedelta(minutes=2)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -290,9 +293,10 @@ def patient_page() -> Response:
         received = fhir.received_for(patient)
     except EmixError as exc:
         return _refused(exc)
-    for row in received:
-        row["viewer"] = viewer_url(row["package"], row["study_uid"])
     principal = g.principal
+    for row in received:
+        if viewer_url(row["package"], row["study_uid"]):
+            row["viewer"] = f"/smart/open/{_open_ticket(principal.member_id, row)}"
     audit_hub_event(
         AuditEvent(
             event_type="query",
@@ -311,6 +315,37 @@ def patient_page() -> Response:
         imaging=imaging,
         reports=reports,
     )
+
+
+def _open_ticket(member_id: int, row: dict[str, Any]) -> str:
+    """A single-use link (2 minutes) that opens a study in the viewer in a new tab.
+
+    The viewer reads with the hub's session cookie; in an EMR iframe on another site that
+    cookie is the iframe's (partitioned, or not kept at all), so the new tab signs the
+    member in first-party with this ticket, like a mailed sign-in link.
+    """
+    ticket = secrets.token_urlsafe(32)
+    store.records().put(
+        f"open:{ticket}",
+        {"member_id": member_id, "package": row["package"], "study": row["study_uid"]},
+        OPEN_TTL,
+    )
+    return ticket
+
+
+@bp.get("/open/<ticket>")
+def open_in_viewer(ticket: str) -> Response:
+    opened = store.records().take(f"open:{ticket[:100]}")
+    target = viewer_url(opened["package"], opened["study"]) if opened else None
+    if opened is None or target is None:
+        return _notice(
+            "This link was already used",
+            "Links to the viewer work once, for two minutes.",
+            404,
+            "Go back to the EMR's emix page and click Open in viewer again.",
+        )
+    response = redirect(target, code=303)
+    return sign_in_member(response, int(opened["member_id"]), detail="viewer opened from the EMR")
 
 
 @bp.get("/study/<study_id>")

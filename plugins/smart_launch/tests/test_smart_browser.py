@@ -99,6 +99,17 @@ def context_of(browser):  # type: ignore[no-untyped-def]
     return context
 
 
+def drawn(page, timeout: float = 60) -> float:  # type: ignore[no-untyped-def]
+    """Wait until OHIF has drawn an image; the share of lit pixels of its canvas."""
+    page.wait_for_function("() => window.services !== undefined", timeout=timeout * 1000)
+    deadline = time.monotonic() + timeout
+    lit = 0.0
+    while time.monotonic() < deadline and lit < 0.02:
+        lit = page.evaluate(CANVAS)
+        time.sleep(0.25)
+    return float(lit)
+
+
 def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -114,12 +125,7 @@ def test_one_click_from_the_chart_to_the_received_study_in_ohif(launched_hub, eh
     page.get_by_role("link", name="CT chest outside study (open in emix)").click()
     page.wait_for_url(f"{hub.url}/viewer/**", timeout=30000)
     assert uid in page.url
-    page.wait_for_function("() => window.services !== undefined", timeout=60000)
-    deadline = time.monotonic() + 60
-    lit = 0.0
-    while time.monotonic() < deadline and lit < 0.02:
-        lit = page.evaluate(CANVAS)
-        time.sleep(0.25)
+    lit = drawn(page)
     elapsed = time.monotonic() - started
     shot(page, "02-ohif")
     assert lit >= 0.02, "OHIF did not draw the received study"
@@ -148,5 +154,15 @@ def test_patient_page_in_the_emr_iframe_lists_the_study_and_its_emr_resources(
     assert "No acute findings." in text and "mercy" in text
     link = frame.get_by_role("link", name="Open in viewer")
     assert link.count() == 1 and link.get_attribute("target") == "_blank"
+    with context.expect_page() as opened:
+        link.click()
+    viewer = opened.value
+    viewer.wait_for_url(f"{hub.url}/viewer/**", timeout=30000)
+    assert drawn(viewer) >= 0.02, "OHIF did not draw the study opened from the iframe"
+    shot(viewer, "04-viewer-from-iframe")
+    # the link worked once
+    again = context.new_page()
+    again.goto(hub.url + link.get_attribute("href"))
+    assert "already used" in again.content()
     assert context.outside == []
     context.close()

@@ -90,6 +90,19 @@ def test_received_studies_of_the_patient_are_listed_with_open_in_viewer(
     assert f"/packages/{sent.package_id}" in html  # the patient's package, from mercy
     assert html.count('href="/packages/') == 1  # and not the other patient's
     assert "mercy" in html
+    assert "Open in viewer" not in html  # the viewer is not installed on this hub
+
+    # with the viewer: a single-use link opens the study in a new tab, signed in there
+    (hub_server.home / "viewer" / "dist").mkdir(parents=True)
+    (hub_server.home / "viewer" / "dist" / "index.html").write_text("<html></html>")
+    html = launch.client.get("/smart/").get_data(as_text=True)
+    link = html.split('href="/smart/open/')[1].split('"')[0]
+    tab = hub_server.app.test_client()  # a new tab: none of the iframe's cookies
+    opened = tab.get(f"/smart/open/{link}")
+    assert opened.status_code == 303 and opened.headers["Location"].startswith("/viewer/")
+    assert "StudyInstanceUIDs=" in opened.headers["Location"]
+    assert "emix_session=" in opened.headers["Set-Cookie"]
+    assert tab.get("/smart/open/" + link).status_code == 404  # once only
 
 
 def test_refresh_renews_an_expired_access_token_on_the_hub(smart_hub, ehr):
