@@ -15,6 +15,15 @@ TIMEOUT = 15
 MAX_ANSWER = 8 * 1024 * 1024
 #: Resources listed per search.
 PAGE = 50
+#: Reports a clinician may save to the chart (the media types emix keeps reports in).
+REPORT_TYPES = (
+    "application/pdf",
+    "application/hl7-v2",
+    "application/cda+xml",
+    "application/fhir+json",
+    "application/rtf",
+    "text/plain",
+)
 
 
 class FhirReader:
@@ -62,6 +71,33 @@ class FhirReader:
         if not isinstance(data, dict):
             raise LaunchRejected("the EMR's FHIR server did not answer with a resource")
         return data
+
+    def create(self, resource: dict[str, Any]) -> str:
+        """POST a resource; returns the id the server gave it (``Location`` or body)."""
+        try:
+            answer = requests.post(
+                self.url(str(resource["resourceType"])),
+                json=resource,
+                headers={
+                    "Accept": "application/fhir+json",
+                    "Content-Type": "application/fhir+json",
+                    "Authorization": f"Bearer {self.token}",
+                },
+                timeout=TIMEOUT,
+            )
+        except requests.RequestException as exc:
+            raise LaunchRejected(
+                f"the EMR's FHIR server did not answer ({type(exc).__name__})"
+            ) from exc
+        if answer.status_code in (401, 403):
+            raise LaunchRejected(
+                "the EMR did not allow emix to write to the chart; its administrator grants "
+                "emix the scope patient/DocumentReference.c"
+            )
+        if answer.status_code not in (200, 201):
+            raise LaunchRejected(f"the EMR's FHIR server answered HTTP {answer.status_code}")
+        location = answer.headers.get("Location", "")
+        return location.split(f"{resource['resourceType']}/")[-1].split("/")[0] if location else ""
 
     def search(self, resource_type: str, patient: str) -> list[dict[str, Any]]:
         """The first page of ``resource_type`` resources of a patient."""
@@ -134,7 +170,13 @@ def received_for(patient: dict[str, Any], limit: int = 200) -> list[dict[str, An
 
 
 def _study_row(content: PackageContent, uid: str, summary: dict[str, Any]) -> dict[str, Any]:
+    reports = [
+        {"item": i.id, "media_type": i.media_type}
+        for i in content.items
+        if i.media_type in REPORT_TYPES and i.study_uid in (None, "", uid)
+    ]
     return {
+        "reports": reports,
         "package": content.id,
         "sender": content.package.sender,
         "study_uid": uid,

@@ -93,7 +93,10 @@ def discover(iss: str) -> Server:
 
 
 def scopes_for(settings: SmartSettings, server: Server, standalone: bool) -> str:
-    scopes = settings.scopes if server.speaks_v2_scopes() else settings.v1_scopes
+    v2 = server.speaks_v2_scopes()
+    scopes = settings.scopes if v2 else settings.v1_scopes
+    if settings.write_back:
+        scopes += " patient/DocumentReference.c" if v2 else " patient/DocumentReference.write"
     if standalone:  # no EMR context to join: ask the server's patient picker instead
         scopes = " ".join("launch/patient" if s == "launch" else s for s in scopes.split())
     return scopes

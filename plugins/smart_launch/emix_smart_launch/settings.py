@@ -47,6 +47,9 @@ class SmartSettings:
     launch_timeout_seconds: int = 600
     #: Seconds of leeway on token times (clock skew between emix and the EMR).
     leeway_seconds: int = 60
+    #: Offer "Save to the chart": a received report written to the EMR as a
+    #: DocumentReference (asks ``patient/DocumentReference.c`` as well).
+    write_back: bool = False
 
     @property
     def configured(self) -> bool:

@@ -22,6 +22,7 @@ from emix_core import (
     audit_hub_event,
     hub_public_url,
     member_principal,
+    open_package,
     render_page,
     sign_in_member,
     verified_member,
@@ -29,7 +30,7 @@ from emix_core import (
 )
 
 from . import context as store
-from . import fhir, oauth
+from . import fhir, oauth, writeback
 from .settings import SmartSettings, load_settings, normalize
 
 log = logging.getLogger("emix.smart")
@@ -211,6 +212,7 @@ def _callback() -> Response:
             "member_id": member.member_id,
             "fhir_user": str(claims.get("fhirUser") or ""),
             "scope": str(tokens.get("scope") or transaction["scope"]),
+            "csrf": secrets.token_urlsafe(32),
         },
         {k: tokens[k] for k in ("access_token", "refresh_token", "expires_at") if k in tokens},
     )
@@ -307,9 +309,16 @@ def patient_page() -> Response:
             f"imaging studies and {len(reports)} reports from the EMR",
         )
     )
+    granted = str(context.get("scope", "")).split()
+    may_write = load_settings().write_back and any(
+        s.startswith("patient/DocumentReference.") and s.endswith((".c", ".write", ".cruds"))
+        for s in granted
+    )
     return render_page(
         "smart_patient.html",
         principal=principal,
+        write_back=may_write,
+        smart_csrf=context.get("csrf", ""),
         patient_view=patient,
         received=received,
         imaging=imaging,
@@ -346,6 +355,50 @@ def open_in_viewer(ticket: str) -> Response:
         )
     response = redirect(target, code=303)
     return sign_in_member(response, int(opened["member_id"]), detail="viewer opened from the EMR")
+
+
+@bp.post("/reports/<package_id>/<int:item_id>")
+def save_report(package_id: str, item_id: int) -> Response:
+    """Write a received report to the patient's chart as a DocumentReference."""
+    try:
+        context, reader = _live_context()
+        sent = request.form.get("csrf", "")
+        if not sent or not hmac.compare_digest(sent, str(context.get("csrf", ""))):
+            raise LaunchRejected("the form expired; reload the page and try again")
+        if not load_settings().write_back:
+            raise LaunchRejected("saving reports to the chart is off on this hub")
+        patient = fhir.patient_summary(reader.read(f"Patient/{context['patient']}"))
+        rows = [
+            r
+            for r in fhir.received_for(patient)
+            if r["package"] == package_id and any(i["item"] == item_id for i in r["reports"])
+        ]
+        if not rows:  # only this patient's reports go into this patient's chart
+            raise LaunchRejected("this report is not of the patient in the chart")
+        content = open_package(package_id)
+        item, data = writeback.read_report(content, item_id)
+        resource = writeback.document_reference(
+            context["patient"], content, item, data, [r["study_uid"] for r in rows]
+        )
+        created = reader.create(resource)
+    except EmixError as exc:
+        return _refused(exc, getattr(g.get("principal"), "email", "unknown"))
+    audit_hub_event(
+        AuditEvent(
+            event_type="export",
+            action=AuditAction.CREATE,
+            actor=g.principal.email,
+            package_id=package_id,
+            phi={"patient": context["patient"], "document": created},
+            detail="report saved to the EMR's chart as a DocumentReference",
+        )
+    )
+    return _notice(
+        "Saved to the chart",
+        "The report is in the patient's chart in the EMR as a document.",
+        201,
+        "Go back to the patient's emix page to open the images.",
+    )
 
 
 @bp.get("/study/<study_id>")

@@ -41,7 +41,9 @@ def smart_table(ehr: EhrSimulator, **settings: Any) -> str:
     }
     lines = ["[smart]"]
     for key, value in values.items():
-        if isinstance(value, list):
+        if isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        elif isinstance(value, list):
             lines.append(f"{key} = [{', '.join(repr(v) for v in value)}]")
         else:
             lines.append(f"{key} = {value!r}")

@@ -342,6 +342,7 @@ class EhrSimulator:
                         "launch",
                         "launch/patient",
                         "patient/*.rs",
+                        "patient/DocumentReference.c",
                         "offline_access",
                     ],
                     "response_types_supported": ["code"],
@@ -412,6 +413,21 @@ class EhrSimulator:
 
             query = urlencode({"iss": sim.fhir_base, "launch": launch})
             return redirect(f"{request.args['app']}?{query}")
+
+        @app.post("/fhir/DocumentReference")
+        def create_document() -> Any:
+            granted = sim._granted()
+            if "patient/DocumentReference.c" not in granted["scope"].split():
+                abort(403)
+            resource = request.get_json(force=True)
+            if resource.get("subject", {}).get("reference") != f"Patient/{granted['patient']}":
+                abort(403)
+            resource["id"] = f"doc-{len(sim.resources['DocumentReference']) + 1}"
+            sim.resources["DocumentReference"][resource["id"]] = resource
+            answer = jsonify(resource)
+            answer.status_code = 201
+            answer.headers["Location"] = f"{sim.fhir_base}/DocumentReference/{resource['id']}"
+            return answer
 
         @app.get("/fhir/<resource_type>/<resource_id>")
         def read(resource_type: str, resource_id: str) -> Any:
@@ -511,6 +527,7 @@ def sample_resources(patient_id: str = "PID-7734-XQ", study_uid: str = "") -> di
                 "description": "CT chest outside study",
             }
         },
+        "DocumentReference": {},
         "DiagnosticReport": {
             "rep-1": {
                 "resourceType": "DiagnosticReport",

@@ -15,7 +15,7 @@ from conftest import CLIENT_ID, SECRET, Launch, configure
 from ehr_simulator import Client
 
 from emix_core import PluginRecords, generate_study, send_paths
-from emix_core.testing import PATIENT_ID, PATIENT_NAME
+from emix_core.testing import PATIENT_ID, PATIENT_NAME, write_study_with_report
 
 
 @pytest.fixture
@@ -103,6 +103,41 @@ def test_received_studies_of_the_patient_are_listed_with_open_in_viewer(
     assert "StudyInstanceUIDs=" in opened.headers["Location"]
     assert "emix_session=" in opened.headers["Set-Cookie"]
     assert tab.get("/smart/open/" + link).status_code == 404  # once only
+
+
+def test_a_received_report_is_saved_to_the_chart_as_a_document_reference(
+    hub_server, ehr, tmp_path: Path
+):
+    configure(hub_server.home, ehr, write_back=True)
+    study = write_study_with_report(tmp_path / "study", slices=2, series=1)
+    home, client = hub_server.facility_home(tmp_path, "mercy")
+    sent = send_paths([study], ["lakeside"], client=client, home=home)
+
+    launch = launch_of(hub_server, ehr)
+    launch.ehr_launch()
+    assert "patient/DocumentReference.c" in launch.params["scope"].split()
+    html = launch.client.get("/smart/").get_data(as_text=True)
+    assert "Save report to the chart" in html
+    action = html.split('action="/smart/reports/')[1].split('"')[0]
+    form = html.split('action="/smart/reports/')[1]
+    csrf = form.split('name="csrf" value="')[1].split('"')[0]
+    assert action.startswith(f"{sent.package_id}/")
+
+    # without the form's token: refused, nothing written
+    refused(launch.client.post(f"/smart/reports/{action}", data={}), "form expired")
+    assert ehr.resources["DocumentReference"] == {}
+
+    saved = launch.client.post(f"/smart/reports/{action}", data={"csrf": csrf})
+    assert saved.status_code == 201, saved.get_data(as_text=True)
+    (document,) = ehr.resources["DocumentReference"].values()
+    assert document["subject"]["reference"] == "Patient/pat-1"
+    assert document["type"]["coding"][0]["code"] == "18748-4"
+    attachment = document["content"][0]["attachment"]
+    pdf = (study / "report.pdf").read_bytes()
+    assert attachment["contentType"] == "application/pdf"
+    assert base64.b64decode(attachment["data"]) == pdf
+    related = document["context"]["related"][0]["identifier"]["value"]
+    assert related.startswith("urn:oid:1") or related.startswith("urn:oid:2")
 
 
 def test_refresh_renews_an_expired_access_token_on_the_hub(smart_hub, ehr):
