@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from datetime import timedelta
@@ -41,6 +42,8 @@ CONTEXT_COOKIE = "emix_smart"
 TX_COOKIE = "emix_smart_tx"
 #: Refresh the access token when it has less than this left, seconds.
 REFRESH_MARGIN = 30
+#: A FHIR resource id (R4 ``id``): what the EMR's context may name, nothing else.
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: A link from the EMR's emix page to the viewer works once, for this long.
 OPEN_TTL = timedelta(minutes=2)
 
@@ -192,8 +195,10 @@ def _callback() -> Response:
         raise LaunchRejected("the EMR sent no id_token; emix needs the openid scope")
     claims = oauth.verify_id_token(settings, server, tokens["id_token"], transaction["nonce"])
     patient = str(tokens.get("patient") or "")
-    if not patient or len(patient) > 64:
+    if not patient:
         raise LaunchRejected("the EMR gave no patient context; open emix from a patient's chart")
+    if not FHIR_ID.fullmatch(patient):
+        raise LaunchRejected("the EMR's patient context is not a FHIR resource id")
     member = _member_of(server, tokens, claims)
     if member is None:
         return _notice(
@@ -248,8 +253,9 @@ def _landing(tokens: dict[str, Any], server: oauth.Server, patient: str) -> str:
     that was received (SMART 2 ``fhirContext`` naming an ImagingStudy)."""
     for item in tokens.get("fhirContext") or []:
         reference = str(item.get("reference") or "") if isinstance(item, dict) else ""
-        if reference.startswith("ImagingStudy/"):
-            return f"/smart/study/{reference.removeprefix('ImagingStudy/')[:64]}"
+        study = reference.removeprefix("ImagingStudy/")
+        if reference.startswith("ImagingStudy/") and FHIR_ID.fullmatch(study):
+            return f"/smart/study/{study}"
     return "/smart/"
 
 
@@ -405,6 +411,8 @@ def save_report(package_id: str, item_id: int) -> Response:
 def study(study_id: str) -> Response:
     """The EMR launched emix for one ImagingStudy: its received copy in the viewer."""
     try:
+        if not FHIR_ID.fullmatch(study_id):
+            raise LaunchRejected("not a FHIR resource id")
         context, reader = _live_context()
         imaging = reader.read(f"ImagingStudy/{study_id}")
         subject = str((imaging.get("subject") or {}).get("reference") or "")

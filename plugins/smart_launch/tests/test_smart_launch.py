@@ -331,6 +331,14 @@ def test_a_fhir_user_on_another_server_is_not_followed(smart_hub, ehr):
     refused(launch_of(smart_hub, ehr).ehr_launch(), "named a resource on another server")
 
 
+def test_a_patient_context_that_is_not_a_fhir_id_is_refused(smart_hub, ehr):
+    launch = launch_of(smart_hub, ehr)
+    launch.start(urlencode({"iss": ehr.fhir_base, "launch": ehr.new_launch("../Practitioner/x")}))
+    launch.authorize()
+    refused(launch.callback(), "not a FHIR resource id")
+    refused(launch.client.get("/smart/study/x%3Cscript%3E"), "not a FHIR resource id")
+
+
 def test_hostile_launch_parameters_are_cut_and_refused(smart_hub, ehr):
     launch = launch_of(smart_hub, ehr)
     answer = launch.start(urlencode({"iss": "javascript:alert(1)", "launch": "x" * 100000}))
