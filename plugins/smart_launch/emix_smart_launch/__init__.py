@@ -16,6 +16,7 @@ __all__ = ["emix_register_blueprints"]
 
 @hookimpl
 def emix_register_blueprints(register: Callable[..., None]) -> None:
+    from . import pages  # noqa: F401  (its routes join the blueprint)
     from .views import bp
 
     register(bp)
