@@ -9,14 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import click
+
 from emix_core import hookimpl
 
-__all__ = ["emix_register_blueprints"]
+__all__ = ["emix_register_blueprints", "emix_register_commands"]
 
 
 @hookimpl
 def emix_register_blueprints(register: Callable[..., None]) -> None:
-    from . import pages  # noqa: F401  (its routes join the blueprint)
+    from . import pages, share  # noqa: F401  (their routes join the blueprint)
     from .views import bp
 
     register(bp)
+    register(share.api)
+
+
+@hookimpl
+def emix_register_commands(cli: click.Group) -> None:
+    from .cli import smart
+
+    cli.add_command(smart)

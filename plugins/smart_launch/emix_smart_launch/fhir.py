@@ -201,6 +201,7 @@ def imaging_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         modalities = [m.get("code", "") for m in s.get("modality") or [] if isinstance(m, dict)]
         rows.append(
             {
+                "id": str(s.get("id") or ""),
                 "uid": study_uid_of(s),
                 "started": str(s.get("started") or "")[:10] or "—",
                 "description": s.get("description") or "(no description)",
