@@ -28,6 +28,14 @@ def test_records_are_single_use_expire_and_keep_no_key_in_clear(hub_app):
         assert records.get("old") is None and records.take("old") is None
         assert PluginRecords("other-plugin").get("secret-state") is None
         records.put("kept", {"a": 1}, timedelta(minutes=5))
+        # a group: each record its own row, taken together, once
+        for n in range(3):
+            records.put(f"queued-{n}", {"n": n}, timedelta(minutes=5), group="facility-a")
+        records.put("late", {"n": 9}, timedelta(seconds=-1), group="facility-a")
+        records.put("other", {"n": 7}, timedelta(minutes=5), group="facility-b")
+        assert records.take_group("facility-a") == [{"n": 0}, {"n": 1}, {"n": 2}]
+        assert records.take_group("facility-a") == []
+        assert records.take_group("facility-b") == [{"n": 7}]
     raw = (hub_app.home / "metadata.db").read_bytes()
     assert b"secret-state" not in raw and b"kept" not in raw
 

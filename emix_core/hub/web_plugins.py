@@ -82,8 +82,15 @@ class PluginRecords:
     def _hash(key: str) -> str:
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
-    def put(self, key: str, value: dict[str, Any], ttl: timedelta) -> None:
-        """Store (or replace) a record that expires after ``ttl``."""
+    def put(
+        self, key: str, value: dict[str, Any], ttl: timedelta, group: str | None = None
+    ) -> None:
+        """Store (or replace) a record that expires after ``ttl``.
+
+        :param group: a name to take it with others later (:meth:`take_group`), e.g. a
+            queue per facility; each record stays a row of its own, so concurrent puts
+            never overwrite each other.
+        """
         data = json.dumps(value, separators=(",", ":")).encode("utf-8")
         now = utcnow()
         with _hub().db.session() as session:
@@ -97,6 +104,7 @@ class PluginRecords:
                 PluginRecord(
                     namespace=self.namespace,
                     key_hash=self._hash(key),
+                    group_name=group[:128] if group else None,
                     value=data,
                     expires=now + ttl,
                 )
@@ -136,6 +144,27 @@ class PluginRecords:
                 return None
             value: dict[str, Any] = json.loads(row.value)
             return value
+
+    def take_group(self, group: str, limit: int = 500) -> list[dict[str, Any]]:
+        """Remove and return the unexpired records of a group, oldest first; a record is
+        handed to one caller only, even when several take at once."""
+        taken: list[dict[str, Any]] = []
+        with _hub().db.session() as session:
+            rows = session.scalars(
+                select(PluginRecord)
+                .where(
+                    PluginRecord.namespace == self.namespace,
+                    PluginRecord.group_name == group[:128],
+                )
+                .order_by(PluginRecord.id)
+                .limit(limit)
+            ).all()
+            now = utcnow()
+            for row in rows:
+                gone = session.execute(delete(PluginRecord).where(PluginRecord.id == row.id))
+                if gone.rowcount == 1 and _aware(row.expires) >= now:  # type: ignore[attr-defined]
+                    taken.append(json.loads(row.value))
+        return taken
 
     def delete(self, key: str) -> None:
         with _hub().db.session() as session:

@@ -231,6 +231,8 @@ class PluginRecord(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     namespace: Mapped[str] = mapped_column(String(64))
     key_hash: Mapped[str] = mapped_column(String(64))
+    #: Records a plugin takes together (e.g. one facility's queued requests); may be None.
+    group_name: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
     expires: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 

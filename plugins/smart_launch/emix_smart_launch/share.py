@@ -39,19 +39,17 @@ api = Blueprint("smart_launch_api", __name__, url_prefix="/api/v1/smart")
 
 #: A request waits this long for the facility's side to take it.
 SHARE_TTL = timedelta(days=7)
-#: Requests kept per facility at most (the oldest are dropped beyond).
-MAX_PENDING = 500
+#: Requests handed over per call at most (the rest wait for the next call).
+MAX_TAKEN = 100
 
 
-def _queue_key(facility: str) -> str:
+def _queue(facility: str) -> str:
     return f"shares:{facility}"
 
 
 def queue_share(facility: str, share: dict[str, Any]) -> None:
-    records = store.records()
-    pending = (records.take(_queue_key(facility)) or {}).get("shares", [])
-    pending = [*pending, share][-MAX_PENDING:]
-    records.put(_queue_key(facility), {"shares": pending}, SHARE_TTL)
+    """Keep a request for the facility's side (a record of its own in the facility's queue)."""
+    store.records().put(f"share:{share['id']}", share, SHARE_TTL, group=_queue(facility))
 
 
 @bp.post("/share/<imaging_id>")
@@ -110,8 +108,7 @@ def take_shares() -> Any:
     principal = current_principal()
     if not is_allowed(principal, "member:list", principal.facility):
         return jsonify({"error": "not_found", "message": "not found"}), 404
-    taken = store.records().take(_queue_key(principal.facility)) or {}
-    shares = taken.get("shares", [])
+    shares = store.records().take_group(_queue(principal.facility), limit=MAX_TAKEN)
     if shares:
         audit_hub_event(
             AuditEvent(

@@ -44,8 +44,11 @@ def test_a_share_request_waits_for_the_facility_and_is_handed_over_once(launched
     assert hub_app.client.get("/api/v1/smart/shares", headers=hub_app.headers("mercy")).json == {
         "shares": []
     }  # another facility sees nothing
+    again = launch.client.post("/smart/share/img-1", data={"csrf": csrf, "to": "mercy"})
+    assert again.status_code == 202  # a second request is kept beside the first
     taken = hub_app.client.get("/api/v1/smart/shares", headers=hub_app.headers("lakeside")).json
-    (share,) = taken["shares"]
+    share, second = taken["shares"]
+    assert share["id"] != second["id"]
     assert share["study_uid"] == UID and share["to"] == "mercy"
     assert share["requested_by"] == "it@lakeside.example.org"
     again = hub_app.client.get("/api/v1/smart/shares", headers=hub_app.headers("lakeside"))

@@ -20,13 +20,16 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("namespace", sa.String(64), nullable=False),
         sa.Column("key_hash", sa.String(64), nullable=False),
+        sa.Column("group_name", sa.String(128), nullable=True),
         sa.Column("value", sa.LargeBinary, nullable=False),
         sa.Column("expires", sa.DateTime(timezone=True), nullable=False),
         sa.UniqueConstraint("namespace", "key_hash"),
     )
     op.create_index("ix_plugin_records_expires", "plugin_records", ["expires"])
+    op.create_index("ix_plugin_records_group_name", "plugin_records", ["group_name"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_plugin_records_group_name", table_name="plugin_records")
     op.drop_index("ix_plugin_records_expires", table_name="plugin_records")
     op.drop_table("plugin_records")
