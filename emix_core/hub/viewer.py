@@ -38,6 +38,13 @@ WORKER_CSP = (
     "default-src 'self'; script-src 'self' 'wasm-unsafe-eval' 'unsafe-eval'; "
     "connect-src 'self'; object-src 'none'"
 )
+#: A content hash in a bundle file's name (``1602.bundle.94f12cceab7c2762.js``,
+#: ``0ddf166f7a343eda.wasm``): the name changes whenever the bytes do.
+HASHED_NAME = re.compile(r"(?:^|\.)[0-9a-f]{16,}\.")
+#: Hashed bundle files never change under their name: browsers keep them for a year.
+IMMUTABLE = "public, max-age=31536000, immutable"
+#: The page, its config and unhashed files: kept, but checked with the hub before each use.
+REVALIDATE = "no-cache"
 
 
 def viewer_dir(home: Path | None = None) -> Path:
@@ -249,6 +256,13 @@ def html_csp(html: str) -> str:
     )
 
 
+def cache_control(name: str) -> str:
+    """How long a browser may keep a viewer file: a year when its name carries a content
+    hash, else only with a check (``ETag``) on each use. No viewer file holds PHI: the
+    images come from DICOMweb, which is never cached."""
+    return IMMUTABLE if HASHED_NAME.search(name) else REVALIDATE
+
+
 def _signed_in() -> bool:
     from emix_core.hub.web import web_principal
 
@@ -272,7 +286,7 @@ def serve(path: str) -> Response:
         )
     if path == "app-config.js":
         response = Response(app_config(), mimetype="application/javascript")
-        response.headers["Cache-Control"] = "no-store"
+        response.headers["Cache-Control"] = REVALIDATE
         return response
     dist = viewer_dir() / "dist"
     name = Path(path).name
@@ -288,12 +302,13 @@ def serve(path: str) -> Response:
         html = target.read_text(encoding="utf-8")
         response = Response(html, mimetype="text/html")
         response.headers["Content-Security-Policy"] = html_csp(html)
-        response.headers["Cache-Control"] = "no-store"
+        response.headers["Cache-Control"] = REVALIDATE
         return response
     mimetype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
     if target.suffix == ".wasm":
         mimetype = "application/wasm"
-    response = send_file(target, mimetype=mimetype, max_age=3600, conditional=True)
+    response = send_file(target, mimetype=mimetype, conditional=True)
+    response.headers["Cache-Control"] = cache_control(target.name)
     if target.suffix in (".js", ".mjs"):
         response.headers["Content-Security-Policy"] = WORKER_CSP
     return response
