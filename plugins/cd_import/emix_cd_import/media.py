@@ -150,11 +150,19 @@ class Medium:
 
 
 class FolderMedium(Medium):
-    """A mounted disc, a USB stick or a copied folder. Links are never followed."""
+    """A mounted disc, a USB stick or a copied folder.
+
+    A link is never followed out of the folder: it is reported (``link``) and left out.
+    A link to a file inside the folder is read as that file, and a link to a folder inside
+    it is skipped quietly (what it holds is read where it really is). That is how a folder
+    emix received carries its DICOMDIR (``DIRLINKS/PT…/IM…`` links to ``DICOM/…``), so that
+    such a folder reads cleanly, with its index.
+    """
 
     def __init__(self, root: Path, limits: Limits) -> None:
         super().__init__("folder")
         self.root = root
+        self._real_root = root.resolve()
         for current, folders, names in os.walk(root, followlinks=False):
             relative = Path(current).relative_to(root)
             if len(relative.parts) >= limits.max_depth:
@@ -164,16 +172,32 @@ class FolderMedium(Medium):
                 )
                 continue
             for name in sorted(folders):
-                if (Path(current) / name).is_symlink():
+                path = Path(current) / name
+                if path.is_symlink() and self._inside(path) is None:
                     self._link(relative / name)
             folders[:] = sorted(f for f in folders if not (Path(current) / f).is_symlink())
             for name in sorted(names):
                 path = Path(current) / name
                 st = path.lstat()
                 if stat.S_ISLNK(st.st_mode):
-                    self._link(relative / name)
+                    target = self._inside(path)
+                    if target is None:
+                        self._link(relative / name)
+                    elif target.is_file():
+                        size = target.stat().st_size
+                        self._add((relative / name).as_posix(), size, target, limits)
                 elif stat.S_ISREG(st.st_mode):
                     self._add((relative / name).as_posix(), st.st_size, path, limits)
+
+    def _inside(self, link: Path) -> Path | None:
+        """Where ``link`` leads, when that is inside the folder (no link on the way out)."""
+        try:
+            target = link.resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop of links
+            return None
+        if target == self._real_root or not target.is_relative_to(self._real_root):
+            return None
+        return target
 
     def _link(self, relative: Path) -> None:
         self.problems.append(

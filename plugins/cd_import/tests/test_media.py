@@ -343,3 +343,49 @@ def test_reconcile_hook_default_maps_an_explicit_id_and_a_plugin_overrides_it():
     }
     other = {"PatientID": "EXT-2"}
     assert hooks.reconcile_patient(other, "MRN-7", "cd") == {"PatientID": "MRN-7"}
+
+
+# --------------------------------------------------------------------------- links in folders
+
+
+def test_a_folder_emix_received_reads_cleanly_through_its_dicomdir(hub_server, tmp_path):
+    from emix_core import generate_study, receive_package, send_paths
+
+    study = tmp_path / "study"
+    generated = generate_study(study, slices=3, series=2, rows=64, columns=64)
+    mercy, mercy_client = hub_server.facility_home(tmp_path, "mercy")
+    lakeside, lakeside_client = hub_server.facility_home(tmp_path, "lakeside")
+    sent = send_paths([study], ["lakeside"], client=mercy_client, home=mercy)
+    folder = receive_package(
+        sent.package_id, tmp_path / "in", client=lakeside_client, home=lakeside
+    ).path
+    assert any(p.is_symlink() for p in (folder / "DIRLINKS").rglob("*"))
+    data = inspect(folder)
+    assert data["problems"] == []  # no link, missing-file or not-in-dicomdir noise
+    assert data["dicomdir"] is True
+    assert data["counts"]["instances"] == len(generated)
+    assert data["counts"]["series"] == 2
+    shown = emix("cd", "inspect", str(folder))
+    assert "link" not in shown.stdout + shown.stderr and "problem" not in shown.stdout.lower()
+
+
+def test_links_out_of_a_folder_are_still_refused(cd_folder, tmp_path):
+    secret = tmp_path / "outside.dcm"
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), secret)
+    (cd_folder / "OUTSIDE").symlink_to(secret)
+    (cd_folder / "UP").symlink_to(tmp_path, target_is_directory=True)
+    (cd_folder / "ROOT").symlink_to(cd_folder, target_is_directory=True)
+    (cd_folder / "GONE").symlink_to(tmp_path / "nothing-here")
+    data = inspect(cd_folder)
+    links = sorted(p["where"] for p in data["problems"] if p["code"] == "link")
+    assert links == ["GONE", "OUTSIDE", "ROOT", "UP"]
+    assert counts(data) == ALL  # the CT behind the link was not read
+
+
+def test_a_link_inside_the_folder_is_read_as_its_file(cd_folder):
+    image = next(p for p in sorted((cd_folder / "77654033").rglob("*")) if p.is_file())
+    (cd_folder / "ALIAS").symlink_to(image)
+    (cd_folder / "SAME").symlink_to(cd_folder / "77654033", target_is_directory=True)
+    data = inspect(cd_folder)
+    assert "link" not in codes(data)
+    assert counts(data) == ALL  # read once, not twice
