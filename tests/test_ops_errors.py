@@ -113,6 +113,23 @@ def test_verbose_logs_with_timestamps_on_every_command(tmp_path: Path) -> None:
         assert "--verbose" in emix(*command, "--help").stdout
 
 
+def test_hub_init_and_facility_add_on_the_command_line(tmp_path: Path) -> None:
+    # the fixtures make hubs and facilities in-process: this is their command line
+    home = tmp_path / "hub"
+    made = emix_json("hub", "init", "--home", str(home), "--port", "8123")
+    assert made["public_url"] == "http://127.0.0.1:8123" and made["home"] == str(home)
+    added = emix_json(
+        "hub", "facility", "add", "Mercy General", "--email", "admin@mercy.example.org",
+        "--address", "mercy", "--report-format", "hl7", "--home", str(home),
+    )  # fmt: skip
+    assert added["address"] == "mercy" and added["token"].startswith("emx_")
+    text = emix("hub", "facility", "add", "Lakeside Imaging", "--email", "it@lakeside.example.org",
+                "--home", str(home)).stdout  # fmt: skip
+    assert "facility lakeside-imaging added" in text and "shown once" in text
+    listed = emix_json("hub", "facility", "list", "--home", str(home))
+    assert sorted(f["address"] for f in listed["facilities"]) == ["lakeside-imaging", "mercy"]
+
+
 def test_hub_init_refuses_a_facility_home(tmp_path: Path) -> None:
     from emix_core.client.home import LocalHome
 
@@ -192,8 +209,7 @@ def test_members_and_token_commands(hub, mercy, lakeside, smtp_server) -> None:
     new = emix_json("token", "rotate", env=mercy.env)["token"]
     assert emix("inbox", env=mercy.env, check=False).returncode == 1
     fresh = {**mercy.env, "EMIX_TOKEN": new}
-    emix("inbox", env=fresh)
-    emix("token", "revoke", "--yes", env=fresh)
+    emix("token", "revoke", "--yes", env=fresh)  # succeeds: the new token works
     assert "refused the token" in emix("inbox", env=fresh, check=False).stderr
     audit = emix("audit", "verify", "--home", str(hub.home))
     assert audit.returncode == 0

@@ -267,20 +267,17 @@ class HubProcess:
                 self.process.wait()
 
     def add_facility(self, name: str, email: str, address: str, fmt: str = "pdf") -> dict:
-        info = emix_json(
-            "hub",
-            "facility",
-            "add",
-            name,
-            "--email",
-            email,
-            "--address",
-            address,
-            "--report-format",
-            fmt,
-            "--home",
-            str(self.home),
-        )
+        """Add a facility as ``emix hub facility add`` does, in this process (the command
+        itself is tested on its own: a child process here would only cost start-up time)."""
+        from emix_core.hub.context import open_hub
+        from emix_core.hub.facilities import add_facility
+
+        hub = open_hub(self.home)
+        try:
+            info = add_facility(hub, name, email, address=address, report_format=fmt)
+        finally:
+            hub.audit_log.close()
+            hub.db.engine.dispose()
         self.facilities[address] = info
         return info
 
@@ -294,9 +291,12 @@ class HubProcess:
 
 def make_hub(tmp_path: Path, hub_settings: str = "", env: dict[str, str] | None = None):
     """Initialise a hub home (``hub_settings``: extra TOML lines for ``[hub]``) and start it."""
+    from emix_core.hub.context import init_hub_home
+
     home = tmp_path / "hub"
     port = free_port()
-    emix("hub", "init", "--home", str(home), "--port", str(port))
+    # as `emix hub init --home HOME --port PORT`, in this process
+    init_hub_home(home, port=port)
     if hub_settings:
         config = home / "emix.toml"
         config.write_text(config.read_text().replace("[hub]\n", f"[hub]\n{hub_settings}\n", 1))
