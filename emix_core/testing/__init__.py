@@ -17,6 +17,9 @@ conftest of their own. They start **real** peers on 127.0.0.1 only and stop them
 
 Helpers: :func:`emix` and :func:`emix_json` run the real command line,
 :func:`make_hub` starts another hub, :func:`free_port` finds a loopback port.
+:class:`GatewayProcess` runs ``emix gateway run`` in a child process, :func:`gateway_config`
+writes its configuration for a facility of a test hub, :func:`wait_for` polls
+(:mod:`emix_core.testing.gateway`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ __all__ = [
     "make_hub",
     "side",
     "write_study_with_report",
+    # gateway and listener processes, from emix_core.testing.gateway
+    "EmixProcess",
+    "GatewayProcess",
+    "gateway_config",
+    "wait_for",
     # fuzzing helpers, from emix_core.testing.fuzz (needs hypothesis; imported on first use)
     "fuzz_settings",
     "mutated",
@@ -76,6 +84,10 @@ _ENGINE_NAMES = frozenset(__all__[__all__.index("CephRgw") :])
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("EmixProcess", "GatewayProcess", "gateway_config", "wait_for"):
+        from emix_core.testing import gateway
+
+        return getattr(gateway, name)
     if name in ("fuzz_settings", "mutated", "within_limits"):
         from emix_core.testing import fuzz
 

@@ -1,32 +1,22 @@
-"""Helpers of the DIMSE tests: a listener process, dcmtk tools, dataset comparison."""
+"""Helpers of the DIMSE tests: a listener process, dcmtk tools, dataset comparison.
+
+The gateway process and polling come from :mod:`emix_core.testing`."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import struct
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
-from emix_core.testing import HubProcess, emix, free_port
+from emix_core.testing import EmixProcess, HubProcess, emix, free_port, gateway_config, wait_for
+from emix_core.testing import GatewayProcess as BaseGateway
+
+__all__ = ["DCMTK", "GatewayProcess", "ListenerProcess", "gateway_config", "wait_for"]
 
 DCMTK = shutil.which("storescu") and shutil.which("echoscu")
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -65,25 +55,29 @@ def as_dcmtk_sends(
     return out
 
 
-@dataclass
-class ListenerProcess:
+class ListenerProcess(EmixProcess):
     """``emix dimse listen`` in a child process, sending as facility ``address``."""
 
-    root: Path
-    hub: HubProcess | None
-    address: str
-    args: list[str] = field(default_factory=list)
-    ae_title: str = "EMIX"
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
+    def __init__(
+        self,
+        root: Path,
+        hub: HubProcess | None,
+        address: str,
+        args: list[str] | None = None,
+        ae_title: str = "EMIX",
+        port: int | None = None,
+    ) -> None:
+        super().__init__(root / "listen.log")
+        self.root = root
+        self.hub = hub
+        self.address = address
+        self.args = list(args or [])
+        self.ae_title = ae_title
+        self.port = port or free_port()
 
     @property
     def home(self) -> Path:
         return self.root / "home"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "listen.log"
 
     def env(self) -> dict[str, str]:
         if self.hub is None:  # nothing leaves: what arrives stays in the spool
@@ -119,58 +113,13 @@ class ListenerProcess:
             return db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
 
     def start(self) -> ListenerProcess:
-        self.root.mkdir(parents=True, exist_ok=True)
         started = self.log_text().count("dimse.listener.started")
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "emix_core",
-                    "dimse",
-                    "listen",
-                    "--ae-title",
-                    self.ae_title,
-                    "--port",
-                    str(self.port),
-                    "--host",
-                    "127.0.0.1",
-                    *self.args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **self.env()},
-            )
-        wait_for(
-            lambda: (
-                self.log_text().count("dimse.listener.started") > started
-                or self.process.poll() is not None
-            ),
-            30,
-            "the listener",
-        )
-        assert self.process.poll() is None, self.log_text()
+        self.spawn(
+            "dimse", "listen", "--ae-title", self.ae_title, "--port", str(self.port),
+            "--host", "127.0.0.1", *self.args, env=self.env(),
+        )  # fmt: skip
+        self.wait_logged("dimse.listener.started", after=started)
         return self
-
-    def log_text(self) -> str:
-        return self.log.read_text("utf-8", errors="replace") if self.log.exists() else ""
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
 
 def storescu(
@@ -217,66 +166,8 @@ def received_files(package: str, out: Path, env: dict[str, str]) -> list[Path]:
     return sorted(p for p in (out / package).rglob("*.dcm"))
 
 
-@dataclass
-class GatewayProcess:
-    """``emix gateway run`` with a given gateway.toml, in a child process."""
-
-    root: Path
-    config: str
-    process: subprocess.Popen | None = None
-
-    def start(self) -> GatewayProcess:
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "gateway.toml").write_text(self.config, "utf-8")
-        with open(self.root / "gateway.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "emix_core",
-                    "gateway",
-                    "run",
-                    "--config",
-                    str(self.root / "gateway.toml"),
-                    "--log-format",
-                    "json",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def log_text(self) -> str:
-        path = self.root / "gateway.log"
-        return path.read_text("utf-8", errors="replace") if path.exists() else ""
+class GatewayProcess(BaseGateway):
+    """A gateway whose DICOM listener is awaited before the test goes on."""
 
     def wait_listening(self) -> None:
-        wait_for(
-            lambda: "dimse.listener.started" in self.log_text() or self.process.poll() is not None,
-            30,
-            "the gateway's listener",
-        )
-        assert self.process.poll() is None, self.log_text()
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def gateway_config(hub: HubProcess, address: str, *tables: str) -> str:
-    token = hub.facilities[address]["token"]
-    head = (
-        f'[gateway]\nhome = "home"\nhub_url = "{hub.url}"\ntoken = "{token}"\n'
-        "poll_seconds = 0.2\nretry_max_seconds = 2\n"
-    )
-    return head + "\n" + "\n".join(tables)
+        self.wait_logged("dimse.listener.started")

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from emix_core.testing import HubProcess, emix_json
+from emix_core.testing import GatewayProcess, HubProcess, wait_for
 
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+__all__ = ["Site", "files_under", "sha256", "wait_for"]
 
 
 def sha256(path: Path) -> str:
@@ -35,19 +19,18 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
-@dataclass
-class Site:
+class Site(GatewayProcess):
     """One facility's gateway: its folders, its gateway.toml and its process."""
 
-    address: str
-    root: Path
-    hub: HubProcess
-    source: dict = field(default_factory=dict)
-    process: subprocess.Popen | None = None
+    def __init__(self, address: str, root: Path, hub: HubProcess, source: dict | None = None):
+        super().__init__(root)
+        self.address = address
+        self.hub = hub
+        self.source = dict(source or {})
 
     @property
     def config(self) -> Path:
-        return self.root / "gateway.toml"
+        return self.config_file
 
     def folder(self, name: str) -> Path:
         return self.root / name
@@ -85,42 +68,10 @@ class Site:
         ]
         self.config.write_text("\n".join(lines) + "\n", "utf-8")
 
-    def start(self) -> None:
+    def start(self) -> Site:
         self.write_config()
-        log = open(self.root / "gateway.log", "ab")  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "emix_core",
-                "gateway",
-                "run",
-                "--config",
-                str(self.config),
-                "--log-format",
-                "json",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup of any kind."""
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def status(self) -> dict:
-        return emix_json("gateway", "status", "--config", str(self.config))
+        super().start()
+        return self
 
     def wait_cycles(self, count: int = 3, timeout: float = 30) -> None:
         """Wait until the drop-folder source completed ``count`` more work cycles: after
@@ -131,10 +82,6 @@ class Site:
             timeout,
             f"{count} more cycles of the {self.address} gateway",
         )
-
-    def log_text(self) -> str:
-        path = self.root / "gateway.log"
-        return path.read_text("utf-8", errors="replace") if path.exists() else ""
 
     def inbox_packages(self, sender: str) -> list[Path]:
         folder = self.root / "inbox" / sender
