@@ -1,4 +1,4 @@
-"""Build and install throw-away plugin distributions, exactly as a vendor's would install."""
+"""Throw-away plugin distributions, installed as a vendor's users would install them."""
 
 from __future__ import annotations
 
@@ -9,29 +9,25 @@ from pathlib import Path
 
 
 def install_plugin(tmp_path: Path, name: str, code: str) -> Path:
-    """pip-install a one-module plugin (entry point ``name`` in group ``emix``) into a folder.
+    """Install a one-module plugin (entry point ``name`` in group ``emix``) into a folder,
+    laid out as ``pip install --target`` lays it out: the module and a ``.dist-info`` with
+    its entry points (written directly: a pip run and a setuptools build only cost time
+    here; :func:`pip_install` proves the real install of the example plugin).
 
     :return: the folder to put on ``PYTHONPATH``.
     """
-    project = tmp_path / f"src-{name}"
+    target = tmp_path / f"site-{name}"
     module = f"emix_test_{name}"
-    (project / module).mkdir(parents=True)
-    (project / module / "__init__.py").write_text(textwrap.dedent(code))
-    (project / "pyproject.toml").write_text(
-        textwrap.dedent(f"""
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "emix-test-{name}"
-        version = "1.2.3"
-        [project.entry-points.emix]
-        {name} = "{module}"
-        [tool.setuptools]
-        packages = ["{module}"]
-    """)
+    (target / module).mkdir(parents=True)
+    (target / module / "__init__.py").write_text(textwrap.dedent(code))
+    info = target / f"emix_test_{name}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: emix-test-{name}\nVersion: 1.2.3\n"
     )
-    return pip_install(project, tmp_path / f"site-{name}")
+    (info / "entry_points.txt").write_text(f"[emix]\n{name} = {module}\n")
+    (info / "top_level.txt").write_text(f"{module}\n")
+    return target
 
 
 def pip_install(project: Path, target: Path) -> Path:
