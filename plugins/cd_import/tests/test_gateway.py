@@ -12,18 +12,9 @@ import pytest
 from discs import pycdlib_iso
 
 from emix_core import ConfigError, HubClient, load_gateway
+from emix_core.testing import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_config(root: Path, hub, source: str) -> Path:  # noqa: ANN001
