@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 
@@ -78,10 +79,11 @@ def test_sending_side_log_is_chained_and_keeps_the_hubs_checkpoint(hub, mercy, s
     _send_small(study_200, tmp_path, mercy.env)
     local = emix_json("audit", "verify", "--home", mercy.env["EMIX_HOME"])
     assert local["ok"] is True and local["rows"] >= 2
-    checkpoints = emix_json("audit", "checkpoints", "--home", mercy.env["EMIX_HOME"])
-    assert checkpoints["checkpoints"], "the hub's signed checkpoint is kept locally"
+    # always JSON, with or without --json: what an operator redirects into a file
+    printed = emix("audit", "checkpoints", "--home", mercy.env["EMIX_HOME"]).stdout
+    assert json.loads(printed)["checkpoints"], "the hub's signed checkpoint is kept locally"
     saved = tmp_path / "cp.json"
-    saved.write_text(emix("audit", "checkpoints", "--home", mercy.env["EMIX_HOME"]).stdout)
+    saved.write_text(printed)
     assert (
         emix_json("audit", "verify", "--home", str(hub.home), "--checkpoints", str(saved))["ok"]
         is True
