@@ -153,6 +153,20 @@ def test_query_parameters_are_checked():
             parse_frame_list(bad)
 
 
+def test_a_wildcard_built_to_backtrack_answers_at_once():
+    """``*?*?…x`` made the regex engine backtrack for minutes (one request, one worker)."""
+    import time
+
+    started = time.monotonic()
+    hostile = query(PatientName="*?" * 400 + "x", PatientID="*" * 900 + "y")
+    assert not hostile.matches({**RECORD, "PatientName": ["DOE^JOHN" * 50]}, LEVEL)
+    assert time.monotonic() - started < 1
+    assert query(PatientName="mül*").matches(RECORD, LEVEL)  # wildcards still match
+    assert query(PatientID="PID-?").matches(RECORD, LEVEL)
+    with pytest.raises(InvalidInput):
+        query(PatientName="*" * 5000)
+
+
 @pytest.mark.parametrize(
     ("accept", "stored", "syntax"),
     [

@@ -25,6 +25,8 @@ RESERVED = frozenset({"limit", "offset", "includefield", "fuzzymatching", "order
 NO_WILDCARD_VRS = frozenset({"DA", "TM", "DT", "UI", "IS", "DS", "US", "UL", "SS", "SL"})
 LIST_VRS = frozenset({"UI", "CS"})
 MAX_LIMIT = 10_000
+#: Longest value of one search parameter (a UID is 64, a name a few dozen).
+MAX_VALUE_CHARS = 1024
 PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"))
 
 
@@ -101,13 +103,38 @@ def parse_query(args: MultiDict[str, str]) -> Query:
             continue
         else:
             keyword = keyword_of(name)
+            if any(len(value) > MAX_VALUE_CHARS for value in values):
+                raise InvalidInput(
+                    f"the value of {keyword} is longer than {MAX_VALUE_CHARS} characters"
+                )
             query.filters.setdefault(keyword, []).extend(values)
     return query
 
 
-def _wildcard(pattern: str, flags: int = 0) -> re.Pattern[str]:
-    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile(body, flags | re.DOTALL)
+def wildcard_match(pattern: str, text: str, *, ignore_case: bool = False) -> bool:
+    """``*`` (any run) and ``?`` (one character) matching in O(len(pattern) * len(text)).
+
+    Not a regular expression: a pattern such as ``*?*?*?…x`` made the regex engine
+    backtrack for minutes on one request.
+    """
+    if len(pattern) > MAX_VALUE_CHARS:
+        raise InvalidInput(f"a search value is longer than {MAX_VALUE_CHARS} characters")
+    if ignore_case:
+        pattern, text = pattern.casefold(), text.casefold()
+    p = t = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if p < len(pattern) and pattern[p] in ("?", text[t]) and pattern[p] != "*":
+            p, t = p + 1, t + 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, t
+            p += 1
+        elif star >= 0:  # let the last star swallow one more character
+            p, mark = star + 1, mark + 1
+            t = mark
+        else:
+            return False
+    return all(c == "*" for c in pattern[p:])
 
 
 def _values(wanted: list[str], vr: str) -> list[str]:
@@ -138,12 +165,12 @@ def _match(keyword: str, wanted: list[str], actual: list[Any]) -> bool:
                 except ValueError:
                     raise InvalidInput(f"{keyword} must be a whole number") from None
             elif vr == "PN":
-                if _wildcard(_pn(query), re.IGNORECASE).fullmatch(_pn(text)):
+                if wildcard_match(_pn(query), _pn(text), ignore_case=True):
                     return True
             elif vr in NO_WILDCARD_VRS:
                 if query == text:
                     return True
-            elif _wildcard(query).fullmatch(text):
+            elif wildcard_match(query, text):
                 return True
     return False
 
