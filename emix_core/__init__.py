@@ -141,6 +141,7 @@ _EXPORTS: dict[str, str] = {
     "hl7_routing_header": "emix_core.reports.hl7:with_header",
     # integrity
     "sha256_file": "emix_core.crypto",
+    "open_regular": "emix_core.content.safe_open",
     # command-line helpers for plugin commands
     "emit_json": "emix_core.cli.util",
     "handle_errors": "emix_core.cli.util",
@@ -196,6 +197,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from emix_core.content.disc import write_pdi_folder, write_pdi_iso
     from emix_core.content.documents import classify, safe_name
     from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
+    from emix_core.content.safe_open import open_regular
     from emix_core.content.samples import (
         generate_study,
         write_sample_report_pdf,

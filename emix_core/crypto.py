@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from emix_core.content.safe_open import open_regular
 from emix_core.errors import ConfigError, IntegrityError, InvalidInput, PayloadTooLarge
 from emix_core.plugins import hookimpl
 
@@ -670,7 +671,7 @@ def sha256_file(path: Path, chunk: int = 1024 * 1024) -> str:
     """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
     digest = hashlib.sha256()
     buffer = bytearray(chunk)
-    with open(path, "rb", buffering=0) as fh, memoryview(buffer) as view:
+    with open_regular(path, buffering=0) as fh, memoryview(buffer) as view:
         while n := fh.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
+from emix_core.content.safe_open import open_regular
 from emix_core.errors import InvalidInput
 
 MEDIA_TYPE = "application/vnd.emix.items"
@@ -161,7 +162,7 @@ class BatchReader:
             yield encode_header(item.id, item.size, item.media_type)
             digest = hashlib.sha256()
             remaining = item.size
-            with open(item.path, "rb") as handle:
+            with open_regular(item.path) as handle:
                 while remaining:
                     chunk = handle.read(min(1024 * 1024, remaining))
                     if not chunk:

@@ -22,6 +22,7 @@ from emix_core.client.resume import ResumeStore, files_fingerprint, send_key
 from emix_core.content.dicom import DicomInstance
 from emix_core.content.documents import classify
 from emix_core.content.layout import DICOM_MEDIA_TYPE
+from emix_core.content.safe_open import open_regular
 from emix_core.errors import EmixError, HubUnavailable, NotFoundError, PolicyRejected
 from emix_core.model import AuditAction, Item, Package, Recipient, utcnow
 from emix_core.plugins import hooks_for
@@ -382,7 +383,7 @@ def _upload(
             path = by_id[item.id][1].path
             try:
                 sha256 = crypto.sha256_file(path)
-                with open(path, "rb") as handle:
+                with open_regular(path) as handle:
                     client.upload_item(
                         package_id,
                         item.id,

@@ -29,6 +29,7 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
+from emix_core.content.safe_open import open_regular
 from emix_core.errors import InvalidInput, NotDicomError, TruncatedDicomError
 
 __all__ = ["DicomInstance", "inspect_instance", "is_dicom", "is_valid_uid"]
@@ -179,7 +180,7 @@ def is_dicom(path: Path) -> bool:
 
     :raises OSError: the file cannot be read.
     """
-    with open(path, "rb") as fp:
+    with open_regular(path) as fp:
         head = fp.read(SNIFF_BYTES)
         size = _size(fp)
     return _has_part10_marker(head) or _raw_encoding(head, size) is not None
@@ -197,7 +198,7 @@ def inspect_instance(path: Path) -> DicomInstance:
     :raises OSError: the file cannot be read.
     """
     name = _shown_name(path)
-    with open(path, "rb") as fp:
+    with open_regular(path) as fp:
         head = fp.read(SNIFF_BYTES)
         size = _size(fp)
         if _has_part10_marker(head):

@@ -14,6 +14,7 @@ import unicodedata
 from pathlib import Path
 
 from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom
+from emix_core.content.safe_open import open_regular
 from emix_core.errors import NotDicomError
 
 __all__ = ["DICOM", "classify", "safe_name", "sniff_document"]
@@ -61,7 +62,7 @@ def sniff_document(path: Path) -> str | None:
     Only the first 64 KiB are read. XML is inspected as text (no parser, so no entity is
     ever expanded here).
     """
-    with open(path, "rb") as fp:
+    with open_regular(path) as fp:
         head = fp.read(TEXT_WINDOW)
     if not head:
         return None

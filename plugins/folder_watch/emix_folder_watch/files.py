@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from emix_core import SKIPPED_NAMES
+from emix_core import SKIPPED_NAMES, UnsafePathError
 
 PART_SUFFIX = ".part"
 SIDECAR_SUFFIX = ".emix.toml"
@@ -132,6 +132,59 @@ def move_out(source: Path, target: Path) -> None:
         if os.path.lexists(temp):  # a device node or pipe cannot be copied: its note stays
             os.rename(temp, target)
         os.unlink(source)
+
+
+#: Suffix given to a link (or file) found where emix expected one of its folders.
+PLANTED_SUFFIX = ".planted"
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Rename ``path`` (a link, never followed) aside with a note saying why; return it."""
+    aside = path.with_name(f"{path.name}.{secrets.token_hex(4)}{PLANTED_SUFFIX}")
+    os.rename(path, aside)  # renames the link itself
+    note = aside.with_name(aside.name + ERROR_SUFFIX)
+    temp = note.with_name(f".{note.name}.{secrets.token_hex(4)}")
+    temp.write_text(f"emix put {aside.name} aside:\n\n{reason}\n", "utf-8")
+    os.replace(temp, note)  # replaces a planted link, never writes through it
+    return aside
+
+
+def real_folder(root: Path, relative: str | PurePosixPath) -> tuple[Path, list[Path]]:
+    """``root/relative`` as real folders, created component by component.
+
+    A symbolic link (or a file) planted where one of the folders belongs is never
+    followed: it is renamed aside with ``<name>.error.txt`` and a real folder takes its
+    place. ``root`` itself comes from ``gateway.toml`` and is trusted.
+
+    :return: the folder, and what was put aside (for the log).
+    """
+    current, planted = root, []
+    for part in PurePosixPath(relative).parts:
+        if part in ("", ".", ".."):
+            raise UnsafePathError("a folder name would leave its root")
+        current = current / part
+        for _attempt in range(3):
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(current, 0o750)
+                except FileExistsError:
+                    continue  # someone was quicker: look again
+                break
+            if stat.S_ISDIR(st.st_mode):
+                break
+            planted.append(
+                quarantine(
+                    current,
+                    "a symbolic link or file was found where emix keeps a folder; emix "
+                    "never follows links in its folders and put it aside. Check who can "
+                    "write into this folder.",
+                )
+            )
+        else:
+            raise UnsafePathError("a folder of the gateway keeps being replaced; not written")
+    return current, planted
 
 
 def write_error_note(target: Path, reason: str) -> Path:

@@ -10,18 +10,34 @@ never overwritten (after a crash, finding it means it was delivered).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emix_core import PACKAGE_ID_RE, EmixError, Package, UnsafePathError, is_valid_address
-from emix_folder_watch.files import fsync_dir
+from emix_core import (
+    PACKAGE_ID_RE,
+    EmixError,
+    Package,
+    UnsafePathError,
+    is_valid_address,
+    log_event,
+)
+from emix_folder_watch.files import fsync_dir, quarantine, real_folder
 from emix_folder_watch.settings import inbox_settings, require_folder
 
 if TYPE_CHECKING:
     from emix_core import Gateway
+
+log = logging.getLogger("emix.folder_watch")
+
+PLANTED_REASON = (
+    "a symbolic link or file was found where emix delivers a package; emix never follows "
+    "links in the inbox and put it aside. Check who can write into the inbox folder."
+)
 
 #: Errors of ``os.link`` that mean "cannot link here": copy instead.
 NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES})
@@ -44,17 +60,21 @@ class FolderDestination:
             raise UnsafePathError("the package's sender or id cannot be used as a folder name")
         folder = self.root / package.sender
         final = folder / package.id
-        if final.exists():
-            return {"path": str(final), "already_delivered": True}
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder, planted = real_folder(self.root, package.sender)
+            if _is_real_folder(final):
+                return {"path": str(final), "already_delivered": True}
+            if os.path.lexists(final):  # a link planted under the package's name
+                planted.append(quarantine(final, PLANTED_REASON))
+            for _ in planted:
+                log_event(log, "inbox.link_quarantined", logging.WARNING, destination=self.name)
             for leftover in folder.glob(f".{package.id}.partial-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
             staging = folder / f".{package.id}.partial-{secrets.token_hex(4)}"
             staging.mkdir(mode=0o750)
             try:
                 files = self._fill(path, staging)
-                if final.exists():  # never overwrite, even a folder someone made meanwhile
+                if os.path.lexists(final):  # never overwrite, even a folder made meanwhile
                     raise FileExistsError(errno.EEXIST, "exists", str(final))
                 os.rename(staging, final)
             except BaseException:
@@ -95,3 +115,10 @@ class FolderDestination:
         shutil.copyfile(source, target, follow_symlinks=False)
         with open(target, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def _is_real_folder(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False

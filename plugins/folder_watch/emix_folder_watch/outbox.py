@@ -37,6 +37,7 @@ from emix_folder_watch.files import (
     is_in_progress,
     move_out,
     prune_empty_dirs,
+    real_folder,
     refusal,
     unique_target,
     walk,
@@ -608,6 +609,9 @@ class FolderSource:
         assert target is not None
         folder = self.settings.failed if failed else self.settings.sent
         assert folder is not None
+        _, planted = real_folder(folder, PurePosixPath(target).parent)
+        for _ in planted:
+            log_event(log, "folder.link_quarantined", logging.WARNING, source=self.name)
         if present:
             move_out(source, folder / target)
         if failed and not os.path.lexists(folder / (target + ".error.txt")):
