@@ -166,7 +166,7 @@ class BatchReader:
                 while remaining:
                     chunk = handle.read(min(1024 * 1024, remaining))
                     if not chunk:
-                        raise OSError(f"{item.path.name} shrank while it was being sent")
+                        raise OSError("a file shrank while it was being sent")
                     remaining -= len(chunk)
                     digest.update(chunk)
                     if self.progress:

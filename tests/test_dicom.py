@@ -173,7 +173,8 @@ def test_ct_cut_inside_its_pixel_data_is_truncated(tmp_path: Path) -> None:
     path = cut("CT_small.dcm", tmp_path / "ct.dcm", size - 5000)
     with pytest.raises(TruncatedDicomError) as error:
         classify(path)
-    assert error.value.message.startswith("ct.dcm: truncated DICOM file")
+    assert error.value.message.startswith("truncated DICOM file")
+    assert "ct.dcm" not in error.value.message  # a file name can carry PHI
     assert "pixel data" in error.value.message
     assert "re-export the study from the modality/PACS" in error.value.message
 
@@ -287,7 +288,7 @@ def test_a_hostile_uid_is_refused_without_echoing_it(
     with pytest.raises(InvalidInput) as error:
         classify(path)
     assert error.value.message == (
-        f"ct.dcm: hostile or malformed UID in {keyword}; re-export the study from the modality/PACS"
+        f"hostile or malformed UID in {keyword}; re-export the study from the modality/PACS"
     )
 
 

@@ -102,7 +102,7 @@ def iter_files(paths: Iterable[Path], skipped: list[Path]) -> Iterable[Path]:
 def prepare_file(path: Path) -> PreparedFile:
     """Classify one file (DICOM by content, or a known document); its hash comes later."""
     if path.is_symlink() or not path.is_file():
-        raise EmixError(f"{path.name}: not a regular file (links and devices are not sent)")
+        raise EmixError("not a regular file (links and devices are not sent)")
     media_type, instance = classify(path)
     return PreparedFile(path, media_type, path.stat().st_size, instance)
 

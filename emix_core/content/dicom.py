@@ -9,8 +9,9 @@ delimiter, or a file cut inside an element header all raise
 :class:`~emix_core.errors.TruncatedDicomError`. pydicom then reads the few header
 attributes emix needs, stopping before the pixel data.
 
-Error messages name the file by its base name and say what to do; they never contain a
-UID or any other value read from the file.
+Error messages say what is wrong and what to do; they never contain the file's name (a
+name such as ``SMITH_JOHN.dcm`` is PHI: callers that show a message to the file's owner
+add the path themselves), a UID or any other value read from the file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import struct
-import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -197,7 +197,6 @@ def inspect_instance(path: Path) -> DicomInstance:
     :raises InvalidInput: a DICOMDIR, a malformed file, a missing or malformed UID.
     :raises OSError: the file cannot be read.
     """
-    name = _shown_name(path)
     with open_regular(path) as fp:
         head = fp.read(SNIFF_BYTES)
         size = _size(fp)
@@ -207,7 +206,7 @@ def inspect_instance(path: Path) -> DicomInstance:
             start = 0
         else:
             raise NotDicomError(
-                f"{name}: not a DICOM file (no DICM marker and no DICOM data set at its start); "
+                f"not a DICOM file (no DICM marker and no DICOM data set at its start); "
                 f"if it is an image, {REMEDY}"
             )
         fp.seek(start)
@@ -215,14 +214,14 @@ def inspect_instance(path: Path) -> DicomInstance:
             structure = _check_structure(fp, size)
         except _Truncated as exc:
             raise TruncatedDicomError(
-                f"{name}: truncated DICOM file (it ends inside its {exc.where}); {REMEDY}"
+                f"truncated DICOM file (it ends inside its {exc.where}); {REMEDY}"
             ) from None
         except _Malformed as exc:
-            raise InvalidInput(f"{name}: malformed DICOM ({exc.what}); {REMEDY}") from None
+            raise InvalidInput(f"malformed DICOM ({exc.what}); {REMEDY}") from None
     with warnings.catch_warnings():
         # pydicom warns about odd values; the checks below decide, and warnings may hold PHI
         warnings.simplefilter("ignore")
-        return _instance(_read_header(path, name), structure, name, size)
+        return _instance(_read_header(path), structure, size)
 
 
 # -- recognising DICOM ------------------------------------------------------------------
@@ -534,23 +533,26 @@ def _walk_fragments(source: _FileSource | _InflateSource, little: bool) -> None:
 # -- header values ----------------------------------------------------------------------
 
 
-def _read_header(path: Path, name: str) -> pydicom.Dataset:
+def _read_header(path: Path) -> pydicom.Dataset:
     """The attributes emix needs, read by pydicom, stopping before the pixel data."""
     try:
-        return pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        with open_regular(path) as fp:
+            return pydicom.dcmread(
+                fp, force=True, stop_before_pixels=True, specific_tags=HEADER_TAGS
+            )
     except OSError:
         raise
     except Exception:  # pydicom raises many types on hostile input; none is PHI-safe
-        raise InvalidInput(f"{name}: unreadable DICOM header; {REMEDY}") from None
+        raise InvalidInput(f"unreadable DICOM header; {REMEDY}") from None
 
 
-def _instance(ds: pydicom.Dataset, structure: _Structure, name: str, size: int) -> DicomInstance:
+def _instance(ds: pydicom.Dataset, structure: _Structure, size: int) -> DicomInstance:
     meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
     try:
         sop_class = _uid(ds.get("SOPClassUID")) or _uid(meta.get("MediaStorageSOPClassUID"))
         if structure.is_dicomdir or sop_class == DICOMDIR_SOP_CLASS:
             raise InvalidInput(
-                f"{name}: a DICOMDIR index, not an image; import the CD with the cd_import adapter"
+                "a DICOMDIR index, not an image; import the CD with the cd_import adapter"
             )
         if (
             structure.has_rows
@@ -560,7 +562,7 @@ def _instance(ds: pydicom.Dataset, structure: _Structure, name: str, size: int) 
             # an image that declares its size but has no pixels: a copy cut exactly between
             # two elements (images stripped of the whole pixel module are left alone)
             raise TruncatedDicomError(
-                f"{name}: truncated DICOM file (it ends before its pixel data); {REMEDY}"
+                f"truncated DICOM file (it ends before its pixel data); {REMEDY}"
             )
         uids = {
             "StudyInstanceUID": _uid(ds.get("StudyInstanceUID")),
@@ -570,13 +572,12 @@ def _instance(ds: pydicom.Dataset, structure: _Structure, name: str, size: int) 
         for keyword, uid in uids.items():
             if not uid:
                 raise InvalidInput(
-                    f"{name}: DICOM file without {keyword}, so it cannot be filed in a study; "
-                    f"{REMEDY}"
+                    f"DICOM file without {keyword}, so it cannot be filed in a study; {REMEDY}"
                 )
         others = {"SOPClassUID": sop_class, "TransferSyntaxUID": structure.transfer_syntax}
         for keyword, uid in (uids | others).items():
             if uid and not is_valid_uid(uid):
-                raise InvalidInput(f"{name}: hostile or malformed UID in {keyword}; {REMEDY}")
+                raise InvalidInput(f"hostile or malformed UID in {keyword}; {REMEDY}")
         return DicomInstance(
             study_uid=uids["StudyInstanceUID"],
             series_uid=uids["SeriesInstanceUID"],
@@ -611,7 +612,7 @@ def _instance(ds: pydicom.Dataset, structure: _Structure, name: str, size: int) 
     except InvalidInput:  # TruncatedDicomError included
         raise
     except Exception:  # a value pydicom cannot decode (bad character set, bad number...)
-        raise InvalidInput(f"{name}: undecodable DICOM header value; {REMEDY}") from None
+        raise InvalidInput(f"undecodable DICOM header value; {REMEDY}") from None
 
 
 def _uid(value: object) -> str:
@@ -642,9 +643,3 @@ def _number(value: object) -> int | None:
 
 def _size(fp: BinaryIO) -> int:
     return os.fstat(fp.fileno()).st_size
-
-
-def _shown_name(path: Path) -> str:
-    """The base name, without control characters and at most 80 characters long."""
-    shown = "".join(ch for ch in path.name if unicodedata.category(ch)[0] != "C")
-    return (shown[:77] + "...") if len(shown) > 80 else shown or "(unnamed file)"

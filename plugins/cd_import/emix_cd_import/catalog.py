@@ -13,6 +13,7 @@ from typing import Any
 
 from emix_cd_import.dicomdir import PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, read_dicomdir
 from emix_cd_import.media import Limits, Medium, MediumFile, Problem, match_key
+from emix_core import InvalidInput
 
 __all__ = ["Catalog", "Instance", "build_catalog"]
 
@@ -124,8 +125,8 @@ def read_header(medium: Medium, file: MediumFile) -> dict[str, str] | None:
     try:
         with medium.open(file) as stream:
             ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=list(HEADER_KEYS))
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError):
-        return None
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, InvalidInput):
+        return None  # a damaged zip entry included
     header = {k: str(ds.get(k, "") or "").strip() for k in HEADER_KEYS}
     if not header["SOPInstanceUID"] or not header["StudyInstanceUID"]:
         return None
@@ -138,7 +139,7 @@ def _looks_like_dicom(medium: Medium, file: MediumFile) -> bool:
     try:
         with medium.open(file) as stream:
             return stream.read(132)[128:132] == b"DICM"
-    except OSError:
+    except (OSError, InvalidInput):
         return False
 
 
@@ -176,14 +177,22 @@ def build_catalog(medium: Medium, limits: Limits | None = None) -> Catalog:
                 file = files.get(key)
                 if file is None:
                     catalog.problems.append(
-                        Problem("missing-file", "a file the DICOMDIR names is not there", ref.path)
+                        Problem(
+                            "missing-file",
+                            "a file the DICOMDIR names is not there",
+                            medium.shown(ref.path),
+                        )
                     )
                     continue
                 referenced.add(key)
                 header = read_header(medium, file)
                 if header is None:
                     catalog.problems.append(
-                        Problem("not-dicom", "a file the DICOMDIR names is not DICOM", ref.path)
+                        Problem(
+                            "not-dicom",
+                            "a file the DICOMDIR names is not DICOM",
+                            medium.shown(file.path),
+                        )
                     )
                     continue
                 if (ref.sop_instance_uid and ref.sop_instance_uid != header["SOPInstanceUID"]) or (
@@ -194,7 +203,7 @@ def build_catalog(medium: Medium, limits: Limits | None = None) -> Catalog:
                             "dicomdir-mismatch",
                             "the DICOMDIR lists a patient or instance the file does not hold; "
                             "the file was left out",
-                            ref.path,
+                            medium.shown(file.path),
                         )
                     )
                     continue
@@ -211,7 +220,11 @@ def build_catalog(medium: Medium, limits: Limits | None = None) -> Catalog:
             continue
         if catalog.dicomdir and header["SOPInstanceUID"] not in seen:
             catalog.problems.append(
-                Problem("not-in-dicomdir", "a DICOM file the DICOMDIR does not name", file.path)
+                Problem(
+                    "not-in-dicomdir",
+                    "a DICOM file the DICOMDIR does not name",
+                    medium.shown(file.path),
+                )
             )
         _add(catalog, seen, file, header)
     return catalog

@@ -10,12 +10,14 @@ refused, zip bombs are stopped by a ratio and a total size cap.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
 import stat
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -125,6 +127,10 @@ class Medium:
     def by_key(self) -> dict[str, MediumFile]:
         return {f.key: f for f in self.files}
 
+    def shown(self, path: str) -> str:
+        """How a path on the medium is named in problems and listings."""
+        return path
+
     def open(self, file: MediumFile) -> BinaryIO:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -139,7 +145,7 @@ class Medium:
 
     def _add(self, path: str, size: int, ref: Any, limits: Limits) -> None:
         if is_program(path):
-            self.programs.append(path)
+            self.programs.append(self.shown(path))
             return
         if len(self.files) >= limits.max_files:
             raise PayloadTooLarge(f"the medium holds more than {limits.max_files} files")
@@ -390,19 +396,23 @@ class ZipMedium(Medium):
         super().__init__("zip")
         try:
             self.archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise InvalidInput("the archive is damaged or not a zip file") from exc
+        except (zipfile.BadZipFile, OSError, ValueError):
+            raise InvalidInput("the archive is damaged or not a zip file") from None
+        #: entry name -> its number in the archive's listing (1-based, as ``unzip -l``)
+        self.numbers: dict[str, int] = {}
         total = 0
-        for info in self.archive.infolist():
+        for number, info in enumerate(self.archive.infolist(), start=1):
+            self.numbers.setdefault(info.filename, number)
             if info.is_dir():
                 continue
             try:
                 name = check_member_name(info.filename)
             except UnsafePathError as exc:
-                self.problems.append(Problem("unsafe-path", exc.message, _printable(info.filename)))
+                self.problems.append(Problem("unsafe-path", exc.message, self.shown(info.filename)))
                 continue
             if len(PurePosixPath(name).parts) > limits.max_depth:
-                self.problems.append(Problem("too-deep", "entry nested too deeply", name))
+                shown = self.shown(name)
+                self.problems.append(Problem("too-deep", "entry nested too deeply", shown))
                 continue
             ratio = info.file_size / max(info.compress_size, 1)
             if info.file_size > 1024 * 1024 and ratio > limits.max_ratio:
@@ -411,7 +421,7 @@ class ZipMedium(Medium):
                         "zip-bomb",
                         f"an entry compresses {ratio:.0f} to 1 (more than "
                         f"{limits.max_ratio:.0f}): refused as a likely zip bomb",
-                        name,
+                        self.shown(name),
                     )
                 )
                 continue
@@ -423,17 +433,66 @@ class ZipMedium(Medium):
                 )
             self._add(name, info.file_size, info, limits)
 
+    def shown(self, path: str) -> str:
+        """An entry by its number and a digest of its name: entry names are chosen by
+        whoever made the archive and often carry the patient's name (``SMITH_JOHN.dcm``)."""
+        digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        number = self.numbers.get(path)
+        return f"zip entry #{number} (name sha256 {digest})" if number else f"name sha256 {digest}"
+
     def open(self, file: MediumFile) -> BinaryIO:
         # zipfile stops at the size the entry declares and checks its CRC at the end,
         # so an entry that lies about its size cannot unpack to more
-        return self.archive.open(file.ref)  # type: ignore[return-value]
+        try:
+            stream = self.archive.open(file.ref)
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError):
+            raise InvalidInput(f"{self.shown(file.path)} cannot be read: damaged") from None
+        return _Entry(stream, self.shown(file.path))  # type: ignore[return-value]
 
     def close(self) -> None:
         self.archive.close()
 
 
-def _printable(name: str) -> str:
-    return name.encode("ascii", "backslashreplace").decode("ascii")[:200]
+class _Entry(io.RawIOBase):
+    """A zip entry's stream whose errors name the entry by number, never by name
+    (zipfile's own messages quote the name: ``Bad CRC-32 for file 'SMITH_JOHN.dcm'``)."""
+
+    def __init__(self, stream: BinaryIO, shown: str) -> None:
+        super().__init__()
+        self._stream = stream
+        self._shown = shown
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._stream.read(size)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+            raise InvalidInput(
+                f"{self._shown} is damaged ({type(exc).__name__}); the rest of the archive was read"
+            ) from None
+
+    def seekable(self) -> bool:
+        return bool(self._stream.seekable())
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return int(self._stream.seek(offset, whence))
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+            raise InvalidInput(f"{self._shown} is damaged ({type(exc).__name__})") from None
+
+    def tell(self) -> int:
+        return int(self._stream.tell())
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 # --------------------------------------------------------------------------- opening

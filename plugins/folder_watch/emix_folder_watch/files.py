@@ -144,7 +144,7 @@ def quarantine(path: Path, reason: str) -> Path:
     os.rename(path, aside)  # renames the link itself
     note = aside.with_name(aside.name + ERROR_SUFFIX)
     temp = note.with_name(f".{note.name}.{secrets.token_hex(4)}")
-    temp.write_text(f"emix put {aside.name} aside:\n\n{reason}\n", "utf-8")
+    temp.write_text(f"emix put the link this note is named after aside:\n\n{reason}\n", "utf-8")
     os.replace(temp, note)  # replaces a planted link, never writes through it
     return aside
 
@@ -192,7 +192,8 @@ def write_error_note(target: Path, reason: str) -> Path:
     note = target.with_name(target.name + ERROR_SUFFIX)
     temp = note.with_name(f".{note.name}.{secrets.token_hex(4)}")
     text = (
-        f"emix did not send {target.name}:\n\n{reason}\n\n"
+        "emix did not send the file this note is named after:\n\n"
+        f"{reason}\n\n"
         "To try again, fix the problem and move the file back into the drop folder.\n"
     )
     temp.write_text(text, "utf-8")
