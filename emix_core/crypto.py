@@ -62,6 +62,8 @@ __all__ = [
     "create_key_file",
     "load_key_file",
     "emix_key_wrapper",
+    "emix_audit_signing_key",
+    "check_signer",
     "SigningKey",
     "fingerprint_of",
     "verify_signature",
@@ -439,6 +441,37 @@ class KeyFileWrapper:
 def emix_key_wrapper(home: str) -> KeyWrapper:
     """Default key provider: the hub's key-encryption key file ``<home>/keys/kek.key``."""
     return KeyFileWrapper(Path(home) / "keys" / "kek.key")
+
+
+@hookimpl(trylast=True)
+def emix_audit_signing_key(home: str) -> SigningKey:
+    """Default checkpoint signer: the key file ``[hub] audit_signing_key``, else
+    ``<home>/keys/hub-signing.key`` (created on first use)."""
+    from emix_core.config import load_config
+
+    config = load_config(home)
+    path = config.keys_dir / "hub-signing.key"
+    if config.hub.audit_signing_key:
+        path = Path(config.hub.audit_signing_key).expanduser()
+    return SigningKey.load_or_create(path)
+
+
+def check_signer(signer: Any) -> None:
+    """Sign a probe with a provided signer and verify it with its public key.
+
+    :raises ConfigError: the signer lacks a method, or its signature does not verify.
+    """
+    probe = b"emix audit signer probe " + os.urandom(16)
+    try:
+        public_key = signer.public_key_b64
+        verify_signature(public_key, probe, signer.sign(probe))
+        if signer.fingerprint != fingerprint_of(public_key):
+            raise IntegrityError("fingerprint mismatch")
+    except (AttributeError, TypeError, ValueError, IntegrityError, InvalidInput) as exc:
+        raise ConfigError(
+            "the audit checkpoint signer provided by a plugin does not sign verifiably "
+            f"({type(exc).__name__}); check its key provider configuration"
+        ) from None
 
 
 def _ensure_private_dir(directory: Path) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "emix_authorize",
     "emix_before_send",
     "emix_key_wrapper",
+    "emix_audit_signing_key",
     "emix_audit_event",
     "emix_register_commands",
     "emix_register_blueprints",
@@ -261,6 +262,25 @@ def emix_key_wrapper(home: str) -> Any | None:
         ``unwrap(wrapped, context) -> bytes``, or ``None``.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def emix_audit_signing_key(home: str) -> Any | None:
+    """Provide the key that signs the hub's audit checkpoints (a key provider).
+
+    firstresult: stops at the first plugin that returns a signer; the default loads the
+    Ed25519 key file ``[hub] audit_signing_key`` (else ``<home>/keys/hub-signing.key``).
+    A plugin keeps it in an HSM or a KMS instead, so that whoever can rewrite the audit
+    log on the hub's disk still cannot sign a checkpoint for the rewritten chain. The
+    hub signs a probe with it and checks the signature at start.
+
+    :param home: the hub's home folder.
+    :return: an object with ``public_key_b64`` (raw Ed25519 public key, base64),
+        ``fingerprint`` (as :func:`emix_core.crypto.fingerprint_of` computes it) and
+        ``sign(data: bytes) -> str`` (base64 Ed25519 signature), or ``None``.
+
+    .. versionadded:: 0.2
     """
 
 

@@ -310,6 +310,10 @@ class Hooks:
         """Answer: the key provider that wraps package data keys."""
         return self.pm.hook.emix_key_wrapper(home=home)
 
+    def audit_signing_key(self, home: str) -> Any | None:
+        """Answer: the key provider that signs the hub's audit checkpoints."""
+        return self.pm.hook.emix_audit_signing_key(home=home)
+
     # ------------------------------------------------------------------ audit
 
     def audit_event(self, event: AuditEvent, home: str | None = None) -> list[str]:

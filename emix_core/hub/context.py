@@ -13,7 +13,7 @@ import pluggy
 
 from emix_core.audit.chain import AuditLog
 from emix_core.config import CONFIG_NAME, Config, load_config, write_config
-from emix_core.crypto import SigningKey, create_key_file, load_key_file
+from emix_core.crypto import SigningKey, check_signer, create_key_file, load_key_file
 from emix_core.errors import ConfigError
 from emix_core.hub.keycheck import check_wrapper, refuse_new_kek_over_wrapped_keys
 from emix_core.model import AuditAction, AuditEvent
@@ -119,7 +119,7 @@ class Hub:
     blobs: BlobStore
     wrapper: Any
     audit_log: AuditLog
-    signing_key: SigningKey
+    signing_key: Any  # SigningKey, or the signer a key-provider plugin gave
     instance: str
 
     def audit(self, event: AuditEvent) -> None:
@@ -166,10 +166,10 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
     if wrapper is None:
         raise ConfigError("no key wrapper plugin answered; the built-in emix.keyfile is disabled")
     check_wrapper(wrapper, db)
-    signing_path = config.keys_dir / "hub-signing.key"
-    if config.hub.audit_signing_key:
-        signing_path = Path(config.hub.audit_signing_key).expanduser()
-    signing_key = SigningKey.load_or_create(signing_path)
+    signing_key = hooks_for(pm).audit_signing_key(str(config.home))
+    if signing_key is None:
+        raise ConfigError("no audit signing key provider answered; emix.keyfile is disabled")
+    check_signer(signing_key)
     # SQLite hub: the chain keeps its own file; shared database: its tables there.
     audit_log = AuditLog(
         config.home / "audit.db" if db.is_sqlite else db.engine,
