@@ -33,9 +33,10 @@ WEB_TABLES = {
     "patient_shares",
     "destinations",
 }
-
 #: plugins' short-lived records (migration 0005)
 PLUGIN_TABLES = {"plugin_records"}
+#: one throttle (migration 0006): ``attempts`` replaces failed_attempts and web_attempts
+HEAD_TABLES = (V01_TABLES | {"notices", "attempts"} | WEB_TABLES | PLUGIN_TABLES) - {"web_attempts"}
 
 
 def tables(engine) -> set[str]:  # type: ignore[no-untyped-def]
@@ -83,8 +84,12 @@ def test_sqlite_hub_from_before_migrations_upgrades_in_place(tmp_path):
 def test_sqlite_migrations_down_and_up(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     db.create_all()
-    everything = V01_TABLES | {"notices", "failed_attempts"} | WEB_TABLES | PLUGIN_TABLES
-    assert tables(db.engine) == everything
+    assert tables(db.engine) == HEAD_TABLES
+    assert migrate.downgrade(db.engine, "0005") == "0005"
+    assert (
+        tables(db.engine)
+        == V01_TABLES | {"notices", "failed_attempts"} | WEB_TABLES | PLUGIN_TABLES
+    )
     assert migrate.downgrade(db.engine, "0004") == "0004"
     assert tables(db.engine) == V01_TABLES | {"notices", "failed_attempts"} | WEB_TABLES
     assert migrate.downgrade(db.engine, "0003") == "0003"
@@ -96,7 +101,7 @@ def test_sqlite_migrations_down_and_up(tmp_path):
     assert migrate.downgrade(db.engine, "base") is None
     assert tables(db.engine) == set()
     assert migrate.upgrade(db.engine) == migrate.head()
-    assert tables(db.engine) == everything
+    assert tables(db.engine) == HEAD_TABLES
 
 
 def test_migrate_cli_down_up_and_unknown_revision(tmp_path):
@@ -123,12 +128,7 @@ def test_postgresql_init_migrate_down_and_up(tmp_path, postgres):
     assert made["database"].startswith("postgresql+psycopg://")
     assert postgres.password not in json.dumps(made)  # never the password in output
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-    everything = (
-        V01_TABLES
-        | WEB_TABLES
-        | PLUGIN_TABLES
-        | {"notices", "failed_attempts", "audit_events", "audit_checkpoints", "audit_meta"}
-    )
+    everything = HEAD_TABLES | {"audit_events", "audit_checkpoints", "audit_meta"}
     assert tables(engine) == everything
 
     down = emix_json("hub", "migrate", "--home", str(home), "--to", "0001")
@@ -202,3 +202,33 @@ def test_sqlite_timers_have_one_leader_per_home(tmp_path):
             assert independent
     with other.leader("retention") as leading:
         assert leading
+
+
+def test_one_throttle_carries_the_counters_of_both_old_tables_over(tmp_path):
+    """0006: the API's failed_attempts and the browser's web_attempts become one table,
+    and failures counted before the upgrade still count after it."""
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    db.create_all()
+    migrate.downgrade(db.engine, "0005")
+    with db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO failed_attempts (client, credential, time) "
+                "VALUES ('203.0.113.9', 'abc123', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO web_attempts (key, time) "
+                "VALUES ('member:dr@lakeside.example.org', CURRENT_TIMESTAMP)"
+            )
+        )
+    migrate.upgrade(db.engine)
+    assert "failed_attempts" not in tables(db.engine) and "web_attempts" not in tables(db.engine)
+    with db.engine.connect() as conn:
+        keys = sorted(conn.scalars(text("SELECT key FROM attempts")))
+    assert keys == [
+        "client:203.0.113.9",
+        "credential:abc123",
+        "member:dr@lakeside.example.org",
+    ]

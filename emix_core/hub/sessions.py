@@ -22,13 +22,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from emix_core.hub import throttle
 from emix_core.hub.auth import hash_secret
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, Principal, utcnow
 from emix_core.plugins import hookimpl
-from emix_core.store.db import Facility, Member, Token, WebAttempt, WebLink, WebSession
+from emix_core.store.db import Facility, Member, Token, WebLink, WebSession
 
 COOKIE = "emix_session"
 CSRF_COOKIE = "emix_csrf"
@@ -129,13 +130,8 @@ def code_matches(link: WebLink, code: str) -> bool:
 
 
 def failures(session: Session, key: str) -> int:
-    """Failed attempts under ``key`` within the throttle window."""
-    count = session.scalar(
-        select(func.count())
-        .select_from(WebAttempt)
-        .where(WebAttempt.key == key, WebAttempt.time > utcnow() - THROTTLE_WINDOW)
-    )
-    return int(count or 0)
+    """Failed attempts under ``key`` within the throttle window (the hub's one throttle)."""
+    return throttle.failures(session, key, THROTTLE_WINDOW)
 
 
 def throttled(session: Session, key: str, limit: int = MAX_FAILURES) -> bool:
@@ -144,11 +140,7 @@ def throttled(session: Session, key: str, limit: int = MAX_FAILURES) -> bool:
 
 def count_attempt(hub: Any, key: str) -> int:
     """Count one attempt under ``key`` (rate limits); returns the count in the window."""
-    with hub.db.session() as session:
-        session.add(WebAttempt(key=key[:100]))
-        session.execute(delete(WebAttempt).where(WebAttempt.time < utcnow() - timedelta(days=1)))
-        session.flush()
-        return failures(session, key)
+    return throttle.count_attempt(hub, key, THROTTLE_WINDOW)
 
 
 def record_failure(hub: Any, key: str, source: str, detail: str, limit: int = MAX_FAILURES) -> int:

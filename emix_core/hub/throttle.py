@@ -7,6 +7,10 @@ minute from one client, or with one credential, further failures get ``429`` ins
 ``401``; the first of them raises a *Security Alert* audit event and a mail to the
 hub's ``alert_email``. The counters live in the database, so every hub process sees the
 same ones.
+
+It is the hub's one throttle: the browser's sign-in links, confirmation codes and patient
+access codes count their attempts here too (:func:`count_attempt`, :func:`failures`),
+each under a key of its own in the one ``attempts`` table.
 """
 
 from __future__ import annotations
@@ -17,14 +21,43 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from emix_core.errors import EmixError
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, utcnow
-from emix_core.store.db import FailedAttempt
+from emix_core.store.db import Attempt
 
 log = logging.getLogger("emix.hub")
+#: Window of the API's token and confirmation-code throttle.
 WINDOW = timedelta(minutes=1)
-KEEP = timedelta(hours=1)
+#: Attempts older than this are forgotten (the longest window in use is 15 minutes).
+KEEP = timedelta(days=1)
+
+
+def failures(session: Session, key: str, window: timedelta) -> int:
+    """Attempts counted under ``key`` within ``window``."""
+    count = session.scalar(
+        select(func.count())
+        .select_from(Attempt)
+        .where(Attempt.key == key[:100], Attempt.time > utcnow() - window)
+    )
+    return int(count or 0)
+
+
+def add_attempts(session: Session, *keys: str) -> None:
+    """Count one attempt under each key (and forget those older than :data:`KEEP`)."""
+    now = utcnow()
+    for key in keys:
+        session.add(Attempt(key=key[:100], time=now))
+    session.execute(delete(Attempt).where(Attempt.time < now - KEEP))
+    session.flush()
+
+
+def count_attempt(hub: Any, key: str, window: timedelta) -> int:
+    """Count one attempt under ``key``; return how many there are within ``window``."""
+    with hub.db.session() as session:
+        add_attempts(session, key)
+        return failures(session, key, window)
 
 
 class TooManyAttempts(EmixError):
@@ -43,23 +76,10 @@ def record_failure(hub: Any, client: str, secret: str, what: str) -> None:
 
     :param what: what failed, for the audit trail (``"sign-in"``, ``"confirmation code"``).
     """
-    credential = credential_key(secret)
-    now = utcnow()
+    keys = (f"client:{client}", f"credential:{credential_key(secret)}")
     with hub.db.session() as session:
-        session.add(FailedAttempt(client=client, credential=credential, time=now))
-        session.execute(delete(FailedAttempt).where(FailedAttempt.time < now - KEEP))
-        by_client, by_credential = (
-            session.scalar(
-                select(func.count())
-                .select_from(FailedAttempt)
-                .where(column == value, FailedAttempt.time > now - WINDOW)
-            )
-            or 0
-            for column, value in (
-                (FailedAttempt.client, client),
-                (FailedAttempt.credential, credential),
-            )
-        )
+        add_attempts(session, *keys)
+        by_client, by_credential = (failures(session, key, WINDOW) for key in keys)
     limit = hub.config.hub.max_failed_logins
     count = max(by_client, by_credential)
     throttled = count > limit

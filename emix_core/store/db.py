@@ -136,17 +136,18 @@ class NoticeRow(Base):
     claimed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class FailedAttempt(Base):
-    """A failed sign-in (token or confirmation code), for throttling and alerts.
+class Attempt(Base):
+    """A failed (or rate-counted) attempt under a throttle key: the one table of every
+    throttle, shared by all hub processes.
 
-    ``credential`` is a hash of what was presented, so guesses spread over many
-    addresses are counted too; it is never the secret itself.
+    Keys say what is counted: ``client:<address>`` and ``credential:<hash>`` (API tokens,
+    confirmation codes), ``member:<email>``, ``signin:<address>``, ``code-mail:<email>``
+    (the browser). A credential is only ever a hash of what was presented.
     """
 
-    __tablename__ = "failed_attempts"
+    __tablename__ = "attempts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    client: Mapped[str] = mapped_column(String(64), index=True)
-    credential: Mapped[str] = mapped_column(String(64), index=True)
+    key: Mapped[str] = mapped_column(String(100), index=True)
     time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
@@ -185,15 +186,6 @@ class WebSession(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-class WebAttempt(Base):
-    """A failed attempt (code, access code, sign-in request) under a throttle key."""
-
-    __tablename__ = "web_attempts"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(String(100), index=True)
-    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class PatientShare(Base):
