@@ -36,7 +36,11 @@ WEB_TABLES = {
 #: plugins' short-lived records (migration 0005)
 PLUGIN_TABLES = {"plugin_records"}
 #: one throttle (migration 0006): ``attempts`` replaces failed_attempts and web_attempts
-HEAD_TABLES = (V01_TABLES | {"notices", "attempts"} | WEB_TABLES | PLUGIN_TABLES) - {"web_attempts"}
+THROTTLE_TABLES = (V01_TABLES | {"notices", "attempts"} | WEB_TABLES | PLUGIN_TABLES) - {
+    "web_attempts"
+}
+#: the durable mail outbox (migration 0007)
+HEAD_TABLES = THROTTLE_TABLES | {"mail_outbox"}
 
 
 def tables(engine) -> set[str]:  # type: ignore[no-untyped-def]
@@ -85,6 +89,8 @@ def test_sqlite_migrations_down_and_up(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     db.create_all()
     assert tables(db.engine) == HEAD_TABLES
+    assert migrate.downgrade(db.engine, "0006") == "0006"
+    assert tables(db.engine) == THROTTLE_TABLES
     assert migrate.downgrade(db.engine, "0005") == "0005"
     assert (
         tables(db.engine)
@@ -209,7 +215,7 @@ def test_one_throttle_carries_the_counters_of_both_old_tables_over(tmp_path):
     and failures counted before the upgrade still count after it."""
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     db.create_all()
-    migrate.downgrade(db.engine, "0005")
+    migrate.downgrade(db.engine, "0005")  # before 0006
     with db.engine.begin() as conn:
         conn.execute(
             text(

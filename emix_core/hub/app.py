@@ -37,6 +37,9 @@ def create_app(home: str | Path | None = None, pm: pluggy.PluginManager | None =
     metrics.install(app)
     _register_access_log(app)
     app.after_request(security_headers)
+    from emix_core.hub.outbox import start_worker
+
+    start_worker(hub)  # mails queued by any process (or before a restart) go out
     return app
 
 

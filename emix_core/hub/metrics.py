@@ -145,4 +145,7 @@ def install(app: Flask) -> None:
             return Response("not found\n", status=404, mimetype="text/plain")
         merged = registry()
         data = generate_latest(merged) if merged is not None else generate_latest()
+        from emix_core.hub.outbox import metrics_text
+
+        data += metrics_text(app.extensions["emix"])
         return Response(data, mimetype=CONTENT_TYPE_LATEST)

@@ -1,5 +1,8 @@
 """Built-in notifier (plugin ``emix.smtp``): mails recipients that a package is waiting.
 
+Mails go through the durable outbox (:mod:`emix_core.hub.outbox`): the request that seals
+a package only queues them, so a slow or unreachable SMTP server never slows it down.
+
 The mail carries no PHI: no patient, no study, no sender's file names; only that a
 package is waiting and the link to it, built from the hub's configured public URL.
 """
@@ -51,6 +54,8 @@ def emix_notify(recipient: Recipient, email: str, package: Package, link: str) -
     if smtp is None or not smtp.url:
         log.info("no SMTP configured; package %s waiting (notice not mailed)", package.id)
         return None
+    from emix_core.hub.outbox import queue_mail
+
     body = (
         "Hello,\n\n"
         "A package of medical images or reports has been shared with you through emix.\n"
@@ -59,8 +64,9 @@ def emix_notify(recipient: Recipient, email: str, package: Package, link: str) -
         "For your patients' privacy this message contains no patient information.\n"
         "If you did not expect it, tell your facility's emix administrator.\n"
     )
-    send_mail(smtp.url, smtp.sender, email, "A package is waiting for you on emix", body)
-    log.info("notice mailed for package %s", package.id)
+    hub = current_app.extensions["emix"]
+    queue_mail(hub, email, "A package is waiting for you on emix", body, "notice")
+    log.info("notice queued for package %s", package.id)
     return True
 
 
@@ -79,4 +85,6 @@ def send_confirmation(hub: Any, email: str, code: str) -> None:
         "The code works once, within 72 hours. If you did not expect this, ignore this "
         "message.\n"
     )
-    send_mail(smtp.url, smtp.sender, email, "Confirm your emix account", body)
+    from emix_core.hub.outbox import queue_mail
+
+    queue_mail(hub, email, "Confirm your emix account", body, "confirmation")

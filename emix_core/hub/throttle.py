@@ -105,7 +105,7 @@ def _alert(hub: Any, client: str, count: int, what: str) -> None:
     if not to or not smtp.url:
         log.warning("client %s throttled after %d failed attempts (%s)", client, count, what)
         return
-    from emix_core.hub.notify import send_mail
+    from emix_core.hub.outbox import queue_mail
 
     body = (
         f"The emix hub at {hub.config.hub.public_url} throttled a client after {count} "
@@ -116,6 +116,6 @@ def _alert(hub: Any, client: str, count: int, what: str) -> None:
         "members, look for security-alert events in the hub's audit log.\n"
     )
     try:
-        send_mail(smtp.url, smtp.sender, to, "emix security alert: sign-ins throttled", body)
-    except Exception:  # an alert that cannot be mailed is still in the audit trail
-        log.exception("security alert mail failed")
+        queue_mail(hub, to, "emix security alert: sign-ins throttled", body, "alert")
+    except Exception:  # an alert that cannot be queued is still in the audit trail
+        log.exception("security alert mail could not be queued")

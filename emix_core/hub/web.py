@@ -30,7 +30,7 @@ from emix_core import __version__
 from emix_core.errors import EmixError
 from emix_core.hub import sessions as web_sessions
 from emix_core.hub.auth import audit_request, client_source
-from emix_core.hub.notify import send_mail
+from emix_core.hub.outbox import queue_mail
 from emix_core.model import AuditAction, utcnow
 from emix_core.store.db import Member, WebIdentity
 
@@ -206,11 +206,7 @@ def request_link() -> Response:
 
 
 def _mail(to: str, subject: str, body: str) -> None:
-    smtp = hub().config.smtp
-    if not smtp.url:
-        current_app.logger.warning("no SMTP configured; a sign-in mail could not be sent")
-        return
-    send_mail(smtp.url, smtp.sender, to, subject, body)
+    queue_mail(hub(), to, subject, body, "sign-in")
 
 
 def _masked(email: str) -> str:
