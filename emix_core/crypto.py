@@ -705,6 +705,7 @@ def sha256_file(path: Path, chunk: int = 1024 * 1024) -> str:
     digest = hashlib.sha256()
     buffer = bytearray(chunk)
     with open_regular(path, buffering=0) as fh, memoryview(buffer) as view:
-        while n := fh.readinto(buffer):
+        raw: Any = fh  # unbuffered: a FileIO, which reads into the buffer
+        while n := raw.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 from emix_core import InvalidInput, PayloadTooLarge, UnsafePathError
 
@@ -457,7 +457,7 @@ class _Entry(io.RawIOBase):
     """A zip entry's stream whose errors name the entry by number, never by name
     (zipfile's own messages quote the name: ``Bad CRC-32 for file 'SMITH_JOHN.dcm'``)."""
 
-    def __init__(self, stream: BinaryIO, shown: str) -> None:
+    def __init__(self, stream: IO[bytes], shown: str) -> None:
         super().__init__()
         self._stream = stream
         self._shown = shown
