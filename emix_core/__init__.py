@@ -13,13 +13,10 @@ the command line starts fast; type checkers see the real imports below.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("emix-core")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+source"
+#: The release (``pyproject.toml`` reads it from here: no metadata lookup at start-up).
+__version__ = "0.2.0"
 
 #: Public name -> module that defines it (``module:attribute`` when named otherwise there).
 _EXPORTS: dict[str, str] = {
