@@ -9,8 +9,8 @@
   sets TCP_NODELAY;
 * while idle, the association's network thread waits on its socket (up to a
   millisecond) instead of sleeping a millisecond between checks, so a PDU is read the
-  moment it arrives: with several PDUs per instance, the sleeps cost more than the
-  reading.
+  moment it arrives, and a response queued by the association wakes it at once: with
+  several PDUs per instance, the sleeps cost more than the reading.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import select
 import socket
 import ssl
+import weakref
 from typing import Any
 
 from pynetdicom import _config
@@ -57,21 +58,33 @@ class GuardedSocket(AssociationSocket):
     for data instead of answering at once."""
 
     limit: int = 16 * 1024 * 1024
+    #: readable when the association queued something to send (see :func:`_wake_on_send`)
+    waker: socket.socket | None = None
 
     @property
     def ready(self) -> bool:
-        """True when data can be read, waiting up to :data:`IDLE_WAIT` for some."""
+        """True when data can be read, waiting up to :data:`IDLE_WAIT` for some (less
+        when the association has something to send)."""
         sock = self.socket
         if sock is None or self._is_connected is False:
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # decrypted bytes select() does not see
+        waiting = [sock] if self.waker is None else [sock, self.waker]
         try:
-            readable, _, _ = select.select([sock], [], [], IDLE_WAIT)
+            readable, _, _ = select.select(waiting, [], [], IDLE_WAIT)
         except (OSError, TimeoutError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
-        return bool(readable)
+        if self.waker is not None and self.waker in readable:
+            with contextlib.suppress(OSError):
+                self.waker.recv(4096)
+        return sock in readable
+
+    def close(self) -> None:
+        super().close()
+        if self.waker is not None:
+            self.waker.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.limit:
@@ -103,4 +116,22 @@ class GuardedRequestHandler(RequestHandler):
         nodelay(sock.socket)
         # the socket's wait paces the network thread (instead of a sleep per turn)
         assoc.dul._run_loop_delay = 0
+        _wake_on_send(assoc.dul, sock)
         return assoc
+
+
+def _wake_on_send(dul: Any, sock: GuardedSocket) -> None:
+    """Make what the association queues for sending wake the network thread's wait."""
+    waker, bell = socket.socketpair()
+    waker.setblocking(False)
+    bell.setblocking(False)
+    sock.waker = waker
+    queue_pdu = dul.send_pdu
+
+    def send_pdu(primitive: Any) -> None:
+        queue_pdu(primitive)
+        with contextlib.suppress(OSError):  # closed, or already rung enough
+            bell.send(b"\0")
+
+    dul.send_pdu = send_pdu
+    weakref.finalize(dul, bell.close)
