@@ -9,14 +9,16 @@
   sets TCP_NODELAY;
 * while idle, the association's network thread waits on its socket (up to a
   millisecond) instead of sleeping a millisecond between checks, so a PDU is read the
-  moment it arrives, and a response queued by the association wakes it at once: with
-  several PDUs per instance, the sleeps cost more than the reading.
+  moment it arrives, and a response queued by the association wakes it at once; the
+  association's own thread likewise waits on its message queue rather than sleeping:
+  with several PDUs per instance, the sleeps cost more than the reading.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import select
 import socket
 import ssl
@@ -51,6 +53,9 @@ def nodelay(sock: Any) -> None:
 #: Longest wait on the socket per turn of the network thread (it also sends what the
 #: association queued, so it never blocks longer than this).
 IDLE_WAIT = 0.001
+#: Longest wait for a DIMSE message per turn of the association's thread (it also
+#: checks for release and abort between waits).
+MESSAGE_WAIT = 0.005
 
 
 class GuardedSocket(AssociationSocket):
@@ -117,7 +122,24 @@ class GuardedRequestHandler(RequestHandler):
         # the socket's wait paces the network thread (instead of a sleep per turn)
         assoc.dul._run_loop_delay = 0
         _wake_on_send(assoc.dul, sock)
+        _wait_for_messages(assoc.dimse)
         return assoc
+
+
+def _wait_for_messages(dimse: Any) -> None:
+    """The association's thread polls for messages (sleeping a millisecond between
+    polls): let each poll wait for one instead, up to :data:`MESSAGE_WAIT`."""
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if block:  # an operation waiting for its response: as pynetdicom does
+            return take(block=True)
+        try:
+            return dimse.msg_queue.get(timeout=MESSAGE_WAIT)
+        except queue.Empty:
+            return None, None
+
+    dimse.get_msg = get_msg
 
 
 def _wake_on_send(dul: Any, sock: GuardedSocket) -> None:
