@@ -192,7 +192,6 @@ class Bench:
 
     def c_store(self, study: Path) -> tuple[dict[str, float], dict[str, float]]:
         """storescu of the study into a new emix listener, then into an emptied Orthanc."""
-        os.environ["TCP_NODELAY"] = "1"  # dcmtk (storescu and Orthanc) sets it when told
         emix_times: list[float] = []
         orthanc_times: list[float] = []
         for rep in range(self.reps):
@@ -598,6 +597,9 @@ def main() -> None:
     sizes = args.sizes or ([10, 50, 200] if args.quick else [10, 200, 1000])
     reps = args.reps or (1 if args.quick else 3)
     os.environ.setdefault("EMIX_DISABLED_PLUGINS", "")
+    # dcmtk (storescu, and Orthanc's DICOM server started below) disables Nagle's
+    # algorithm only when told; emix's listener sets it itself
+    os.environ["TCP_NODELAY"] = "1"
     started = time.monotonic()
     folder = tempfile.mkdtemp(prefix="emix-bench-")
     try:
