@@ -57,7 +57,7 @@ _EXPORTS: dict[str, str] = {
     # content of a package
     "DICOM_MEDIA_TYPE": "emix_core.content.layout",
     "item_relative_path": "emix_core.content.layout",
-    "is_valid_uid": "emix_core.content.dicom",
+    "is_valid_uid": "emix_core.content.uids",
     "is_dicom": "emix_core.content.dicom",
     "inspect_instance": "emix_core.content.dicom",
     "DicomInstance": "emix_core.content.dicom",
@@ -189,7 +189,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from emix_core.client.receiver import ReceivedPackage, receive_package
     from emix_core.client.sender import SKIPPED_NAMES, SendResult, send_paths
     from emix_core.config import resolve_home
-    from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom, is_valid_uid
+    from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom
     from emix_core.content.disc import write_pdi_folder, write_pdi_iso
     from emix_core.content.documents import classify, safe_name
     from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
@@ -198,7 +198,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         write_sample_report_pdf,
         write_sample_report_txt,
     )
-    from emix_core.content.uids import new_uid
+    from emix_core.content.uids import is_valid_uid, new_uid
     from emix_core.crypto import sha256_file
     from emix_core.errors import (
         AuthenticationError,

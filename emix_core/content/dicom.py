@@ -18,7 +18,6 @@ UID or any other value read from the file.
 from __future__ import annotations
 
 import os
-import re
 import struct
 import unicodedata
 import warnings
@@ -33,6 +32,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from emix_core.content.header import MAX_VALUE_LENGTH, WANTED, decode_values
+from emix_core.content.uids import UID_RE, is_valid_uid  # noqa: F401 - re-exported
 from emix_core.errors import InvalidInput, NotDicomError, TruncatedDicomError
 
 __all__ = ["DicomInstance", "inspect_instance", "is_dicom", "is_valid_uid"]
@@ -70,8 +70,6 @@ VRS = frozenset(
 )
 #: Explicit VRs whose length is 4 bytes, after 2 reserved bytes.
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-
-UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 
 #: Attributes read from the header (everything else is skipped, not loaded).
 HEADER_TAGS = [
@@ -166,12 +164,6 @@ class DicomInstance:
     columns: int | None = None
     bits_allocated: int | None = None
     number_of_frames: int | None = None
-
-
-def is_valid_uid(uid: str) -> bool:
-    """True for a DICOM UID (PS3.5 9.1): at most 64 characters, digits and dots,
-    no empty component and no leading zero in a component other than ``0``."""
-    return isinstance(uid, str) and len(uid) <= 64 and UID_RE.fullmatch(uid) is not None
 
 
 def is_dicom(path: Path) -> bool:
