@@ -33,8 +33,10 @@ import requests  # noqa: E402
 from emix_core import generate_study  # noqa: E402
 from emix_core.testing import Orthanc, free_port  # noqa: E402
 
-#: the largest PDU Orthanc 1.10 accepts (its default is 16384), and emix's default
-PDU_SIZES = (131072, 262144)
+#: the largest PDU Orthanc 1.10 accepts (its default is 16384)
+ORTHANC_MAX_PDU = 131072
+#: the listener's maximum PDU: Orthanc's, and emix's default
+PDU_SIZES = tuple(int(n) for n in os.environ.get("BENCH_PDU_SIZES", "131072 262144").split())
 
 
 def storescu(port: int, called: str, folder: Path) -> float:
@@ -93,6 +95,8 @@ def emix_listener(work: Path, max_pdu: int) -> tuple[subprocess.Popen, int]:
             "lakeside",
             "--settle",
             "3600",
+            "--max-pdu",
+            str(max_pdu),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -120,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="emix-dimse-bench-") as tmp:
         root = Path(tmp)
         pacs = Orthanc(
-            root / "orthanc", dicom=True, aet="ORTHANC", extra={"MaximumPduLength": PDU_SIZES[0]}
+            root / "orthanc", dicom=True, aet="ORTHANC", extra={"MaximumPduLength": ORTHANC_MAX_PDU}
         )
         pacs.start()
         try:

@@ -14,6 +14,8 @@ Measures (median, min, max of the repetitions) and prints the ratios emix/Orthan
    DICOMweb endpoint against Orthanc's, raw and parsed by dicomweb-client;
 4. peak memory (VmHWM) of each emix process and of Orthanc, per study size;
 5. latency: a 10-slice study from settled in A's outbox to listed in B's inbox;
+6. C-STORE (dcmtk's storescu, TCP_NODELAY) into ``emix dimse listen`` against C-STORE
+   into Orthanc's DICOM server, same files, each into an empty receiver;
 and, as the machine's physical limits, a disk copy and AES-256-GCM throughput.
 
 When run as root with ``unshare`` available, the whole run happens in a private network
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
+from benchmarks.dimse_store import ORTHANC_MAX_PDU, emix_listener, storescu  # noqa: E402
 from emix_core.testing import (  # noqa: E402
     HubProcess,
     Orthanc,  # noqa: E402
@@ -163,7 +167,10 @@ class Bench:
         self.work = work
         self.reps = reps
         self.results: dict[str, Any] = {"machine": machine(), "sizes": {}}
-        self.pacs_a = Orthanc(work / "pacs-a").start()  # the direct-STOW reference
+        # the direct-STOW and C-STORE reference
+        self.pacs_a = Orthanc(
+            work / "pacs-a", dicom=True, aet="ORTHANC", extra={"MaximumPduLength": ORTHANC_MAX_PDU}
+        ).start()
         self.pacs_b = Orthanc(work / "pacs-b").start()  # B's PACS, fed by B's gateway
         self.hub: HubProcess = make_hub(work)
         self.hub.add_facility("Mercy General", "a@mercy.example.org", "mercy")
@@ -182,6 +189,24 @@ class Bench:
             pacs.stop(wait=False)
         for pacs in (self.pacs_a, self.pacs_b):
             pacs.stop()
+
+    def c_store(self, study: Path) -> tuple[dict[str, float], dict[str, float]]:
+        """storescu of the study into a new emix listener, then into an emptied Orthanc."""
+        emix_times: list[float] = []
+        orthanc_times: list[float] = []
+        for rep in range(self.reps):
+            work = self.work / f"listener-{study.name}-{rep}"
+            work.mkdir()
+            process, port = emix_listener(work, 262144)
+            try:
+                emix_times.append(storescu(port, "EMIX", study))
+            finally:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
+                shutil.rmtree(work, ignore_errors=True)
+            orthanc_clear(self.pacs_a)
+            orthanc_times.append(storescu(self.pacs_a.dicom_port, "ORTHANC", study))
+        return stats(emix_times), stats(orthanc_times)
 
     # ------------------------------------------------------------------ gateways
     def start_gateways(self) -> None:
@@ -289,6 +314,15 @@ url = "{self.pacs_b.url}"
         print(
             f"  ingest   emix {row['ingest_emix_s']['median']:.2f} s  orthanc "
             f"{row['ingest_orthanc_requests_s']['median']:.2f} s",
+            flush=True,
+        )
+
+        # 6. C-STORE into the listener and into Orthanc (after it, Orthanc A holds the
+        # study again for the downloads)
+        row["c_store_emix_s"], row["c_store_orthanc_s"] = self.c_store(study)
+        print(
+            f"  c-store  emix {row['c_store_emix_s']['median']:.2f} s  orthanc "
+            f"{row['c_store_orthanc_s']['median']:.2f} s",
             flush=True,
         )
 
@@ -501,8 +535,15 @@ def report(results: dict[str, Any]) -> str:
             ("zip download vs archive", "zip_emix_s", "zip_orthanc_s"),
             ("WADO-RS raw", "wado_raw_emix_s", "wado_raw_orthanc_s"),
             ("WADO-RS parsed (dicomweb-client)", "wado_parsed_emix_s", "wado_parsed_orthanc_s"),
+            (
+                "C-STORE (storescu into dimse listen vs Orthanc)",
+                "c_store_emix_s",
+                "c_store_orthanc_s",
+            ),
         ]
         for label, mine, theirs in pairs:
+            if mine not in row:  # a results.json from before this measure
+                continue
             lines.append(
                 f"| {slices} | {row['mb']} | {label} | {cell(row[mine])} | "
                 f"{cell(row[theirs])} | "
@@ -556,6 +597,9 @@ def main() -> None:
     sizes = args.sizes or ([10, 50, 200] if args.quick else [10, 200, 1000])
     reps = args.reps or (1 if args.quick else 3)
     os.environ.setdefault("EMIX_DISABLED_PLUGINS", "")
+    # dcmtk (storescu, and Orthanc's DICOM server started below) disables Nagle's
+    # algorithm only when told; emix's listener sets it itself
+    os.environ["TCP_NODELAY"] = "1"
     started = time.monotonic()
     folder = tempfile.mkdtemp(prefix="emix-bench-")
     try:

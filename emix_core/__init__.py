@@ -13,13 +13,10 @@ the command line starts fast; type checkers see the real imports below.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("emix-core")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+source"
+#: The release (``pyproject.toml`` reads it from here: no metadata lookup at start-up).
+__version__ = "0.2.0"
 
 #: Public name -> module that defines it (``module:attribute`` when named otherwise there).
 _EXPORTS: dict[str, str] = {
@@ -60,7 +57,7 @@ _EXPORTS: dict[str, str] = {
     # content of a package
     "DICOM_MEDIA_TYPE": "emix_core.content.layout",
     "item_relative_path": "emix_core.content.layout",
-    "is_valid_uid": "emix_core.content.dicom",
+    "is_valid_uid": "emix_core.content.uids",
     "is_dicom": "emix_core.content.dicom",
     "inspect_instance": "emix_core.content.dicom",
     "DicomInstance": "emix_core.content.dicom",
@@ -193,7 +190,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from emix_core.client.receiver import ReceivedPackage, receive_package
     from emix_core.client.sender import SKIPPED_NAMES, SendResult, send_paths
     from emix_core.config import resolve_home
-    from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom, is_valid_uid
+    from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom
     from emix_core.content.disc import write_pdi_folder, write_pdi_iso
     from emix_core.content.documents import classify, safe_name
     from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
@@ -203,7 +200,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         write_sample_report_pdf,
         write_sample_report_txt,
     )
-    from emix_core.content.uids import new_uid
+    from emix_core.content.uids import is_valid_uid, new_uid
     from emix_core.crypto import sha256_file
     from emix_core.errors import (
         AuthenticationError,

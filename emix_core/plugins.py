@@ -88,10 +88,14 @@ def disabled_plugins() -> set[str]:
     return names - CORE_NAMES
 
 
-def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
+def get_plugin_manager(
+    *, load_entry_points: bool = True, load_builtins: bool = True
+) -> pluggy.PluginManager:
     """Build a fresh plugin manager: specs, blocked names, built-ins, then entry points.
 
     :param load_entry_points: also load third-party plugins of group ``emix``.
+    :param load_builtins: also register the built-in plugins (the command line leaves
+        them out to list plugin commands: none of them adds one, and they import the hub).
     :raises ConfigError: a plugin failed to import, or implements a hook that does
         not exist (the message names the plugin).
     """
@@ -99,7 +103,7 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     pm.add_hookspecs(hookspecs)
     for name in disabled_plugins():
         pm.set_blocked(name)
-    for name, module_name in BUILTIN_PLUGINS:
+    for name, module_name in BUILTIN_PLUGINS if load_builtins else ():
         if pm.is_blocked(name):
             continue
         pm.register(importlib.import_module(module_name), name=name)

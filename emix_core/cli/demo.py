@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import click
-import requests
 
 from emix_core.cli.util import handle_errors, transfer_progress
 from emix_core.config import CONFIG_NAME
@@ -87,6 +86,8 @@ def start_hub(hub_home: Path, port: int, log_file: Path) -> subprocess.Popen[byt
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    import requests
+
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

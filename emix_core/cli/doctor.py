@@ -9,14 +9,16 @@ import tomllib
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import requests
 
 from emix_core.cli.util import emit_json, home_option, hub_option, json_option, token_option
 from emix_core.config import CONFIG_NAME, resolve_home
 from emix_core.errors import EmixError
+
+if TYPE_CHECKING:
+    import requests
 
 #: Clock skew (seconds) that is reported as a warning, and as a failure.
 SKEW_WARN, SKEW_FAIL = 30, 300
@@ -69,6 +71,8 @@ def _permissions(home: Path) -> list[Check]:
 
 
 def _reachability(base: str, verify: bool | str) -> tuple[Check, requests.Response | None]:
+    import requests
+
     from emix_core.client.diagnose import connection_cause
 
     try:

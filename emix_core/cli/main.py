@@ -1,8 +1,9 @@
 """The ``emix`` command line, built by :func:`build_cli`.
 
-Core commands are added by the factory; adapters add theirs through
-``emix_register_commands``, loaded only when a command that is not the core's is asked
-for (or ``--help`` lists them), so ``emix --version`` and core commands start fast.
+Core commands are named by the factory and imported when asked for; adapters add theirs
+through ``emix_register_commands``, loaded only when a command that is not the core's is
+asked for (or ``--help`` lists them), so ``emix --version`` imports neither the hub nor
+DICOM, crypto or HTTP libraries.
 """
 
 from __future__ import annotations
@@ -26,31 +27,61 @@ from emix_core.cli.util import (
     transfer_progress,
     verbose_param,
 )
-from emix_core.config import resolve_home
 from emix_core.errors import EmixError
+
+#: Core commands defined in other modules: name -> ``module:attribute``, imported on use.
+CORE_COMMANDS: dict[str, str] = {
+    "doctor": "emix_core.cli.doctor:doctor",
+    "hub": "emix_core.cli.admin:hub",
+    "audit": "emix_core.cli.admin:audit",
+    "retention": "emix_core.cli.admin:retention",
+    "member": "emix_core.cli.admin:member",
+    "members": "emix_core.cli.accounts:members",
+    "token": "emix_core.cli.accounts:token",
+    "keys": "emix_core.cli.admin:keys",
+    "demo": "emix_core.cli.demo:demo",
+    "gateway": "emix_core.cli.gateway:gateway",
+    "report": "emix_core.reports.cli:report",
+    "viewer": "emix_core.cli.viewer:viewer",
+}
 
 
 class EmixCLI(click.Group):
-    """The top-level group: core commands at once, plugin commands on first need."""
+    """The top-level group: core commands on use, plugin commands on first need."""
 
     def __init__(self, *args: Any, pm: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pm = pm
         self._plugins_loaded = False
+        self._lazy: dict[str, str] = {}
+
+    def add_lazy_command(self, name: str, target: str) -> None:
+        """Name a command whose module (``module:attribute``) is imported when it is used."""
+        self._lazy[name] = target
+
+    def _load_lazy(self, name: str) -> None:
+        target = self._lazy.pop(name, None)
+        if target is not None and name not in self.commands:
+            import importlib
+
+            module, _, attribute = target.partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
 
     def load_plugin_commands(self) -> None:
         """Let every plugin add its commands (once)."""
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        from emix_core.plugins import default_plugin_manager, hooks_for
+        from emix_core.plugins import get_plugin_manager, hooks_for
 
         try:
-            hooks_for(self._pm or default_plugin_manager()).register_commands(self)
+            pm = self._pm or get_plugin_manager(load_builtins=False)
+            hooks_for(pm).register_commands(self)
         except EmixError as exc:
             raise click.ClickException(exc.message) from exc
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_lazy(cmd_name)
         command = super().get_command(ctx, cmd_name)
         if command is None:
             self.load_plugin_commands()
@@ -61,7 +92,7 @@ class EmixCLI(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self.load_plugin_commands()
-        return super().list_commands(ctx)
+        return sorted({*super().list_commands(ctx), *self._lazy})
 
 
 @click.group(cls=EmixCLI, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,6 +128,7 @@ def plugins(as_json: bool) -> None:
 
 def _local_home(home: str | None):  # type: ignore[no-untyped-def]
     from emix_core.client.home import LocalHome
+    from emix_core.config import resolve_home
 
     return LocalHome(resolve_home(home))
 
@@ -345,14 +377,6 @@ def build_cli(pm: Any = None) -> EmixCLI:
     :param pm: the plugin manager whose plugins may add commands (default: a new one,
         made only when a plugin command is needed).
     """
-    from emix_core.cli.accounts import members, token
-    from emix_core.cli.admin import audit, hub, keys, member, retention
-    from emix_core.cli.demo import demo
-    from emix_core.cli.doctor import doctor
-    from emix_core.cli.gateway import gateway
-    from emix_core.cli.viewer import viewer
-    from emix_core.reports.cli import report
-
     group = EmixCLI(
         name="emix",
         callback=_root.callback,
@@ -361,26 +385,10 @@ def build_cli(pm: Any = None) -> EmixCLI:
         context_settings=dict(_root.context_settings),
         pm=pm,
     )
-    for command in (
-        plugins,
-        facilities,
-        doctor,
-        send,
-        inbox,
-        receive,
-        hub,
-        audit,
-        retention,
-        member,
-        members,
-        token,
-        keys,
-        demo,
-        gateway,
-        report,
-        viewer,
-    ):
+    for command in (plugins, facilities, send, inbox, receive):
         group.add_command(command)
+    for name, target in CORE_COMMANDS.items():
+        group.add_lazy_command(name, target)
     return group
 
 

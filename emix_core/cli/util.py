@@ -10,13 +10,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from emix_core.errors import EmixError
 
@@ -133,6 +126,14 @@ def transfer_progress(label: str, enabled: bool) -> Iterator[Callable[[int, int]
     if not enabled or not sys.stderr.isatty():
         yield lambda done, total: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),

@@ -7,7 +7,9 @@ and seeking over values, so a truncated copy is caught without loading a single 
 a value that runs past the end of the file, encapsulated pixel data without its sequence
 delimiter, or a file cut inside an element header all raise
 :class:`~emix_core.errors.TruncatedDicomError`. pydicom then reads the few header
-attributes emix needs, stopping before the pixel data.
+attributes emix needs, stopping before the pixel data — or, in the plain case (common
+character sets, printable values), the walk keeps those few values on its way and
+:mod:`emix_core.content.header` decodes them without a second read.
 
 Error messages say what is wrong and what to do; they never contain the file's name (a
 name such as ``SMITH_JOHN.dcm`` is PHI: callers that show a message to the file's owner
@@ -17,11 +19,11 @@ add the path themselves), a UID or any other value read from the file.
 from __future__ import annotations
 
 import os
-import re
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,7 +31,9 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
+from emix_core.content.header import MAX_VALUE_LENGTH, WANTED, decode_values
 from emix_core.content.safe_open import open_regular
+from emix_core.content.uids import UID_RE, is_valid_uid  # noqa: F401 - re-exported
 from emix_core.errors import InvalidInput, NotDicomError, TruncatedDicomError
 
 __all__ = ["DicomInstance", "inspect_instance", "is_dicom", "is_valid_uid"]
@@ -58,6 +62,7 @@ PIXEL_DATA = 0x7FE00010
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 DIRECTORY_RECORDS = 0x00041220
 TRANSFER_SYNTAX = 0x00020010
+MEDIA_STORAGE_SOP_CLASS = 0x00020002
 ROWS = 0x00280010
 
 VRS = frozenset(
@@ -66,8 +71,6 @@ VRS = frozenset(
 )
 #: Explicit VRs whose length is 4 bytes, after 2 reserved bytes.
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-
-UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 
 #: Attributes read from the header (everything else is skipped, not loaded).
 HEADER_TAGS = [
@@ -164,12 +167,6 @@ class DicomInstance:
     number_of_frames: int | None = None
 
 
-def is_valid_uid(uid: str) -> bool:
-    """True for a DICOM UID (PS3.5 9.1): at most 64 characters, digits and dots,
-    no empty component and no leading zero in a component other than ``0``."""
-    return isinstance(uid, str) and len(uid) <= 64 and UID_RE.fullmatch(uid) is not None
-
-
 def is_dicom(path: Path) -> bool:
     """True when the content of ``path`` is DICOM, whatever its name.
 
@@ -218,10 +215,16 @@ def inspect_instance(path: Path) -> DicomInstance:
             ) from None
         except _Malformed as exc:
             raise InvalidInput(f"malformed DICOM ({exc.what}); {REMEDY}") from None
+    values = None if structure.long_value else decode_values(structure.values, structure.little)
     with warnings.catch_warnings():
         # pydicom warns about odd values; the checks below decide, and warnings may hold PHI
         warnings.simplefilter("ignore")
-        return _instance(_read_header(path), structure, size)
+        if values is not None:  # the plain case: the walk kept what is needed
+            return _instance(values.get, structure.meta_sop_class, structure, size)
+        ds = _read_header(path)
+        meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+        meta_sop_class = _uid(meta.get("MediaStorageSOPClassUID"))
+        return _instance(ds.get, meta_sop_class, structure, size)
 
 
 # -- recognising DICOM ------------------------------------------------------------------
@@ -300,6 +303,12 @@ class _Structure:
     is_dicomdir: bool = False
     has_rows: bool = False
     has_pixel_data: bool = False
+    little: bool = True
+    meta_sop_class: str = ""
+    #: short top-level values of :data:`~emix_core.content.header.WANTED`: tag -> (VR, bytes)
+    values: dict[int, tuple[bytes | None, bytes]] = field(default_factory=dict)
+    #: one of them was too long to keep (pydicom reads the header)
+    long_value: bool = False
 
 
 class _FileSource:
@@ -366,9 +375,9 @@ class _InflateSource:
 
 def _check_structure(fp: BinaryIO, size: int) -> _Structure:
     """Walk the file meta and the data set from the current position to the end."""
-    transfer_syntax = _walk_file_meta(fp, size)
+    transfer_syntax, meta_sop_class = _walk_file_meta(fp, size)
     _skip_command_set(fp, size)
-    structure = _Structure(transfer_syntax or "")
+    structure = _Structure(transfer_syntax or "", meta_sop_class=meta_sop_class)
     if transfer_syntax == DEFLATED_LE:
         inflate = _InflateSource(fp)
         _walk_dataset(inflate, implicit=False, little=True, depth=0, facts=structure)
@@ -381,6 +390,7 @@ def _check_structure(fp: BinaryIO, size: int) -> _Structure:
         # no transfer syntax: guess like pydicom does, from the first element
         little = first[4:6] not in VRS or struct.unpack("<H", first[:2])[0] < 1024
     implicit = not _is_vr(first[4:6]) if len(first) == 8 else True
+    structure.little = little
     if not structure.transfer_syntax:
         structure.transfer_syntax = (
             IMPLICIT_LE if implicit else EXPLICIT_LE if little else EXPLICIT_BE
@@ -389,23 +399,28 @@ def _check_structure(fp: BinaryIO, size: int) -> _Structure:
     return structure
 
 
-def _walk_file_meta(fp: BinaryIO, size: int) -> str | None:
-    """Skip group 0002 (explicit VR little endian), returning its Transfer Syntax UID."""
+def _walk_file_meta(fp: BinaryIO, size: int) -> tuple[str | None, str]:
+    """Skip group 0002 (explicit VR little endian), returning its Transfer Syntax UID and
+    Media Storage SOP Class UID."""
     source = _FileSource(fp, size)
-    transfer_syntax = None
+    transfer_syntax, sop_class = None, ""
     while True:
         peek = fp.read(2)
         fp.seek(-len(peek), 1)
         if len(peek) < 2 or struct.unpack("<H", peek)[0] != 0x0002:
-            return transfer_syntax
+            return transfer_syntax, sop_class
         tag, _, length = _header(source, implicit=False, little=True)
         if length == UNDEFINED_LENGTH:
             raise _Malformed("undefined length in the file meta information")
-        if tag == TRANSFER_SYNTAX and length <= 128:
+        if tag in (TRANSFER_SYNTAX, MEDIA_STORAGE_SOP_CLASS) and length <= 128:
             value = fp.read(length)
             if len(value) < length:
                 raise _Truncated("DICOM header")
-            transfer_syntax = value.decode("ascii", "replace").rstrip("\0 ")
+            uid = value.decode("ascii", "replace").rstrip("\0 ")
+            if tag == TRANSFER_SYNTAX:
+                transfer_syntax = uid
+            else:
+                sop_class = uid
         else:
             source.skip(length, "DICOM header")
 
@@ -484,6 +499,13 @@ def _walk_dataset(
         if depth == 0:
             facts.has_rows |= tag == ROWS
             facts.has_pixel_data |= tag in PIXEL_TAGS
+            if tag in WANTED and length <= MAX_VALUE_LENGTH:
+                value = source.read(length)
+                if len(value) < length:
+                    raise _Truncated("DICOM header")
+                facts.values[tag] = (vr, value)
+                continue
+            facts.long_value |= tag in WANTED
         if length != UNDEFINED_LENGTH:
             source.skip(length, "pixel data" if tag == PIXEL_DATA else "DICOM header")
         elif tag == PIXEL_DATA:
@@ -546,10 +568,12 @@ def _read_header(path: Path) -> pydicom.Dataset:
         raise InvalidInput(f"unreadable DICOM header; {REMEDY}") from None
 
 
-def _instance(ds: pydicom.Dataset, structure: _Structure, size: int) -> DicomInstance:
-    meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+def _instance(
+    get: Callable[[str], object], meta_sop_class: str, structure: _Structure, size: int
+) -> DicomInstance:
+    """The instance from its header values (``get(keyword)``), checked."""
     try:
-        sop_class = _uid(ds.get("SOPClassUID")) or _uid(meta.get("MediaStorageSOPClassUID"))
+        sop_class = _uid(get("SOPClassUID")) or meta_sop_class
         if structure.is_dicomdir or sop_class == DICOMDIR_SOP_CLASS:
             raise InvalidInput(
                 "a DICOMDIR index, not an image; import the CD with the cd_import adapter"
@@ -565,9 +589,9 @@ def _instance(ds: pydicom.Dataset, structure: _Structure, size: int) -> DicomIns
                 f"truncated DICOM file (it ends before its pixel data); {REMEDY}"
             )
         uids = {
-            "StudyInstanceUID": _uid(ds.get("StudyInstanceUID")),
-            "SeriesInstanceUID": _uid(ds.get("SeriesInstanceUID")),
-            "SOPInstanceUID": _uid(ds.get("SOPInstanceUID")),
+            "StudyInstanceUID": _uid(get("StudyInstanceUID")),
+            "SeriesInstanceUID": _uid(get("SeriesInstanceUID")),
+            "SOPInstanceUID": _uid(get("SOPInstanceUID")),
         }
         for keyword, uid in uids.items():
             if not uid:
@@ -584,29 +608,29 @@ def _instance(ds: pydicom.Dataset, structure: _Structure, size: int) -> DicomIns
             sop_instance_uid=uids["SOPInstanceUID"],
             sop_class_uid=sop_class,
             transfer_syntax_uid=structure.transfer_syntax,
-            modality=_text(ds.get("Modality")),
-            accession_number=_text(ds.get("AccessionNumber")),
-            patient_id=_text(ds.get("PatientID")),
-            patient_name=_text(ds.get("PatientName")),
-            study_date=_text(ds.get("StudyDate")),
-            study_description=_text(ds.get("StudyDescription")),
-            series_number=_number(ds.get("SeriesNumber")),
-            instance_number=_number(ds.get("InstanceNumber")),
+            modality=_text(get("Modality")),
+            accession_number=_text(get("AccessionNumber")),
+            patient_id=_text(get("PatientID")),
+            patient_name=_text(get("PatientName")),
+            study_date=_text(get("StudyDate")),
+            study_description=_text(get("StudyDescription")),
+            series_number=_number(get("SeriesNumber")),
+            instance_number=_number(get("InstanceNumber")),
             size=size,
-            specific_character_set=_text(ds.get("SpecificCharacterSet")),
-            study_time=_text(ds.get("StudyTime")),
-            study_id=_text(ds.get("StudyID")),
-            referring_physician_name=_text(ds.get("ReferringPhysicianName")),
-            patient_birth_date=_text(ds.get("PatientBirthDate")),
-            patient_sex=_text(ds.get("PatientSex")),
-            series_description=_text(ds.get("SeriesDescription")),
-            series_date=_text(ds.get("SeriesDate")),
-            series_time=_text(ds.get("SeriesTime")),
-            rows=_number(ds.get("Rows")),
-            columns=_number(ds.get("Columns")),
-            bits_allocated=_number(ds.get("BitsAllocated")),
+            specific_character_set=_text(get("SpecificCharacterSet")),
+            study_time=_text(get("StudyTime")),
+            study_id=_text(get("StudyID")),
+            referring_physician_name=_text(get("ReferringPhysicianName")),
+            patient_birth_date=_text(get("PatientBirthDate")),
+            patient_sex=_text(get("PatientSex")),
+            series_description=_text(get("SeriesDescription")),
+            series_date=_text(get("SeriesDate")),
+            series_time=_text(get("SeriesTime")),
+            rows=_number(get("Rows")),
+            columns=_number(get("Columns")),
+            bits_allocated=_number(get("BitsAllocated")),
             number_of_frames=(
-                (_number(ds.get("NumberOfFrames")) or 1) if structure.has_pixel_data else None
+                (_number(get("NumberOfFrames")) or 1) if structure.has_pixel_data else None
             ),
         )
     except InvalidInput:  # TruncatedDicomError included

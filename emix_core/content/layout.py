@@ -6,8 +6,8 @@ a raw UID or file name never becomes a path.
 
 from __future__ import annotations
 
-from emix_core.content.dicom import is_valid_uid
 from emix_core.content.documents import safe_name
+from emix_core.content.uids import is_valid_uid
 from emix_core.model import Item
 
 DICOM_MEDIA_TYPE = "application/dicom"

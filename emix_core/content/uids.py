@@ -11,12 +11,22 @@ organisation's root (such as pydicom's example prefix).
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Sequence
 
 from emix_core.errors import ConfigError
 
-__all__ = ["MAX_ROOT_CHARS", "check_uid_root", "new_uid", "uid_root"]
+UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+
+
+def is_valid_uid(uid: str) -> bool:
+    """True for a DICOM UID (PS3.5 9.1): at most 64 characters, digits and dots,
+    no empty component and no leading zero in a component other than ``0``."""
+    return isinstance(uid, str) and len(uid) <= 64 and UID_RE.fullmatch(uid) is not None
+
+
+__all__ = ["MAX_ROOT_CHARS", "UID_RE", "check_uid_root", "is_valid_uid", "new_uid", "uid_root"]
 
 #: Longest organisation root: at least 20 digits must follow it within 64 characters.
 MAX_ROOT_CHARS = 43

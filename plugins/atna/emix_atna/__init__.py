@@ -18,16 +18,24 @@ queue file. Messages wait in ``atna-queue.db`` in the home while the repository 
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import click
-
-from emix_atna.forwarder import DiskQueue, Forwarder, frame, syslog_message
 from emix_atna.settings import AtnaSettings, load_settings
-from emix_core import AuditEvent, hookimpl, resolve_home
+from emix_core import hookimpl, resolve_home
+
+if TYPE_CHECKING:
+    import click
+
+    from emix_atna.forwarder import DiskQueue, Forwarder, frame, syslog_message
+    from emix_core import AuditEvent
+
+#: Re-exported from the forwarder, imported on first use (the plugin loads fast).
+_FORWARDER_EXPORTS = frozenset({"DiskQueue", "Forwarder", "frame", "syslog_message"})
 
 __all__ = [
     "AtnaSettings",
@@ -46,6 +54,12 @@ _forwarders: dict[tuple[int, Path], Forwarder | None] = {}
 _lock = threading.Lock()
 
 
+def __getattr__(name: str) -> Any:
+    if name not in _FORWARDER_EXPORTS:
+        raise AttributeError(f"module 'emix_atna' has no attribute {name!r}")
+    return getattr(importlib.import_module("emix_atna.forwarder"), name)
+
+
 def forwarder_for(home: str | Path | None) -> Forwarder | None:
     """The home's forwarder, started on first use; ``None`` when ATNA is not configured."""
     path = resolve_home(str(home) if home else None)
@@ -53,7 +67,12 @@ def forwarder_for(home: str | Path | None) -> Forwarder | None:
     with _lock:
         if key not in _forwarders:
             settings = load_settings(path)
-            _forwarders[key] = Forwarder(settings) if settings else None
+            if settings:
+                from emix_atna.forwarder import Forwarder
+
+                _forwarders[key] = Forwarder(settings)
+            else:
+                _forwarders[key] = None
         return _forwarders[key]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,7 +18,10 @@ from emix_core import (
     token_option,
     transfer_progress,
 )
-from emix_dicomweb.connection import AUTH_KINDS, PacsConnection, PacsSettings
+from emix_dicomweb.auth import AUTH_KINDS
+
+if TYPE_CHECKING:
+    from emix_dicomweb.connection import PacsSettings
 
 __all__ = ["dicomweb"]
 
@@ -71,6 +74,8 @@ def pacs_options(func: Callable[..., Any]) -> Callable[..., Any]:
     )
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from emix_dicomweb.connection import PacsSettings
+
         settings = PacsSettings(
             url=kwargs.pop("pacs_url"),
             auth=kwargs.pop("pacs_auth") or "",
@@ -134,6 +139,7 @@ def send_command(
 ) -> None:
     """Find studies on the PACS (QIDO-RS), retrieve them untouched (WADO-RS) and send
     them as one package. Exit 0 when every instance was sent, 1 otherwise."""
+    from emix_dicomweb.connection import PacsConnection
     from emix_dicomweb.query import study_filters
     from emix_dicomweb.transfer import pull_and_send
 
@@ -193,6 +199,7 @@ def deliver_command(
     """Store a received package into the PACS (STOW-RS) and report each instance:
     stored, already there, or failed and why. Running it twice is harmless.
     Exit 0 when every instance is in the PACS, 1 otherwise."""
+    from emix_dicomweb.connection import PacsConnection
     from emix_dicomweb.store import StoreSettings
     from emix_dicomweb.transfer import deliver_package
 

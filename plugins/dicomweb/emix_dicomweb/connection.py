@@ -21,6 +21,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from emix_core import ConfigError, EmixError
+from emix_dicomweb.auth import AUTH_KINDS
 
 __all__ = [
     "AUTH_KINDS",
@@ -31,7 +32,6 @@ __all__ = [
     "TRANSIENT_HTTP",
 ]
 
-AUTH_KINDS = ("none", "basic", "bearer", "cert")
 #: HTTP answers worth retrying: the PACS is busy, restarting or behind a failing proxy.
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 USER_AGENT = "emix-dicomweb"

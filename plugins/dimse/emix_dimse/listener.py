@@ -304,24 +304,35 @@ class Listener:
         except AttributeError:  # no data set in the request
             return self._refuse(state, "no data set", CANNOT_UNDERSTAND)
         try:
-            instance = inspect_instance(path)
-        except EmixError as exc:
-            return self._refuse(state, type(exc).__name__, CANNOT_UNDERSTAND)
-        except OSError:
-            return self._refuse(state, "unreadable", OUT_OF_RESOURCES)
-        announced = str(event.request.AffectedSOPInstanceUID or "")
-        if instance.sop_instance_uid != announced:
-            return self._refuse(state, "SOP Instance UID differs", DATASET_MISMATCH)
-        try:
-            recipients = self.router.recipients(state.calling_ae, path)
-        except Exception:  # a data set the rule cannot read
-            return self._refuse(state, "routing rule failed", CANNOT_UNDERSTAND)
-        if not recipients:
-            return self._refuse(state, "no route", NOT_ROUTED)
-        try:
-            kept = self.spool.keep(path, instance.study_uid, instance.sop_instance_uid, recipients)
+            arrival = self.spool.receive(path)
         except OSError:
             return self._refuse(state, "disk refused", OUT_OF_RESOURCES)
+        kept = None
+        try:
+            try:
+                instance = inspect_instance(arrival.path)
+            except EmixError as exc:
+                return self._refuse(state, type(exc).__name__, CANNOT_UNDERSTAND)
+            except OSError:
+                return self._refuse(state, "unreadable", OUT_OF_RESOURCES)
+            announced = str(event.request.AffectedSOPInstanceUID or "")
+            if instance.sop_instance_uid != announced:
+                return self._refuse(state, "SOP Instance UID differs", DATASET_MISMATCH)
+            try:
+                recipients = self.router.recipients(state.calling_ae, arrival.path)
+            except Exception:  # a data set the rule cannot read
+                return self._refuse(state, "routing rule failed", CANNOT_UNDERSTAND)
+            if not recipients:
+                return self._refuse(state, "no route", NOT_ROUTED)
+            try:
+                kept = self.spool.keep(
+                    arrival, instance.study_uid, instance.sop_instance_uid, recipients
+                )
+            except OSError:
+                return self._refuse(state, "disk refused", OUT_OF_RESOURCES)
+        finally:
+            if kept is None:
+                self.spool.discard(arrival)
         with self._lock:
             state.stored += 1
             state.bytes += kept.size

@@ -6,14 +6,23 @@
 * no identifiers in pynetdicom's logs (they are PHI);
 * a socket that refuses a PDU longer than the listener's limit before reading it
   (pynetdicom would read all of it into memory first), reads in large chunks, and
-  sets TCP_NODELAY.
+  sets TCP_NODELAY;
+* while idle, the association's network thread waits on its socket (up to a
+  millisecond) instead of sleeping a millisecond between checks, so a PDU is read the
+  moment it arrives, and a response queued by the association wakes it at once; the
+  association's own thread likewise waits on its message queue rather than sleeping:
+  with several PDUs per instance, the sleeps cost more than the reading.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import select
 import socket
+import ssl
+import weakref
 from typing import Any
 
 from pynetdicom import _config
@@ -41,10 +50,46 @@ def nodelay(sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+#: Longest wait on the socket per turn of the network thread (it also sends what the
+#: association queued, so it never blocks longer than this).
+IDLE_WAIT = 0.001
+#: Longest wait for a DIMSE message per turn of the association's thread (it also
+#: checks for release and abort between waits).
+MESSAGE_WAIT = 0.005
+
+
 class GuardedSocket(AssociationSocket):
-    """An association socket with a ceiling on the PDU length it will read."""
+    """An association socket with a ceiling on the PDU length it will read, that waits
+    for data instead of answering at once."""
 
     limit: int = 16 * 1024 * 1024
+    #: readable when the association queued something to send (see :func:`_wake_on_send`)
+    waker: socket.socket | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True when data can be read, waiting up to :data:`IDLE_WAIT` for some (less
+        when the association has something to send)."""
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes select() does not see
+        waiting = [sock] if self.waker is None else [sock, self.waker]
+        try:
+            readable, _, _ = select.select(waiting, [], [], IDLE_WAIT)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if self.waker is not None and self.waker in readable:
+            with contextlib.suppress(OSError):
+                self.waker.recv(4096)
+        return sock in readable
+
+    def close(self) -> None:
+        super().close()
+        if self.waker is not None:
+            self.waker.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.limit:
@@ -74,4 +119,41 @@ class GuardedRequestHandler(RequestHandler):
         sock.__class__ = GuardedSocket
         sock.limit = max(int(self.ae.maximum_pdu_size or 0), 16 * 1024) + PDU_SLACK
         nodelay(sock.socket)
+        # the socket's wait paces the network thread (instead of a sleep per turn)
+        assoc.dul._run_loop_delay = 0
+        _wake_on_send(assoc.dul, sock)
+        _wait_for_messages(assoc.dimse)
         return assoc
+
+
+def _wait_for_messages(dimse: Any) -> None:
+    """The association's thread polls for messages (sleeping a millisecond between
+    polls): let each poll wait for one instead, up to :data:`MESSAGE_WAIT`."""
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if block:  # an operation waiting for its response: as pynetdicom does
+            return take(block=True)
+        try:
+            return dimse.msg_queue.get(timeout=MESSAGE_WAIT)
+        except queue.Empty:
+            return None, None
+
+    dimse.get_msg = get_msg
+
+
+def _wake_on_send(dul: Any, sock: GuardedSocket) -> None:
+    """Make what the association queues for sending wake the network thread's wait."""
+    waker, bell = socket.socketpair()
+    waker.setblocking(False)
+    bell.setblocking(False)
+    sock.waker = waker
+    queue_pdu = dul.send_pdu
+
+    def send_pdu(primitive: Any) -> None:
+        queue_pdu(primitive)
+        with contextlib.suppress(OSError):  # closed, or already rung enough
+            bell.send(b"\0")
+
+    dul.send_pdu = send_pdu
+    weakref.finalize(dul, bell.close)

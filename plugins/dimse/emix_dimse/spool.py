@@ -13,6 +13,12 @@ After ``kill -9`` a batch still ``sending`` is sent again in a new package (the 
 never sealed the old one); one ``sealing`` is first looked up on the hub, and counts as
 sent when the hub sealed it. A file in the spool without a row was never acknowledged
 and is removed. Nothing acknowledged is lost, nothing is sent twice.
+
+Keeping an instance makes three things durable: the file's bytes, its name in the spool
+folder and its journal row. They are flushed at the same time (the file system commits
+them together, in about the time of one flush instead of three in a row), and the
+instance is acknowledged only when all three are. So a row whose file is missing or
+shorter after a crash was never acknowledged, and is dropped at start.
 """
 
 from __future__ import annotations
@@ -27,13 +33,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from emix_core import JournalConnections
 
-__all__ = ["Spool", "StoredInstance", "Batch", "group_key", "fsync_dir"]
+__all__ = ["Spool", "Arrival", "StoredInstance", "Batch", "group_key", "fsync_dir"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -79,6 +86,19 @@ def group_key(study_uid: str, recipients: Sequence[str]) -> str:
     return _hash(study_uid, *sorted(recipients))
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fp:
+        os.fsync(fp.fileno())
+
+
+def _wait(flushed: list[Future[None]], *, quiet: bool = False) -> None:
+    """Wait for every flush; the first failure is raised unless ``quiet``."""
+    errors = [f.exception() for f in flushed]
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None and not quiet:
+        raise failed
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -92,6 +112,14 @@ class StoredInstance:
     """One instance kept in the spool."""
 
     group_key: str
+    path: Path
+    size: int
+
+
+@dataclass
+class Arrival:
+    """A received file moved into the spool, not yet durable nor journaled."""
+
     path: Path
     size: int
 
@@ -118,15 +146,18 @@ class Spool:
         self.files.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.journal = JournalConnections(folder / "journal.db", SCHEMA)
         self._lock = threading.Lock()
+        #: flushes a file and the spool folder while the journal commits
+        self._flusher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-fsync")
 
     def db(self) -> sqlite3.Connection:
         return self.journal.get()
 
     # ------------------------------------------------------------------ receiving
-    def keep(
-        self, received: Path, study_uid: str, sop_uid: str, recipients: Sequence[str]
-    ) -> StoredInstance:
-        """Move a received file into the spool, durably, and journal it.
+    def receive(self, received: Path) -> Arrival:
+        """Move a received file into the spool (not yet durable: a crash before
+        :meth:`keep` leaves a stray that :meth:`remove_strays` removes).
+
+        The listener checks the instance there, then keeps or discards it.
 
         :param received: the file as written by the network layer; moved (or copied
             when on another file system), never rewritten.
@@ -140,10 +171,33 @@ class Spool:
             if exc.errno != errno.EXDEV:
                 raise
             shutil.copyfile(received, target)
-        with open(target, "rb") as fp:
-            os.fsync(fp.fileno())
-        fsync_dir(self.files)
-        size = target.stat().st_size
+        return Arrival(target, target.stat().st_size)
+
+    def discard(self, arrival: Arrival) -> None:
+        """A received file refused by the listener: removed, never journaled."""
+        arrival.path.unlink(missing_ok=True)
+
+    def keep(
+        self,
+        received: Path | Arrival,
+        study_uid: str,
+        sop_uid: str,
+        recipients: Sequence[str],
+    ) -> StoredInstance:
+        """Journal a received file; return once its bytes, name and row are durable.
+
+        :param received: what :meth:`receive` returned, or the file as written by the
+            network layer (then received first).
+        :raises OSError: the disk refused (full, read-only): do not acknowledge.
+        """
+        arrival = received if isinstance(received, Arrival) else self.receive(received)
+        target, size, name = arrival.path, arrival.size, arrival.path.name
+        # the file and its name are flushed while the journal commits (one flush of the
+        # file system for all three when they overlap)
+        flushed = [
+            self._flusher.submit(_fsync_file, target),
+            self._flusher.submit(fsync_dir, self.files),
+        ]
         key = group_key(study_uid, recipients)
         sop_key = _hash(sop_uid)
         now = time.time()
@@ -161,6 +215,8 @@ class Spool:
                         (key, sop_key),
                     )
                 ]
+                if replaced:  # the older copy goes only once the newer one is durable
+                    _wait(flushed)
                 db.execute(
                     "DELETE FROM instances WHERE group_key = ? AND sop_key = ? AND batch IS NULL",
                     (key, sop_key),
@@ -178,17 +234,37 @@ class Spool:
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
+                _wait(flushed, quiet=True)
                 target.unlink(missing_ok=True)
                 raise
+        try:
+            _wait(flushed)
+        except OSError:
+            self._forget(name)
+            target.unlink(missing_ok=True)
+            raise
         for old in replaced:
             (self.files / old).unlink(missing_ok=True)
         return StoredInstance(key, target, size)
 
+    def _forget(self, name: str) -> None:
+        """Drop the row of a file that could not be made durable (never acknowledged)."""
+        with self._lock:
+            self.db().execute("DELETE FROM instances WHERE file = ? AND batch IS NULL", (name,))
+
     def remove_strays(self) -> int:
         """At start: remove spool files without a journal row (never acknowledged), and
         give waiting studies a full settle time again (the modality may resume)."""
-        self.db().execute("UPDATE groups SET last_arrival = ?", (time.time(),))
-        known = {r["file"] for r in self.db().execute("SELECT file FROM instances")}
+        db = self.db()
+        db.execute("UPDATE groups SET last_arrival = ?", (time.time(),))
+        # a waiting row whose file did not survive whole was never acknowledged
+        for row in db.execute(
+            "SELECT id, file, size FROM instances WHERE batch IS NULL"
+        ).fetchall():
+            path = self.files / row["file"]
+            if not path.is_file() or path.stat().st_size != row["size"]:
+                db.execute("DELETE FROM instances WHERE id = ?", (row["id"],))
+        known = {r["file"] for r in db.execute("SELECT file FROM instances")}
         removed = 0
         for path in self.files.iterdir():
             if path.name not in known:

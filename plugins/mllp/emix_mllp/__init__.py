@@ -17,12 +17,26 @@ the audit trail.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emix_core import hookimpl
-from emix_mllp.client import Ack, Delivery, MllpClient, MllpError, MllpRejected
-from emix_mllp.destination import SETTINGS, MllpDestination
+
+if TYPE_CHECKING:
+    from emix_mllp.client import Ack, Delivery, MllpClient, MllpError, MllpRejected
+    from emix_mllp.destination import SETTINGS, MllpDestination
+
+#: Re-exported names and their modules, imported on first use (the plugin loads fast).
+_EXPORTS = {
+    "Ack": "emix_mllp.client",
+    "Delivery": "emix_mllp.client",
+    "MllpClient": "emix_mllp.client",
+    "MllpError": "emix_mllp.client",
+    "MllpRejected": "emix_mllp.client",
+    "MllpDestination": "emix_mllp.destination",
+    "SETTINGS": "emix_mllp.destination",
+}
 
 __all__ = [
     "Ack",
@@ -35,6 +49,13 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'emix_mllp' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
 @hookimpl
 def emix_register_destinations(register: Callable[..., None]) -> None:
     """Provide the ``mllp`` destination kind."""
@@ -42,4 +63,6 @@ def emix_register_destinations(register: Callable[..., None]) -> None:
 
 
 def _factory(settings: dict[str, Any], gateway: Any) -> MllpDestination:
+    from emix_mllp.destination import MllpDestination
+
     return MllpDestination(settings, gateway)
