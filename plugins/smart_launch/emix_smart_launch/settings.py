@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -71,13 +72,31 @@ def normalize(url: str) -> str:
     return url.strip().rstrip("/")
 
 
+#: A host name or address of a framing origin: no wildcard, no spaces, no CSP syntax.
+_HOST = re.compile(r"[a-z0-9]([a-z0-9\-.]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+
+
 def _check_origin(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
+    """One exact origin (scheme, host, port): what CSP ``frame-ancestors`` receives verbatim,
+    so a wildcard or a space would let any site frame the patient's page."""
+    parts = urlsplit(value.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = urlsplit("")
+    host = parts.netloc.rsplit(":", 1)[0] if port else parts.netloc
+    if (
+        parts.scheme not in ("https", "http")
+        or not _HOST.fullmatch(host.lower())
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
         raise ConfigError(
             f"[smart] frame_ancestors takes origins like https://emr.example.org, not {value!r}"
         )
-    return f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
 def load_settings() -> SmartSettings:
