@@ -23,6 +23,10 @@ class SmartSettings:
 
     #: FHIR base URLs (``iss``) allowed to launch emix; anything else is refused.
     allowed_issuers: list[str] = field(default_factory=list)
+    #: For each allowed issuer, the facilities whose members it may sign in: an EMR vouches
+    #: for its own clinicians, never for another facility's (an issuer without an entry
+    #: signs no one in).
+    issuer_facilities: dict[str, list[str]] = field(default_factory=dict)
     #: The client id the EMR gave emix.
     client_id: str = ""
     #: How emix authenticates at the token endpoint: ``client_secret_basic``,
@@ -66,6 +70,13 @@ class SmartSettings:
 
     def issuer_allowed(self, iss: str) -> bool:
         return normalize(iss) in {normalize(i) for i in self.allowed_issuers}
+
+    def facilities_of(self, iss: str) -> list[str]:
+        """The facilities whose members the EMR at ``iss`` may sign in."""
+        return next(
+            (list(f) for i, f in self.issuer_facilities.items() if normalize(i) == normalize(iss)),
+            [],
+        )
 
 
 def normalize(url: str) -> str:
@@ -128,4 +139,21 @@ def load_settings() -> SmartSettings:
             "a public client sets token_auth = 'none'"
         )
     settings.frame_ancestors = [_check_origin(o) for o in settings.frame_ancestors]
+    _check_issuer_facilities(settings)
     return settings
+
+
+def _check_issuer_facilities(settings: SmartSettings) -> None:
+    table = settings.issuer_facilities
+    if not isinstance(table, dict) or not all(
+        isinstance(v, list) and all(isinstance(f, str) for f in v) for v in table.values()
+    ):
+        raise ConfigError(
+            "[smart] issuer_facilities maps each FHIR base URL to facility addresses, like "
+            '{ "https://emr.lakeside.example.org/fhir" = ["lakeside"] }'
+        )
+    for iss in table:
+        if not settings.issuer_allowed(iss):
+            raise ConfigError(
+                f"[smart] issuer_facilities names {iss!r}, which is not in allowed_issuers"
+            )

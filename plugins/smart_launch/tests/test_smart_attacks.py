@@ -68,3 +68,24 @@ def test_a_framing_origin_that_lets_other_sites_frame_the_page_is_refused(
     page = hub_app.app.test_client().get("/smart/launch")
     assert page.headers["Content-Security-Policy"].endswith("frame-ancestors 'none'")
     assert "frame_ancestors takes origins like" in page.get_data(as_text=True)
+
+
+def test_an_emr_cannot_sign_in_a_member_of_a_facility_it_does_not_serve(hub_app, ehr):
+    # lakeside's EMR is trusted for lakeside; it claims its user is mercy's admin
+    configure(hub_app.home, ehr, issuer_facilities={ehr.fhir_base: ["lakeside"]})
+    (practitioner,) = ehr.resources["Practitioner"].values()
+    practitioner["telecom"] = [{"system": "email", "value": "admin@mercy.example.org"}]
+    launch = Launch(hub_app.app.test_client(), ehr)
+    answer = launch.ehr_launch()
+    body = answer.get_data(as_text=True)
+    assert answer.status_code == 403, body
+    assert "not one this EMR may sign in" in body
+    assert "emix_session" not in answer.headers.get("Set-Cookie", "")
+    assert launch.client.get("/inbox").status_code != 200
+
+
+def test_an_emr_without_facilities_signs_no_one_in(hub_app, ehr):
+    configure(hub_app.home, ehr, issuer_facilities={})
+    answer = Launch(hub_app.app.test_client(), ehr).ehr_launch()
+    assert answer.status_code == 403
+    assert "issuer_facilities" in answer.get_data(as_text=True)
