@@ -89,3 +89,19 @@ def test_an_emr_without_facilities_signs_no_one_in(hub_app, ehr):
     answer = Launch(hub_app.app.test_client(), ehr).ehr_launch()
     assert answer.status_code == 403
     assert "issuer_facilities" in answer.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("uid", ["*", "1.2.3*", "1.2.3\\4.5.6", "1.2.840.10008?x=1"])
+def test_a_share_of_an_emr_study_whose_uid_is_a_wildcard_or_list_is_refused(hub_app, ehr, uid):
+    # the facility's side would ask its PACS for this "UID": a wildcard is the whole PACS
+    configure(hub_app.home, ehr)
+    ehr.resources["ImagingStudy"]["img-1"]["identifier"][0]["value"] = f"urn:oid:{uid}"
+    launch = Launch(hub_app.app.test_client(), ehr)
+    launch.ehr_launch()
+    html = launch.client.get("/smart/").get_data(as_text=True)
+    csrf = html.split('action="/smart/share/')[1].split('name="csrf" value="')[1].split('"')[0]
+    answer = launch.client.post("/smart/share/img-1", data={"csrf": csrf, "to": "mercy"})
+    assert answer.status_code == 403
+    assert "not a DICOM Study Instance UID" in answer.get_data(as_text=True)
+    taken = hub_app.client.get("/api/v1/smart/shares", headers=hub_app.headers("lakeside"))
+    assert taken.json == {"shares": []}
