@@ -12,6 +12,8 @@ import pydicom
 from emix_core.errors import EmixError
 
 SIZE = 160
+#: Largest frame previewed, bytes once decoded: a few MB of RLE or JPEG can claim gigabytes.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
 class NoPreview(EmixError):
@@ -60,16 +62,31 @@ def _window(ds: Any, frame: Any) -> Any:
     return scaled.astype(np.uint8)
 
 
+def _frame_bytes(ds: Any) -> int:
+    """Bytes of one frame once decoded, as the image attributes claim."""
+    try:
+        samples = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+        samples *= int(ds.get("SamplesPerPixel", 1) or 1)
+        return samples * max(int(ds.get("BitsAllocated", 8) or 8), 8) // 8
+    except (TypeError, ValueError):
+        return MAX_FRAME_BYTES + 1
+
+
 def thumbnail(data: bytes, size: int = SIZE) -> bytes:
     """A PNG at most ``size`` pixels wide or high of the first frame of a DICOM instance."""
     try:
         import numpy as np
+        from pydicom.pixels import pixel_array
 
-        ds = pydicom.dcmread(io.BytesIO(data))
-        pixels = ds.pixel_array
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        if _frame_bytes(ds) > MAX_FRAME_BYTES:
+            raise NoPreview("no preview for this image: it is too large")
+        pixels = pixel_array(io.BytesIO(data), index=0)  # the first frame only
+    except NoPreview:
+        raise
     except Exception as exc:  # compressed without a decoder, no pixel data, not DICOM
         raise NoPreview("no preview for this image") from exc
-    if pixels.ndim == 4 or (pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1):
+    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]
     if pixels.ndim == 3:  # colour: luminance
         pixels = (pixels[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.float32)

@@ -156,3 +156,22 @@ def test_a_malformed_identifier_is_refused_and_the_listener_serves_on(
     assert "datasetdoesnotmatchsopclass" in text, text
     again = findscu(listener.port, tmp_path / "rsp", ["QueryRetrieveLevel=STUDY", "PatientID"])
     assert len(again) == 1
+
+
+def test_a_query_with_huge_and_many_keys_gets_a_status_and_leaks_nothing(
+    listeners, shared_study, tmp_path
+):
+    listener = listeners("lakeside", "--to", "mercy")
+    hostile = "Z" * 8000 + "*"
+    keys = ["QueryRetrieveLevel=STUDY", f"PatientName={hostile}", f"PatientID={PATIENT_ID}"]
+    keys += [f"(0009,{n:04x})=X" for n in range(0x10, 0x60)]  # private keys: ignored
+    result = subprocess.run(
+        ["findscu", "-v", "-S", "-aet", "PACS", "-aec", "EMIX",
+         *[a for k in keys for a in ("-k", k)], "127.0.0.1", str(listener.port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    text = result.stdout + result.stderr
+    assert "Received Final Find Response" in text, text[-2000:]
+    assert "Z" * 100 not in listener.log.read_text() and PATIENT_ID not in listener.log.read_text()
+    again = findscu(listener.port, tmp_path / "rsp", ["QueryRetrieveLevel=STUDY", "PatientID"])
+    assert len(again) == 1  # the listener serves on

@@ -128,6 +128,11 @@ def patient_summary(patient: dict[str, Any]) -> dict[str, Any]:
     display = name.get("text") or ", ".join(p for p in (name.get("family"), given) if p)
     return {
         "name": display or "(no name)",
+        "families": [
+            str(n["family"]).strip()
+            for n in names
+            if isinstance(n, dict) and isinstance(n.get("family"), str) and n["family"].strip()
+        ],
         "birth_date": patient.get("birthDate") or "",
         "sex": patient.get("gender") or "",
         "identifiers": [
@@ -142,8 +147,19 @@ def _dicom_date(value: str) -> str:
     return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 and value.isdigit() else ""
 
 
+def _family(name: str) -> str:
+    """The family name of a DICOM person name (``FAMILY^GIVEN``), folded for comparison."""
+    return name.split("=")[0].split("^")[0].strip().casefold()
+
+
 def _matches(summary: dict[str, Any], patient: dict[str, Any]) -> bool:
-    """Whether a received study is of this patient, after the hub's reconciliation."""
+    """Whether a received study is of this patient, after the hub's reconciliation.
+
+    A Patient ID is unique only inside the facility that gave it, so a study from another
+    facility with the same ID may be of someone else: the ID must be one of the patient's
+    identifiers *and* the study must name the same family name; a birth date on both sides
+    must agree too.
+    """
     foreign = {
         "PatientID": str(summary.get("patient_id") or ""),
         "IssuerOfPatientID": str(summary.get("issuer_of_patient_id") or ""),
@@ -154,6 +170,9 @@ def _matches(summary: dict[str, Any], patient: dict[str, Any]) -> bool:
     local = {**foreign, **hub_hooks().reconcile_patient(foreign, None, "smart")}
     ids = {i["value"] for i in patient["identifiers"]}
     if not local["PatientID"] or local["PatientID"] not in ids:
+        return False
+    family = _family(local.get("PatientName", ""))
+    if not family or family not in {f.casefold() for f in patient.get("families", [])}:
         return False
     born = _dicom_date(local.get("PatientBirthDate", ""))
     return not (born and patient["birth_date"] and born != patient["birth_date"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ class SmartSettings:
 
     #: FHIR base URLs (``iss``) allowed to launch emix; anything else is refused.
     allowed_issuers: list[str] = field(default_factory=list)
+    #: For each allowed issuer, the facilities whose members it may sign in: an EMR vouches
+    #: for its own clinicians, never for another facility's (an issuer without an entry
+    #: signs no one in).
+    issuer_facilities: dict[str, list[str]] = field(default_factory=dict)
     #: The client id the EMR gave emix.
     client_id: str = ""
     #: How emix authenticates at the token endpoint: ``client_secret_basic``,
@@ -66,18 +71,43 @@ class SmartSettings:
     def issuer_allowed(self, iss: str) -> bool:
         return normalize(iss) in {normalize(i) for i in self.allowed_issuers}
 
+    def facilities_of(self, iss: str) -> list[str]:
+        """The facilities whose members the EMR at ``iss`` may sign in."""
+        return next(
+            (list(f) for i, f in self.issuer_facilities.items() if normalize(i) == normalize(iss)),
+            [],
+        )
+
 
 def normalize(url: str) -> str:
     return url.strip().rstrip("/")
 
 
+#: A host name or address of a framing origin: no wildcard, no spaces, no CSP syntax.
+_HOST = re.compile(r"[a-z0-9]([a-z0-9\-.]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+
+
 def _check_origin(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
+    """One exact origin (scheme, host, port): what CSP ``frame-ancestors`` receives verbatim,
+    so a wildcard or a space would let any site frame the patient's page."""
+    parts = urlsplit(value.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = urlsplit("")
+    host = parts.netloc.rsplit(":", 1)[0] if port else parts.netloc
+    if (
+        parts.scheme not in ("https", "http")
+        or not _HOST.fullmatch(host.lower())
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
         raise ConfigError(
             f"[smart] frame_ancestors takes origins like https://emr.example.org, not {value!r}"
         )
-    return f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
 def load_settings() -> SmartSettings:
@@ -109,4 +139,21 @@ def load_settings() -> SmartSettings:
             "a public client sets token_auth = 'none'"
         )
     settings.frame_ancestors = [_check_origin(o) for o in settings.frame_ancestors]
+    _check_issuer_facilities(settings)
     return settings
+
+
+def _check_issuer_facilities(settings: SmartSettings) -> None:
+    table = settings.issuer_facilities
+    if not isinstance(table, dict) or not all(
+        isinstance(v, list) and all(isinstance(f, str) for f in v) for v in table.values()
+    ):
+        raise ConfigError(
+            "[smart] issuer_facilities maps each FHIR base URL to facility addresses, like "
+            '{ "https://emr.lakeside.example.org/fhir" = ["lakeside"] }'
+        )
+    for iss in table:
+        if not settings.issuer_allowed(iss):
+            raise ConfigError(
+                f"[smart] issuer_facilities names {iss!r}, which is not in allowed_issuers"
+            )

@@ -27,6 +27,7 @@ from emix_core import (
     current_principal,
     is_allowed,
     is_valid_address,
+    is_valid_uid,
     utcnow,
 )
 
@@ -73,6 +74,10 @@ def share(imaging_id: str) -> Response:
         uid = fhir.study_uid_of(imaging)
         if subject != f"Patient/{context['patient']}" or not uid:
             raise LaunchRejected("the EMR's study is not of the patient in context")
+        if not is_valid_uid(uid):  # a wildcard or a list would be a query of the PACS
+            raise LaunchRejected(
+                "the EMR's study names something that is not a DICOM Study Instance UID"
+            )
     except EmixError as exc:
         return _refused(exc, getattr(g.get("principal"), "email", "unknown"))
     queue_share(

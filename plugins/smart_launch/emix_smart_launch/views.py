@@ -201,6 +201,12 @@ def _callback() -> Response:
             "Ask your facility's emix administrator to add you as a member with the email "
             "address your EMR profile lists.",
         )
+    if member.facility not in settings.facilities_of(server.iss):
+        raise LaunchRejected(
+            "your emix membership is in a facility that is not one this EMR may sign in; "
+            "the hub's operator names the facilities each EMR serves in [smart] "
+            "issuer_facilities"
+        )
     tokens["expires_at"] = oauth_expiry(tokens)
     handle = store.save_context(
         {

@@ -39,10 +39,15 @@ def smart_table(ehr: EhrSimulator, **settings: Any) -> str:
         "frame_ancestors": [ehr.base],
         **settings,
     }
+    # the simulator's clinicians are lakeside's
+    values.setdefault("issuer_facilities", {i: ["lakeside"] for i in values["allowed_issuers"]})
     lines = ["[smart]"]
     for key, value in values.items():
         if isinstance(value, bool):
             lines.append(f"{key} = {str(value).lower()}")
+        elif isinstance(value, dict):
+            pairs = (f"{k!r} = [{', '.join(repr(v) for v in vs)}]" for k, vs in value.items())
+            lines.append(f"{key} = {{ {', '.join(pairs)} }}")
         elif isinstance(value, list):
             lines.append(f"{key} = [{', '.join(repr(v) for v in value)}]")
         else:

@@ -27,7 +27,7 @@ from emix_dicomweb.origin.blueprint import route
 from emix_dicomweb.origin.negotiate import accepted
 from emix_dicomweb.origin.scope import Located, Scope
 from emix_dicomweb.origin.stored import StoredInstance
-from emix_dicomweb.origin.transcode import can_decode, decode_frame
+from emix_dicomweb.origin.transcode import can_decode, check_frame_size, decode_frame
 from emix_dicomweb.origin.wado import multipart_response
 
 __all__ = ["render", "rendered_set_media_type"]
@@ -108,6 +108,7 @@ def render(
         raise NotFoundError("the instance has no such frame")
     if not can_decode(stored.transfer_syntax):
         raise NotAcceptable("the hub cannot decode this instance's pixel data")
+    check_frame_size(stored)  # before a byte is read: a small stored frame may claim GBs
     _, data = next(stored.frames([frame - 1]))
     stored.close()
     decoded = decode_frame(stored, data)
@@ -260,7 +261,10 @@ def _rendered_parts(
         try:
             if stored.pixel is None or not can_decode(stored.transfer_syntax):
                 continue  # a report or a document: nothing to show
-            image = render(stored, 1, media_type, viewport)
+            try:
+                image = render(stored, 1, media_type, viewport)
+            except NotAcceptable:
+                continue  # too large to render: left out like an undecodable one
         finally:
             stored.close()
         yield media_type, [image], len(image)

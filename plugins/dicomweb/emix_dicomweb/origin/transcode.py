@@ -41,6 +41,9 @@ __all__ = [
 
 #: "As stored": ``transfer-syntax=*``.
 STORED = "*"
+#: Largest frame the hub decodes or renders, bytes of native pixel data (a 4096 x 4096
+#: 16-bit image is 32 MiB): a few MB of RLE or JPEG can claim gigabytes once decoded.
+MAX_DECODED_FRAME = 64 * 1024 * 1024
 NATIVE = frozenset({IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE, DEFLATED_LE})
 #: Bulk data media types of compressed frames (PS3.18 Table 8.7.3-5).
 FRAME_MEDIA_TYPES = {
@@ -85,6 +88,25 @@ class DecodedFrame:
     planar_configuration: int | None
 
 
+def check_frame_size(stored: StoredInstance) -> None:
+    """Refuse to decode a frame larger than :data:`MAX_DECODED_FRAME` once native.
+
+    :raises NotAcceptable: the instance's image attributes claim a larger frame.
+    """
+    ds = stored.header
+    try:
+        samples = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+        samples *= int(ds.get("SamplesPerPixel", 1) or 1)
+        size = samples * max(int(ds.get("BitsAllocated", 8) or 8), 8) // 8
+    except (TypeError, ValueError):
+        size = MAX_DECODED_FRAME + 1
+    if size > MAX_DECODED_FRAME:
+        raise NotAcceptable(
+            "this instance's frames are too large for the hub to decode or render; "
+            "ask for transfer-syntax=* to receive it as stored"
+        )
+
+
 def decode_frame(stored: StoredInstance, data: bytes) -> DecodedFrame:
     """The native (uncompressed, little endian) bytes of one stored frame.
 
@@ -92,6 +114,7 @@ def decode_frame(stored: StoredInstance, data: bytes) -> DecodedFrame:
     """
     header = stored.header
     syntax = stored.transfer_syntax
+    check_frame_size(stored)
     interpretation = str(header.get("PhotometricInterpretation", "") or "")
     planar = header.get("PlanarConfiguration")
     if syntax in NATIVE:
