@@ -62,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     "inspect_instance": "emix_core.content.dicom",
     "DicomInstance": "emix_core.content.dicom",
     "classify": "emix_core.content.documents",
+    "REPORT_MEDIA_TYPES": "emix_core.content.documents",
     "safe_name": "emix_core.content.documents",
     "generate_study": "emix_core.content.samples",
     "new_uid": "emix_core.content.uids",
@@ -192,7 +193,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from emix_core.config import resolve_home
     from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom
     from emix_core.content.disc import write_pdi_folder, write_pdi_iso
-    from emix_core.content.documents import classify, safe_name
+    from emix_core.content.documents import REPORT_MEDIA_TYPES, classify, safe_name
     from emix_core.content.layout import DICOM_MEDIA_TYPE, item_relative_path
     from emix_core.content.safe_open import open_regular
     from emix_core.content.samples import (

@@ -17,7 +17,7 @@ from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom
 from emix_core.content.safe_open import open_regular
 from emix_core.errors import NotDicomError
 
-__all__ = ["DICOM", "classify", "safe_name", "sniff_document"]
+__all__ = ["DICOM", "REPORT_MEDIA_TYPES", "classify", "safe_name", "sniff_document"]
 
 DICOM = "application/dicom"
 PDF = "application/pdf"
@@ -26,6 +26,8 @@ HL7V2 = "application/hl7-v2"
 CDA = "application/cda+xml"
 FHIR_JSON = "application/fhir+json"
 TEXT = "text/plain"
+#: The media types emix keeps reports in (what a report page renders or a chart receives).
+REPORT_MEDIA_TYPES = (PDF, HL7V2, CDA, FHIR_JSON, RTF, TEXT)
 
 TEXT_WINDOW = 64 * 1024
 XML_WINDOW = 8 * 1024

@@ -11,6 +11,7 @@ import pydicom
 from flask import Blueprint, Response, url_for
 from sqlalchemy import select
 
+from emix_core.content.documents import REPORT_MEDIA_TYPES
 from emix_core.errors import EmixError, NotFoundError
 from emix_core.hub import api_packages, disc_image, pacs_push, thumbnails
 from emix_core.hub.auth import audit_request
@@ -22,15 +23,6 @@ from emix_core.plugins import hooks_for
 from emix_core.store.db import Facility, PackageRow
 
 bp = Blueprint("web_packages", __name__)
-
-REPORT_TYPES = (
-    "application/pdf",
-    "application/hl7-v2",
-    "application/cda+xml",
-    "application/fhir+json",
-    "application/rtf",
-    "text/plain",
-)
 
 
 def person_name(value: str | None) -> str:
@@ -167,7 +159,7 @@ def report_views(content: PackageContent) -> list[dict[str, Any]]:
     hooks = hooks_for(hub().pm)
     views = []
     for item in content.items:
-        if item.media_type not in REPORT_TYPES:
+        if item.media_type not in REPORT_MEDIA_TYPES:
             continue
         data = b"".join(content.read_item(item.id))
         try:

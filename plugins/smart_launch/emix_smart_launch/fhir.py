@@ -8,22 +8,19 @@ from typing import Any
 
 import requests
 
-from emix_core import LaunchRejected, PackageContent, hub_hooks, readable_packages
+from emix_core import (
+    REPORT_MEDIA_TYPES,
+    LaunchRejected,
+    PackageContent,
+    hub_hooks,
+    readable_packages,
+)
 
 TIMEOUT = 15
 #: Largest FHIR answer read, bytes (a search page of studies and reports).
 MAX_ANSWER = 8 * 1024 * 1024
 #: Resources listed per search.
 PAGE = 50
-#: Reports a clinician may save to the chart (the media types emix keeps reports in).
-REPORT_TYPES = (
-    "application/pdf",
-    "application/hl7-v2",
-    "application/cda+xml",
-    "application/fhir+json",
-    "application/rtf",
-    "text/plain",
-)
 
 
 class FhirReader:
@@ -192,7 +189,7 @@ def _study_row(content: PackageContent, uid: str, summary: dict[str, Any]) -> di
     reports = [
         {"item": i.id, "media_type": i.media_type}
         for i in content.items
-        if i.media_type in REPORT_TYPES and i.study_uid in (None, "", uid)
+        if i.media_type in REPORT_MEDIA_TYPES and i.study_uid in (None, "", uid)
     ]
     return {
         "reports": reports,
