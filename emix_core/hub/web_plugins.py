@@ -110,17 +110,21 @@ class PluginRecords:
                 )
             )
 
+    def _row(self, session: Any, key: str) -> PluginRecord | None:
+        row: PluginRecord | None = session.scalar(
+            select(PluginRecord).where(
+                PluginRecord.namespace == self.namespace,
+                PluginRecord.key_hash == self._hash(key),
+            )
+        )
+        return row
+
     def get(self, key: str) -> dict[str, Any] | None:
         """The unexpired record under ``key``, or ``None``."""
         if not key or len(key) > 512:
             return None
         with _hub().db.session() as session:
-            row = session.scalar(
-                select(PluginRecord).where(
-                    PluginRecord.namespace == self.namespace,
-                    PluginRecord.key_hash == self._hash(key),
-                )
-            )
+            row = self._row(session, key)
             if row is None or _aware(row.expires) < utcnow():
                 return None
             value: dict[str, Any] = json.loads(row.value)
@@ -131,12 +135,7 @@ class PluginRecords:
         if not key or len(key) > 512:
             return None
         with _hub().db.session() as session:
-            row = session.scalar(
-                select(PluginRecord).where(
-                    PluginRecord.namespace == self.namespace,
-                    PluginRecord.key_hash == self._hash(key),
-                )
-            )
+            row = self._row(session, key)
             if row is None:
                 return None
             gone = session.execute(delete(PluginRecord).where(PluginRecord.id == row.id))
