@@ -10,11 +10,20 @@ marked ``failed``. Pending and failed mails show in ``/metrics``
 
 Exactly once: a mail is sent once unless the process dies between the SMTP server's
 acceptance and the row's update, in which case it is sent again when the lease expires.
+
+At rest: a queued mail may hold a live sign-in link or confirmation code, and a patient's
+address. The address and the body are sealed together with a fresh key per mail, wrapped
+by the hub's key wrapper (the KEK file, or a KMS/HSM plugin), so a copy of the database
+(a backup, a replica, a stolen disk) holds no usable link and no address; the
+``recipient`` column keeps a masked form for the operator. The body is cleared once sent.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
 import threading
 import weakref
 from datetime import timedelta
@@ -23,6 +32,7 @@ from typing import Any
 from prometheus_client import Counter
 from sqlalchemy import func, or_, select, update
 
+from emix_core import crypto
 from emix_core.model import utcnow
 from emix_core.store.db import OutgoingMail
 
@@ -43,6 +53,37 @@ GAVE_UP = Counter("emix_hub_mails_failed_total", "Mails given up after every ret
 
 _workers_lock = threading.Lock()
 
+#: Prefix of a sealed outbox body; anything else is a body queued by an older hub.
+SEALED_PREFIX = "sealed:1:"
+_WRAP_CONTEXT = b"emix mail outbox"
+_PAYLOAD_AD = b"emix mail outbox payload"
+
+
+def masked_address(address: str) -> str:
+    """``j***@example.org``: enough for an operator to tell mails apart, not to write one."""
+    local, _, domain = address.partition("@")
+    return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+def seal_mail(wrapper: Any, to: str, body: str) -> str:
+    """The recipient and body sealed under a fresh key wrapped by ``wrapper`` (text)."""
+    key = os.urandom(crypto.KEY_SIZE)
+    wrapped = wrapper.wrap(key, _WRAP_CONTEXT)
+    sealed = crypto.seal_value(key, json.dumps({"to": to, "body": body}).encode(), _PAYLOAD_AD)
+    packed = len(wrapped).to_bytes(2, "big") + wrapped + sealed
+    return SEALED_PREFIX + base64.b64encode(packed).decode("ascii")
+
+
+def open_mail(wrapper: Any, recipient: str, stored: str) -> tuple[str, str]:
+    """``(to, body)`` of a stored mail; raises ``IntegrityError`` if it does not open."""
+    if not stored.startswith(SEALED_PREFIX):
+        return recipient, stored  # queued in plain text by an older hub
+    packed = base64.b64decode(stored[len(SEALED_PREFIX) :])
+    size = int.from_bytes(packed[:2], "big")
+    key = wrapper.unwrap(packed[2 : 2 + size], _WRAP_CONTEXT)
+    payload = json.loads(crypto.open_value(key, packed[2 + size :], _PAYLOAD_AD))
+    return str(payload["to"]), str(payload["body"])
+
 
 def queue_mail(hub: Any, to: str, subject: str, body: str, kind: str) -> bool:
     """Queue one plain-text mail; ``False`` (and a warning) when no SMTP is configured.
@@ -58,9 +99,9 @@ def queue_mail(hub: Any, to: str, subject: str, body: str, kind: str) -> bool:
         session.add(
             OutgoingMail(
                 kind=kind,
-                recipient=to,
+                recipient=masked_address(to)[:254],
                 subject=subject[:200],
-                body=body,
+                body=seal_mail(hub.wrapper, to, body),
                 state="pending",
                 attempts=0,
                 created=now,
@@ -150,7 +191,7 @@ def _send(hub: Any, mail_id: int) -> None:
         mail = session.get(OutgoingMail, mail_id)
         if mail is None:
             return
-        to, subject, body, kind, attempts = (
+        recipient, subject, stored, kind, attempts = (
             mail.recipient,
             mail.subject,
             mail.body,
@@ -159,6 +200,7 @@ def _send(hub: Any, mail_id: int) -> None:
         )
     smtp = hub.config.smtp
     try:
+        to, body = open_mail(hub.wrapper, recipient, stored)
         send_mail(smtp.url, smtp.sender, to, subject, body)
     except Exception as exc:  # any failure: keep the mail and try again later
         attempts += 1

@@ -140,7 +140,8 @@ class NoticeRow(Base):
 class OutgoingMail(Base):
     """A mail waiting in the hub's durable outbox, sent by a background worker.
 
-    ``body`` is cleared once the mail is sent (it may hold a sign-in link or a code);
+    ``body`` holds the address and text sealed under the hub's key wrapper (see
+    :mod:`emix_core.hub.outbox`), cleared once the mail is sent; ``recipient`` is masked;
     ``last_error`` holds the kind of failure only, never an address or a server reply.
     """
 
