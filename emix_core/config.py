@@ -72,6 +72,9 @@ class HubSettings:
     #: Web origins (``https://viewer.example.org``) whose pages may call the hub's DICOMweb
     #: service from a browser (CORS). Empty: none, the default.
     cors_origins: list[str] = field(default_factory=list)
+    #: Networks "Send to my PACS" may connect to (``["10.20.0.0/16"]``). Empty: any
+    #: address but loopback, link-local, unspecified, multicast and reserved ones.
+    pacs_networks: list[str] = field(default_factory=list)
     #: Proxies in front of the hub whose ``X-Forwarded-For`` entry is trusted (0: none;
     #: the client address is the TCP peer's).
     trusted_proxy_hops: int = 0
@@ -192,6 +195,8 @@ def load_config(home: str | os.PathLike[str] | None = None) -> Config:
         config.smtp.url = env["EMIX_SMTP_URL"]
     if env.get("EMIX_CORS_ORIGINS"):
         config.hub.cors_origins = [o.strip() for o in env["EMIX_CORS_ORIGINS"].split(",")]
+    if env.get("EMIX_PACS_NETWORKS"):
+        config.hub.pacs_networks = [n.strip() for n in env["EMIX_PACS_NETWORKS"].split(",")]
     if env.get("EMIX_PUBLIC_URL"):
         config.hub.public_url = env["EMIX_PUBLIC_URL"]
     if env.get("EMIX_DATABASE_URL"):

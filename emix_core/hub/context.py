@@ -159,6 +159,9 @@ def open_hub(home: str | Path | None = None, pm: pluggy.PluginManager | None = N
         raise ConfigError(
             f"{config.home} is not a hub home; create it with `emix hub init --home {config.home}`"
         )
+    from emix_core.hub.pacs_network import parse_networks
+
+    parse_networks(config.hub.pacs_networks)  # a bad entry stops the hub at start
     pm = pm or default_plugin_manager()
     db = Database(config.database_url, pool_size=config.hub.db_pool_size or config.hub.threads)
     db.create_all()

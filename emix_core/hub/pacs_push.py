@@ -6,6 +6,8 @@ then sends a package there from its page. For DICOMweb each instance goes in its
 STOW-RS request, exactly as stored (never transcoded), so memory stays flat whatever the
 study's size. A DICOM node is stored into by the plugin that answers
 ``emix_pacs_push`` (the dimse plugin: C-STORE, each file in its own transfer syntax).
+Either way the hub connects only where its operator allows (``[hub] pacs_networks``,
+:mod:`emix_core.hub.pacs_network`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from urllib.parse import urlsplit
 import requests
 from sqlalchemy import select
 
-from emix_core.errors import ConfigError, InvalidInput
+from emix_core.errors import ConfigError, InvalidInput, PolicyRejected
+from emix_core.hub.pacs_network import (
+    Network,
+    check_literal,
+    guarded_session,
+    resolve_allowed,
+)
 from emix_core.plugins import Hooks
 from emix_core.store.db import Destination, Facility
 
@@ -45,14 +53,16 @@ def is_dicom_node(target: str) -> bool:
     return not target.startswith(("http://", "https://"))
 
 
-def check_url(url: str) -> str:
+def check_url(url: str, networks: list[Network] | None = None) -> str:
     """A PACS: a STOW-RS root (an http(s) URL without credentials or query), or a DICOM
-    node ``AET@HOST:PORT``."""
+    node ``AET@HOST:PORT``; a host written as an address the operator forbids is refused
+    (:mod:`emix_core.hub.pacs_network`)."""
     url = url.strip()
     node = DICOM_NODE.match(url)
     if node:
         if not node.group(1).strip() or not 0 < int(node.group(3)) < 65536:
             raise InvalidInput("a DICOM node is AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:104")
+        check_literal(node.group(2), networks or [])
         return url
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
@@ -62,6 +72,7 @@ def check_url(url: str) -> str:
         )
     if parts.username or parts.password:
         raise InvalidInput("the PACS URL must not carry a user name or password")
+    check_literal(parts.hostname, networks or [])
     return url.rstrip("/")
 
 
@@ -73,14 +84,16 @@ def destination_of(session: Any, facility_address: str) -> Destination | None:
     )
 
 
-def set_destination(session: Any, facility_id: int, name: str, url: str) -> None:
+def set_destination(
+    session: Any, facility_id: int, name: str, url: str, networks: list[Network] | None = None
+) -> None:
     """Name the facility's PACS (one per facility); an empty URL removes it."""
     existing = session.scalar(select(Destination).where(Destination.facility_id == facility_id))
     if not url.strip():
         if existing is not None:
             session.delete(existing)
         return
-    url = check_url(url)
+    url = check_url(url, networks)
     default = url.split("@")[0] if is_dicom_node(url) else urlsplit(url).hostname
     name = (name.strip() or default or "PACS")[:100]
     if existing is None:
@@ -89,15 +102,25 @@ def set_destination(session: Any, facility_id: int, name: str, url: str) -> None
         existing.name, existing.url = name, url
 
 
-def push_to(content: Any, target: str, hooks: Hooks) -> PushResult:
+def push_to(
+    content: Any, target: str, hooks: Hooks, networks: list[Network] | None = None
+) -> PushResult:
     """Store every DICOM instance of an opened package into the facility's PACS.
 
+    :param networks: where the hub may connect (``[hub] pacs_networks``, parsed).
+    :raises PolicyRejected: the PACS's address is not one the operator allows.
     :raises ConfigError: a DICOM node, but no installed plugin stores into one.
     :raises EmixError: the plugin could not reach the PACS at all.
     """
     if not is_dicom_node(target):
-        return push(content, target)
-    answer = hooks.pacs_push(content, target)
+        return push(content, target, networks or [])
+    node = DICOM_NODE.match(target)
+    if node is None:
+        raise InvalidInput("a DICOM node is AET@HOST:PORT, e.g. ORTHANC@pacs.example.org:104")
+    # the plugin is handed the checked address, never the name: no second resolution
+    address = resolve_allowed(node.group(2), int(node.group(3)), networks or [])
+    host = f"[{address}]" if ":" in address else address
+    answer = hooks.pacs_push(content, f"{node.group(1)}@{host}:{node.group(3)}")
     if answer is None:
         raise ConfigError(
             "the hub cannot store into a DICOM node: its operator must install the "
@@ -110,10 +133,11 @@ def push_to(content: Any, target: str, hooks: Hooks) -> PushResult:
     )
 
 
-def push(content: Any, url: str) -> PushResult:
-    """STOW-RS every DICOM instance of an opened package to ``url``/studies."""
+def push(content: Any, url: str, networks: list[Network] | None = None) -> PushResult:
+    """STOW-RS every DICOM instance of an opened package to ``url``/studies, through
+    connections checked against ``networks``."""
     result = PushResult()
-    with requests.Session() as http:
+    with guarded_session(networks or []) as http:
         for item in content.dicom_items():
             boundary = secrets.token_hex(16)
             body = b"".join(
@@ -135,6 +159,8 @@ def push(content: Any, url: str) -> PushResult:
                     },
                     timeout=TIMEOUT,
                 )
+            except PolicyRejected:
+                raise
             except requests.RequestException as exc:
                 result.failed += 1
                 result.errors.append(f"the PACS did not answer ({type(exc).__name__})")

@@ -19,6 +19,7 @@ from emix_core.hub import pacs_push
 from emix_core.hub import sessions as web_sessions
 from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.hub.auth import audit_request
+from emix_core.hub.pacs_network import parse_networks
 from emix_core.hub.usage import monthly_usage
 from emix_core.hub.web import _mail, check_csrf, hub, member_required, render_page
 from emix_core.model import AuditAction, utcnow
@@ -240,6 +241,7 @@ def set_pacs() -> Any:
             _facility(session, principal).id,
             request.form.get("name", "")[:100],
             request.form.get("url", "")[:500],
+            parse_networks(hub().config.hub.pacs_networks),
         )
     audit_request(
         "security-alert",

@@ -15,6 +15,7 @@ from emix_core.content.documents import REPORT_MEDIA_TYPES
 from emix_core.errors import EmixError, NotFoundError
 from emix_core.hub import api_packages, disc_image, pacs_push, thumbnails
 from emix_core.hub.auth import audit_request
+from emix_core.hub.pacs_network import parse_networks
 from emix_core.hub.reader import PackageContent, open_package, readable_packages
 from emix_core.hub.viewer import viewer_url
 from emix_core.hub.web import check_csrf, hub, member_required, message, render_page
@@ -279,7 +280,8 @@ def push_to_pacs(package_id: str) -> Response:
     if target is None:
         raise NotFoundError("your facility has no PACS destination; ask its administrator")
     try:
-        result = pacs_push.push_to(content, target[1], hooks_for(hub().pm))
+        networks = parse_networks(hub().config.hub.pacs_networks)
+        result = pacs_push.push_to(content, target[1], hooks_for(hub().pm), networks)
     except EmixError as exc:
         result = pacs_push.PushResult(failed=len(list(content.dicom_items())), errors=[exc.message])
     audit_request(

@@ -319,8 +319,13 @@ def make_hub(tmp_path: Path, hub_settings: str = "", env: dict[str, str] | None 
 
 @pytest.fixture
 def hub(tmp_path: Path, smtp_server: SmtpServer) -> Iterator[HubProcess]:
-    """A running hub with two facilities, ``mercy`` (sender) and ``lakeside`` (recipient)."""
-    hub = make_hub(tmp_path, env={"EMIX_SMTP_URL": smtp_server.url})
+    """A running hub with two facilities, ``mercy`` (sender) and ``lakeside`` (recipient).
+
+    Its "Send to my PACS" may reach loopback (``[hub] pacs_networks``), where the tests'
+    PACS listen; a hub's default refuses loopback.
+    """
+    env = {"EMIX_SMTP_URL": smtp_server.url, "EMIX_PACS_NETWORKS": "127.0.0.0/8,::1/128"}
+    hub = make_hub(tmp_path, env=env)
     try:
         hub.add_facility("Mercy General", "admin@mercy.example.org", "mercy", "pdf")
         hub.add_facility("Lakeside Imaging", "it@lakeside.example.org", "lakeside", "hl7")
