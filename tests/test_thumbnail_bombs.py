@@ -59,3 +59,21 @@ def test_a_multiframe_instance_is_previewed_from_its_first_frame_only():
 
 def test_an_ordinary_rle_image_still_gets_its_preview():
     assert thumbnail(_rle_bomb(512)).startswith(b"\x89PNG")
+
+
+def test_a_large_allowed_frame_is_previewed_without_float_copies_of_the_whole_frame():
+    """Just under the limit (7000 x 7000 8-bit, 47 MiB decoded): only the preview's own
+    pixels become floating point, not the whole frame (which needed ~400 MiB)."""
+    import tracemalloc
+
+    data = _rle_bomb(7_000)
+    tracemalloc.start()
+    try:
+        image = thumbnail(data, size=128)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.startswith(b"\x89PNG")
+    width, height = struct.unpack(">II", image[16:24])
+    assert max(width, height) <= 128
+    assert peak < 47 * 2**20 + 64 * 2**20, f"the preview peaked at {peak / 2**20:.0f} MiB"

@@ -88,10 +88,12 @@ def thumbnail(data: bytes, size: int = SIZE) -> bytes:
         raise NoPreview("no preview for this image") from exc
     if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         pixels = pixels[0]
+    # pick the preview's pixels first: only they are ever turned into floating point
+    step = max(1, -(-max(pixels.shape[:2]) // size))
+    pixels = pixels[::step, ::step]
     if pixels.ndim == 3:  # colour: luminance
-        pixels = (pixels[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
+        pixels = (pixels[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.float32)
         grey = np.clip(pixels, 0, 255).astype(np.uint8)
     else:
         grey = _window(ds, pixels)
-    step = max(1, -(-max(grey.shape) // size))
-    return png(np.ascontiguousarray(grey[::step, ::step]))
+    return png(np.ascontiguousarray(grey))

@@ -282,3 +282,65 @@ def test_metadata_cache_is_bounded_in_size_and_time(monkeypatch):
     now = cache.time.monotonic()
     monkeypatch.setattr(cache.time, "monotonic", lambda: now + 61)
     assert kept.get(("p", "19")) is None  # expired
+
+
+def _reference_grey(values, center, width, function, invert):  # type: ignore[no-untyped-def]
+    """The windowing of PS3.3 C.11.2.1.2, on the whole frame in float64."""
+    import numpy as np
+
+    if function == "sigmoid":
+        out = 255 / (1 + np.exp(-4 * (values - center) / width))
+    elif function == "linear-exact":
+        out = (values - (center - width / 2)) / width * 255
+    else:
+        out = ((values - (center - 0.5)) / max(width - 1, 1) + 0.5) * 255
+    out = np.clip(out, 0, 255)
+    if invert:
+        out = 255 - out
+    return np.round(out).astype(np.uint8)
+
+
+@pytest.mark.parametrize("function", ["linear", "linear-exact", "sigmoid"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_windowing_block_by_block_gives_the_whole_frame_result(function, photometric):
+    import numpy as np
+    from emix_dicomweb.origin.rendered import _grey
+    from flask import Flask
+    from pydicom.dataset import Dataset
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 4096, size=(700, 300), dtype=np.uint16)
+    ds = Dataset()
+    ds.RescaleSlope, ds.RescaleIntercept = 1.5, -1024
+    ds.PhotometricInterpretation = photometric
+    query = {"window": f"40,400,{function}"}
+    with Flask(__name__).test_request_context(query_string=query):
+        got = _grey(pixels, ds)
+    values = pixels.astype(np.float64) * 1.5 - 1024
+    expected = _reference_grey(values, 40.0, 400.0, function, photometric == "MONOCHROME1")
+    assert got.dtype == np.uint8 and got.shape == pixels.shape
+    assert np.array_equal(got, expected)
+    assert 0 < int((got == 0).sum()) < got.size  # the window really cuts
+
+
+def test_a_large_frame_is_windowed_without_float_copies_of_the_whole_frame():
+    """A 4096x4096 16-bit frame (32 MiB) once needed ~1 GiB of float64 temporaries."""
+    import tracemalloc
+
+    import numpy as np
+    from emix_dicomweb.origin.rendered import _grey
+    from flask import Flask
+    from pydicom.dataset import Dataset
+
+    pixels = np.arange(4096 * 4096, dtype=np.uint32).astype(np.uint16).reshape(4096, 4096)
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"  # no VOI: the frame's minimum and maximum
+    with Flask(__name__).test_request_context():
+        tracemalloc.start()
+        try:
+            grey = _grey(pixels, ds)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert grey.shape == (4096, 4096) and grey.min() == 0 and grey.max() == 255
+    assert peak < 40 * 2**20, f"windowing peaked at {peak / 2**20:.0f} MiB"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Response, request
@@ -121,11 +121,7 @@ def render(
     dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}").newbyteorder("<")
     pixels = np.frombuffer(decoded.data, dtype=dtype)
     if samples == 1:
-        values = pixels.reshape(rows, columns).astype(np.float64)
-        values = values * float(ds.get("RescaleSlope", 1) or 1) + float(
-            ds.get("RescaleIntercept", 0) or 0
-        )
-        image = Image.fromarray(_window_values(values, ds), mode="L")
+        image = Image.fromarray(_grey(pixels.reshape(rows, columns), ds), mode="L")
     else:
         if decoded.planar_configuration == 1:
             array = pixels.reshape(samples, rows, columns).transpose(1, 2, 0)
@@ -134,7 +130,7 @@ def render(
         if decoded.photometric_interpretation.startswith("YBR"):
             array = convert_color_space(array, "YBR_FULL", "RGB")
         if bits > 8:
-            array = array.astype(np.float64) / (2 ** int(ds.get("BitsStored", bits)) - 1) * 255
+            array = _blockwise(array, _colour_to_8_bits(int(ds.get("BitsStored", bits) or bits)))
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)[:, :, :3], mode="RGB")
     if viewport:
         image.thumbnail(viewport)
@@ -145,10 +141,43 @@ def render(
     return out.getvalue()
 
 
-def _window_values(values: Any, ds: Dataset) -> Any:
+#: Rows converted at a time: floating-point temporaries stay a few MiB whatever the frame.
+BLOCK_ROWS = 256
+
+
+def _blockwise(pixels: Any, convert: Callable[[Any], Any]) -> Any:
+    """``convert`` (float64 → 0..255) applied a block of rows at a time into 8 bits.
+
+    A 64 MiB frame converted whole would need several float64 copies of itself (GBs);
+    block by block the peak is the decoded frame, its 8-bit image and one block.
+    """
     import numpy as np
 
-    array = np.asarray(values)
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    for start in range(0, pixels.shape[0], BLOCK_ROWS):
+        block = convert(pixels[start : start + BLOCK_ROWS].astype(np.float64))
+        np.clip(block, 0, 255, out=block)
+        out[start : start + BLOCK_ROWS] = np.round(block)
+    return out
+
+
+def _colour_to_8_bits(bits_stored: int) -> Callable[[Any], Any]:
+    top = 2**bits_stored - 1
+
+    def convert(block: Any) -> Any:
+        block /= top
+        block *= 255
+        return block
+
+    return convert
+
+
+def _grey(pixels: Any, ds: Dataset) -> Any:
+    """A monochrome frame rescaled (slope/intercept) and windowed to 8 bits (PS3.3 C.11.2)."""
+    import numpy as np
+
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
     asked = _window()
     if asked is not None:
         center, width, function = asked
@@ -157,20 +186,40 @@ def _window_values(values: Any, ds: Dataset) -> Any:
         voi_width = _first(ds.get("WindowWidth"))
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").lower()
         if voi_center is None or voi_width is None or voi_width <= 0:
-            low, high = float(array.min()), float(array.max())
+            ends = sorted(
+                (float(pixels.min()) * slope + intercept, float(pixels.max()) * slope + intercept)
+            )
+            low, high = ends
             center, width, function = (low + high) / 2, max(high - low, 1.0), "linear-exact"
         else:
             center, width = voi_center, voi_width
-    if function == "sigmoid":
-        out = 255 / (1 + np.exp(-4 * (array - center) / width))
-    elif function == "linear-exact":
-        out = (array - (center - width / 2)) / width * 255
-    else:  # PS3.3 C.11.2.1.2.1
-        out = ((array - (center - 0.5)) / max(width - 1, 1) + 0.5) * 255
-    out = np.clip(out, 0, 255)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        out = 255 - out
-    return np.round(out).astype(np.uint8)
+    invert = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+
+    def convert(block: Any) -> Any:
+        block *= slope
+        block += intercept
+        if function == "sigmoid":
+            block -= center
+            block *= -4
+            block /= width
+            np.exp(block, out=block)
+            block += 1
+            np.divide(255, block, out=block)
+        elif function == "linear-exact":
+            block -= center - width / 2
+            block /= width
+            block *= 255
+        else:  # PS3.3 C.11.2.1.2.1
+            block -= center - 0.5
+            block /= max(width - 1, 1)
+            block += 0.5
+            block *= 255
+        if invert:
+            np.clip(block, 0, 255, out=block)
+            np.subtract(255, block, out=block)
+        return block
+
+    return _blockwise(pixels, convert)
 
 
 def _answer(
