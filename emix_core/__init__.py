@@ -144,6 +144,7 @@ _EXPORTS: dict[str, str] = {
     "emit_json": "emix_core.cli.util",
     "handle_errors": "emix_core.cli.util",
     "transfer_progress": "emix_core.cli.util",
+    "echo_instance_outcomes": "emix_core.cli.util",
     "home_option": "emix_core.cli.util",
     "hub_option": "emix_core.cli.util",
     "token_option": "emix_core.cli.util",
@@ -178,6 +179,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from emix_core.cli.util import (
         client_for,
+        echo_instance_outcomes,
         emit_json,
         handle_errors,
         home_option,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -160,3 +160,20 @@ def client_for(hub_url: str | None, token: str | None, home: str | None) -> tupl
 
     local = LocalHome(resolve_home(home))
     return local, local.client(hub_url, token)
+
+
+def echo_instance_outcomes(outcomes: Iterable[Any]) -> None:
+    """On stderr, each instance a PACS refused (``failed``, red) or stored with a remark
+    (``note``, yellow: decompressed, already there...), by item number, never by UID.
+
+    :param outcomes: objects with ``status``, ``reason`` and ``instance.item_id``.
+    """
+    for outcome in outcomes:
+        if outcome.status == "failed" or outcome.reason:
+            failed = outcome.status == "failed"
+            click.secho(
+                f"{'failed' if failed else 'note'}: item {outcome.instance.item_id}: "
+                f"{outcome.reason}",
+                fg="red" if failed else "yellow",
+                err=True,
+            )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from emix_core import (
+    echo_instance_outcomes,
     emit_json,
     handle_errors,
     home_option,
@@ -220,14 +221,7 @@ def deliver_command(
     if as_json:
         emit_json(result.to_dict(with_uids=True))
     else:
-        for outcome in report.outcomes:
-            if outcome.status == "failed" or outcome.reason:
-                label = "failed" if outcome.status == "failed" else "warning"
-                click.secho(
-                    f"{label}: item {outcome.instance.item_id}: {outcome.reason}",
-                    fg="red" if label == "failed" else "yellow",
-                    err=True,
-                )
+        echo_instance_outcomes(report.outcomes)
         summary = report.summary()
         click.echo(
             f"package {package} into {conn.host}: {summary['stored']} stored, "

@@ -14,6 +14,7 @@ import click
 
 from emix_core import (
     ConfigError,
+    echo_instance_outcomes,
     emit_json,
     handle_errors,
     home_option,
@@ -252,14 +253,7 @@ def deliver_command(
     if as_json:
         emit_json(result.to_dict(with_uids=True))
     else:
-        for outcome in report.outcomes:
-            if outcome.status == "failed" or outcome.reason:
-                label = "failed" if outcome.status == "failed" else "note"
-                click.secho(
-                    f"{label}: item {outcome.instance.item_id}: {outcome.reason}",
-                    fg="red" if label == "failed" else "yellow",
-                    err=True,
-                )
+        echo_instance_outcomes(report.outcomes)
         summary = report.summary()
         click.echo(
             f"package {package} into {call.peer.ae_title}: {summary['stored']} stored, "
