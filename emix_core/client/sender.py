@@ -82,6 +82,17 @@ class SendResult:
             "failed": [f.to_dict() for f in self.failed],
         }
 
+    def pulled_dict(self, studies_found: int, retrieved: dict[str, Any]) -> dict[str, Any]:
+        """The JSON of a pull from a PACS then this send (``emix dicomweb send``, ``emix
+        dimse send``): the studies found, what was ``retrieved``, and each failed
+        instance by its temporary copy's number-or-random name, never a path or UID."""
+        return {
+            **self.to_dict(),
+            "failed": [{"instance": f.path.name, "error": f.error} for f in self.failed],
+            "studies_found": studies_found,
+            "retrieved": retrieved,
+        }
+
 
 def iter_files(paths: Iterable[Path], skipped: list[Path]) -> Iterable[Path]:
     """Regular files under the given paths, sorted; links are not followed into folders."""

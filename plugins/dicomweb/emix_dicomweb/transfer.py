@@ -81,19 +81,14 @@ class PacsSendResult:
     sent: SendResult = field(default_factory=SendResult)
 
     def to_dict(self) -> dict[str, Any]:
-        sent = self.sent.to_dict()
-        sent["failed"] = [
-            {"instance": Path(f["path"]).name, "error": f["error"]} for f in sent["failed"]
-        ]
-        return {
-            **sent,
-            "studies_found": self.studies,
-            "retrieved": {
+        return self.sent.pulled_dict(
+            self.studies,
+            {
                 "instances": len(self.retrieved.files),
                 "bytes": self.retrieved.bytes,
                 "seconds": round(self.retrieved.seconds, 3),
             },
-        }
+        )
 
 
 def query_studies(

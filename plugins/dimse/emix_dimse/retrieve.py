@@ -334,19 +334,16 @@ class PullResult:
     sent: SendResult = field(default_factory=SendResult)
 
     def to_dict(self) -> dict[str, Any]:
-        sent = self.sent.to_dict()
-        sent["failed"] = [{"error": f["error"]} for f in sent["failed"]]
-        return {
-            **sent,
-            "studies_found": self.studies,
-            "retrieved": {
+        return self.sent.pulled_dict(
+            self.studies,
+            {
                 "method": self.retrieved.method,
                 "instances": len(self.retrieved.files),
                 "bytes": self.retrieved.bytes,
                 "failed": self.retrieved.failed,
                 "seconds": round(self.retrieved.seconds, 3),
             },
-        }
+        )
 
 
 def pull_and_send(
