@@ -3,6 +3,7 @@ side takes it and sends the study from its PACS (``emix dicomweb send``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -13,7 +14,7 @@ from conftest import CLIENT_ID, SECRET, Launch, configure
 from ehr_simulator import Client
 
 from emix_core import generate_study
-from emix_core.testing import PATIENT_ID, PATIENT_NAME, emix, emix_json
+from emix_core.testing import PATIENT_ID, PATIENT_NAME, emix, emix_json, free_port
 
 UID = "1.2.826.0.1.3680043.8.498.11223344556677"
 
@@ -99,9 +100,16 @@ def test_shared_from_the_chart_the_study_goes_from_the_pacs_to_the_other_facilit
     )
     assert shared.status_code == 202, shared.text
 
+    # the facility's side first runs with a wrong PACS URL: the request is kept, not lost
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    failing = emix("smart", "shares", "--pacs", dead, "--json", env=lakeside.env, check=False)
+    assert failing.returncode == 1
+    (first,) = json.loads(failing.stdout)["shares"]
+    assert first["sent"] is False and first["retry"] is True
+
     done = emix_json("smart", "shares", "--pacs", pacs.url, env=lakeside.env)
     (result,) = done["shares"]
-    assert result["sent"] is True and result["to"] == "mercy"
+    assert result["sent"] is True and result["to"] == "mercy" and result["id"] == first["id"]
     inbox = emix_json("inbox", "--json", env=mercy.env)["packages"]
     (received,) = [p for p in inbox if p["from"] == "lakeside"]
     assert [s["study_uid"] for s in received["studies"]] == [uid]  # as the PACS had it
