@@ -94,6 +94,9 @@ def test_shared_from_the_chart_the_study_goes_from_the_pacs_to_the_other_facilit
     query = urlencode({"iss": ehr.fhir_base, "launch": ehr.new_launch()})
     page = browser.get(f"{hub.url}/smart/launch?{query}", timeout=30)
     assert page.status_code == 200 and "Mustermann, Erika" in page.text
+    # inside the EMR's frame, the hub's own pages (which refuse to be framed) open in a tab
+    assert '<a href="/inbox" target="_blank" rel="noopener"' in page.text
+    assert 'action="/logout" class="inline" target="_blank"' in page.text
     action, csrf = share_form(page.text)
     shared = browser.post(
         f"{hub.url}/smart/share/{action}", data={"csrf": csrf, "to": "mercy"}, timeout=30
