@@ -379,6 +379,30 @@ def hub_signin_link(email: str, home: str | None, as_json: bool) -> None:
         click.echo(link)
 
 
+@hub.command("admin-reset-2fa")
+@click.option("--email", required=True, help="The administrator's address.")
+@home_option
+@json_option
+@handle_errors
+def hub_admin_reset_2fa(email: str, home: str | None, as_json: bool) -> None:
+    """Remove an administrator's second factor (a lost phone, no recovery code left).
+
+    Their authenticator secret and recovery codes are deleted and their browser sessions
+    end; they set up an authenticator app again at their next visit to the administration.
+    Make sure of who asks first: a second factor guards against someone who reads their
+    mail. Audited.
+    """
+    from emix_core.hub.second_factor import operator_reset
+
+    result = operator_reset(_hub(home), email)
+    if as_json:
+        emit_json(result)
+        return
+    for row in result["reset"]:
+        state = "was enrolled" if row["was_enrolled"] else "was not enrolled"
+        click.echo(f"second factor of {result['email']} at {row['facility']} reset ({state})")
+
+
 @hub.command("hold")
 @click.argument("package")
 @click.option("--release", is_flag=True, help="Release the hold.")

@@ -138,6 +138,7 @@ def _register_blueprints(app: Flask, hub: Hub) -> None:
         web_admin,
         web_packages,
         web_patient,
+        web_second_factor,
     )
 
     for bp in (api_packages.bp, api_inbox_cursor.bp, api_facilities.bp, api_audit.bp, web.bp):
@@ -146,7 +147,7 @@ def _register_blueprints(app: Flask, hub: Hub) -> None:
 
     app.register_blueprint(api_accounts.bp)
     app.register_blueprint(api_resume.bp)
-    for bp in (web_packages.bp, web_admin.bp, web_patient.bp, viewer.bp):
+    for bp in (web_packages.bp, web_admin.bp, web_second_factor.bp, web_patient.bp, viewer.bp):
         app.register_blueprint(bp)
 
     def register(blueprint, url_prefix: str | None = None) -> None:  # type: ignore[no-untyped-def]

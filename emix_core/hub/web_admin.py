@@ -1,9 +1,10 @@
 """Pages of a facility administrator: members, pending confirmations, audit trail, usage.
 
-An administrator manages their own facility only. Inviting a member verifies them and
-mails a sign-in link; they confirm their address with a code the first time. Disabling
-a member ends their sessions and revokes their tokens at once; resetting makes them
-confirm their address again.
+An administrator manages their own facility only, and reaches these pages only after the
+second factor of this browser session (:mod:`.web_second_factor`). Inviting a member
+verifies them and mails a sign-in link; they confirm their address with a code the first
+time. Disabling a member ends their sessions and revokes their tokens at once; resetting
+makes them confirm their address again.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from flask import Blueprint, Response, redirect, request
 from sqlalchemy import func, select
 
 from emix_core.errors import NotFoundError
-from emix_core.hub import pacs_push
+from emix_core.hub import pacs_push, second_factor
 from emix_core.hub import sessions as web_sessions
 from emix_core.hub.api_facilities import EMAIL_RE
 from emix_core.hub.auth import audit_request
 from emix_core.hub.pacs_network import parse_networks
 from emix_core.hub.usage import monthly_usage
-from emix_core.hub.web import _mail, check_csrf, hub, member_required, render_page
+from emix_core.hub.web import _mail, check_csrf, hub, render_page
+from emix_core.hub.web_second_factor import administrator, require_second_factor
 from emix_core.model import AuditAction, utcnow
 from emix_core.store.db import (
     Facility,
@@ -39,9 +41,10 @@ AUDIT_SCAN = 20_000
 
 
 def admin_required() -> Any:
-    principal = member_required()
-    if not (principal.is_admin and principal.verified):
-        raise NotFoundError("not found")
+    """The administrator of this request, once their session passed the second factor
+    (anyone else: 404; an administrator without it: redirected to the step)."""
+    principal = administrator()
+    require_second_factor()
     return principal
 
 
@@ -72,6 +75,7 @@ def member_rows(session: Any, facility: Facility) -> list[dict[str, Any]]:
                 "role": m.role,
                 "verified": m.verified,
                 "confirmed": confirmed,
+                "two_factor": m.role == "admin" and second_factor.is_enrolled(session, m.id),
                 "sessions": active,
                 "since": m.created,
             }
@@ -117,7 +121,7 @@ def overview() -> Response:
         open_links=links,
         usage=usage,
         month=month,
-        notice=NOTICES.get(request.args.get("done", ""), ""),
+        notice=_notice(request.args.get("done", ""), request.args.get("left", "")),
         pacs=pacs_info,
     )
 
@@ -128,7 +132,20 @@ NOTICES = {
     "enabled": "Member enabled again.",
     "reset": "Reset: the member confirms their address again with a new link.",
     "pacs": "PACS destination saved.",
+    "reset-2fa": "Second factor reset: that administrator sets up an authenticator app again "
+    "at their next visit; their sessions ended.",
 }
+
+
+def _notice(done: str, left: str) -> str:
+    if done == "recovery":
+        count = int(left) if left.isdigit() else 0
+        return (
+            f"You used a recovery code; {count} left. Set up your authenticator app again "
+            "if you lost it: ask another administrator or the hub's operator to reset "
+            "your second factor."
+        )
+    return NOTICES.get(done, "")
 
 
 def _done(what: str) -> Any:
@@ -190,7 +207,7 @@ def invite() -> Any:
 def member_action(member_id: int, action: str) -> Any:
     principal = admin_required()
     check_csrf()
-    if action not in ("disable", "enable", "reset"):
+    if action not in ("disable", "enable", "reset", "reset-2fa"):
         raise NotFoundError("not found")
     mail_to = token = None
     with hub().db.session() as session:
@@ -207,6 +224,10 @@ def member_action(member_id: int, action: str) -> Any:
             web_sessions.end_member_sessions(session, member.id)
         elif action == "enable":
             member.verified = True
+        elif action == "reset-2fa":
+            if member.role != "admin":
+                raise NotFoundError("not found")
+            second_factor.reset(session, member.id)
         else:
             web_sessions.end_member_sessions(session, member.id)
             identity = session.get(WebIdentity, member.id)
@@ -225,9 +246,15 @@ def member_action(member_id: int, action: str) -> Any:
         "security-alert",
         action=AuditAction.UPDATE,
         actor=principal.email,
-        detail=f"member {action}d by an administrator",
+        detail="administrator's second factor reset by an administrator"
+        if action == "reset-2fa"
+        else f"member {action}d by an administrator",
     )
-    return _done({"disable": "disabled", "enable": "enabled", "reset": "reset"}[action])
+    return _done(
+        {"disable": "disabled", "enable": "enabled", "reset": "reset", "reset-2fa": "reset-2fa"}[
+            action
+        ]
+    )
 
 
 @bp.post("/pacs")

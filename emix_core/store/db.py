@@ -210,6 +210,34 @@ class WebSession(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: When an administrator passed the second factor in this session (``None``: not yet).
+    second_factor_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+
+
+class AdminFactor(Base):
+    """An administrator's authenticator (TOTP) secret, sealed with a data key that the hub's
+    key-encryption key wraps; ``enrolled_at`` is ``None`` until they typed a valid code."""
+
+    __tablename__ = "admin_factors"
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.id"), primary_key=True)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    enrolled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The last 30-second time step whose code was accepted: a code is good once.
+    last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class RecoveryCode(Base):
+    """A one-time recovery code of an administrator, kept as an Argon2id hash only."""
+
+    __tablename__ = "recovery_codes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.id"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(200))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class PatientShare(Base):
