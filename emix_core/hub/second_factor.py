@@ -118,7 +118,7 @@ def _totp(secret: str) -> pyotp.TOTP:
 def matching_step(secret: str, code: str, now: datetime | None = None) -> int | None:
     """The time step (within the drift) whose code this is, or ``None``."""
     code = "".join(c for c in code if not c.isspace())
-    if len(code) != DIGITS or not code.isdigit():
+    if len(code) != DIGITS or not (code.isascii() and code.isdigit()):
         return None
     totp = _totp(secret)
     step = totp.timecode(now or utcnow())
