@@ -40,7 +40,13 @@ THROTTLE_TABLES = (V01_TABLES | {"notices", "attempts"} | WEB_TABLES | PLUGIN_TA
     "web_attempts"
 }
 #: the durable mail outbox (migration 0007)
-HEAD_TABLES = THROTTLE_TABLES | {"mail_outbox"}
+OUTBOX_TABLES = THROTTLE_TABLES | {"mail_outbox"}
+#: administrators' second factor (migration 0008), and web_sessions.second_factor_at
+HEAD_TABLES = OUTBOX_TABLES | {"admin_factors", "recovery_codes"}
+
+
+def session_columns(engine) -> set[str]:  # type: ignore[no-untyped-def]
+    return {c["name"] for c in inspect(engine).get_columns("web_sessions")}
 
 
 def tables(engine) -> set[str]:  # type: ignore[no-untyped-def]
@@ -89,6 +95,10 @@ def test_sqlite_migrations_down_and_up(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'm.db'}")
     db.create_all()
     assert tables(db.engine) == HEAD_TABLES
+    assert "second_factor_at" in session_columns(db.engine)
+    assert migrate.downgrade(db.engine, "0007") == "0007"
+    assert tables(db.engine) == OUTBOX_TABLES
+    assert "second_factor_at" not in session_columns(db.engine)
     assert migrate.downgrade(db.engine, "0006") == "0006"
     assert tables(db.engine) == THROTTLE_TABLES
     assert migrate.downgrade(db.engine, "0005") == "0005"
@@ -136,13 +146,18 @@ def test_postgresql_init_migrate_down_and_up(tmp_path, postgres):
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     everything = HEAD_TABLES | {"audit_events", "audit_checkpoints", "audit_meta"}
     assert tables(engine) == everything
+    assert "second_factor_at" in session_columns(engine)
 
+    down = emix_json("hub", "migrate", "--home", str(home), "--to", "0007")
+    assert down["current"] == "0007" and "second_factor_at" not in session_columns(engine)
+    assert not {"admin_factors", "recovery_codes"} & tables(engine)
     down = emix_json("hub", "migrate", "--home", str(home), "--to", "0001")
     assert down["current"] == "0001" and tables(engine) == V01_TABLES
     down = emix_json("hub", "migrate", "--home", str(home), "--to", "base")
     assert down["current"] is None and tables(engine) == set()
     up = emix_json("hub", "migrate", "--home", str(home))
     assert up["current"] == migrate.head() and tables(engine) == everything
+    assert "second_factor_at" in session_columns(engine)
     engine.dispose()
 
 
@@ -238,3 +253,35 @@ def test_one_throttle_carries_the_counters_of_both_old_tables_over(tmp_path):
         "credential:abc123",
         "member:dr@lakeside.example.org",
     ]
+
+
+def test_sessions_open_before_the_second_factor_existed_have_not_passed_it(tmp_path):
+    """0008: a session of an administrator signed in before the upgrade keeps working for
+    their inbox but has not passed the second factor (the column starts empty)."""
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    db.create_all()
+    migrate.downgrade(db.engine, "0007")
+    with db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO facilities (address, name, admin_email, report_format, "
+                "max_retention_days, created) VALUES ('mercy', 'Mercy General', "
+                "'admin@mercy.example.org', 'pdf', 30, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO members (facility_id, email, role, verified, created) "
+                "VALUES (1, 'admin@mercy.example.org', 'admin', 1, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO web_sessions (token_hash, member_id, csrf, created, last_seen) "
+                "VALUES ('h', 1, 'c', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
+    assert migrate.upgrade(db.engine) == migrate.head()
+    with db.engine.connect() as conn:
+        row = conn.execute(text("SELECT member_id, second_factor_at FROM web_sessions")).one()
+    assert tuple(row) == (1, None)
