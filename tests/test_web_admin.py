@@ -12,7 +12,14 @@ import requests
 from emix_core.model import utcnow
 from emix_core.testing import PATIENT_ID, emix, emix_json
 from tests.test_web import browser, sign_in_with_mail, small_study  # noqa: F401  (fixtures)
-from tests.web_browser import Shots, link_in, mail_text, new_context, wait_for_mail
+from tests.web_browser import (
+    Authenticator,
+    Shots,
+    link_in,
+    mail_text,
+    new_context,
+    wait_for_mail,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -76,6 +83,7 @@ def test_admin_invites_a_member_who_reads_then_disables_them_and_searches_the_au
     admin = new_context(browser).new_page()
     sign_in(admin, hub, smtp_server, "it@lakeside.example.org")
     admin.get_by_role("link", name="Administration").click()
+    Authenticator().pass_step(admin)
     assert admin.locator("#packages-received").inner_text() == "1"
     shots(admin, "admin")
 
@@ -114,6 +122,61 @@ def test_admin_invites_a_member_who_reads_then_disables_them_and_searches_the_au
     assert "instances-accessed" in text and "package page viewed" in text
     assert "user-authentication" in text
     shots(admin, "audit")
+
+
+def test_administrator_enrols_an_authenticator_app_and_passes_it_at_every_sign_in(
+    hub,
+    mercy,
+    lakeside,
+    smtp_server,
+    browser,  # noqa: F811
+):
+    """The mailed link alone opens the inbox, not the administration: the first visit
+    enrols an authenticator app (QR code, key, recovery codes shown once), each later
+    sign-in types a code from it, and a recovery code stands in for a lost phone once."""
+    shots = Shots("second-factor")
+    context = new_context(browser)
+    page = context.new_page()
+    sign_in(page, hub, smtp_server, "it@lakeside.example.org")
+    page.get_by_role("link", name="Administration").click()
+    page.wait_for_url("**/admin/2fa**")
+    assert page.get_by_role("heading", name="Set up your authenticator app").is_visible()
+    assert page.locator("figure.qr svg").is_visible()
+    assert "otpauth://totp/" in page.locator("#totp-uri").text_content()
+    shots(page, "enrol")
+    page.get_by_label("6-digit code from the app").fill("12345")
+    page.get_by_role("button", name="Turn on the second factor").click()
+    assert page.get_by_role("alert").inner_text().startswith("That code is not right")
+    assert "Members of lakeside" not in page.content()
+    phone = Authenticator()
+    phone.pass_step(page, shots)
+    assert len(phone.recovery_codes) == 10
+    own = page.locator("tr", has_text="it@lakeside.example.org")
+    assert "Enrolled" in own.inner_text()
+    shots(page, "admin-enrolled")
+    page.get_by_role("button", name="Sign out").click()
+
+    # the next sign-in (the same mailbox) needs the phone again
+    sign_in(page, hub, smtp_server, "it@lakeside.example.org", first_time=False)
+    page.goto(hub.url + "/admin/audit")
+    page.wait_for_url("**/admin/2fa**")
+    assert page.get_by_role("heading", name="Second factor").is_visible()
+    assert page.locator("#totp-secret").count() == 0  # the key is never shown again
+    phone.pass_step(page, shots)
+    page.wait_for_url("**/admin/audit")
+    assert "administrator's second factor passed" in page.locator("table.audit").inner_text()
+
+    # a lost phone: a recovery code, once
+    other = new_context(browser).new_page()
+    sign_in(other, hub, smtp_server, "it@lakeside.example.org", first_time=False)
+    other.goto(hub.url + "/admin")
+    field = other.get_by_label("Code from your authenticator app, or a recovery code")
+    field.fill(phone.recovery_codes[0])
+    other.get_by_role("button", name="Verify").click()
+    other.wait_for_url("**/admin?done=recovery*")
+    assert "9 left" in other.content()
+    shots(other, "recovery-code-used")
+    assert context.outside == []
 
 
 def test_patient_sees_and_downloads_the_shared_study_only_with_the_code(
@@ -204,6 +267,7 @@ def test_admin_names_the_pacs_and_a_member_pushes_the_package_into_it(
     assert page.get_by_role("button", name=re.compile("Send to my PACS")).count() == 0
 
     page.goto(hub.url + "/admin")
+    Authenticator().pass_step(page)
     page.get_by_label("Name", exact=True).fill("Lakeside Orthanc")
     page.get_by_label("DICOMweb root URL").fill(pacs.url)
     page.get_by_role("button", name="Save").click()
@@ -243,6 +307,7 @@ def test_a_pacs_named_as_a_dicom_node_gets_the_package_by_c_store(
     page = new_context(browser).new_page()
     sign_in(page, hub, smtp_server, "it@lakeside.example.org")
     page.goto(hub.url + "/admin")
+    Authenticator().pass_step(page)
     page.get_by_label("Name", exact=True).fill("Lakeside PACS")
     page.get_by_label("DICOM node (AET@HOST:PORT)").fill("not a node")
     page.get_by_role("button", name="Save").click()
