@@ -39,6 +39,10 @@ class Principal:
     :param role: ``"admin"`` or ``"member"``.
     :param verified: the facility admin verified this member.
     :param confirmed: the member confirmed their identity (new-recipient confirmation).
+    :param second_factor: an administrator's browser session passed the second factor
+        (``False`` until it did: administrators' actions are refused until then).
+
+    .. versionadded:: 0.2 ``second_factor``
     """
 
     member_id: int
@@ -47,6 +51,7 @@ class Principal:
     role: str = "member"
     verified: bool = True
     confirmed: bool = True
+    second_factor: bool = True
 
     @property
     def is_admin(self) -> bool:

@@ -369,3 +369,17 @@ def test_a_code_is_good_for_one_step_of_drift_either_way_only():
 def test_recovery_codes_are_recognised_however_they_are_typed(code):
     assert second_factor.looks_like_recovery_code(code)
     assert not second_factor.looks_like_recovery_code("123456")
+
+
+def test_the_api_read_with_the_session_cookie_needs_the_second_factor_too(hub_app):
+    """The cookie authenticates the API's reads (for the viewer): an administrator's lists of
+    members and audit events stay closed to it until the session passed the second factor."""
+    browser, phone, _ = enrol(hub_app)
+    attacker = Browser(hub_app, ADMIN)
+    assert attacker.client.get("/api/v1/members").status_code == 404
+    assert attacker.client.get("/api/v1/me").status_code == 200  # still signed in as a member
+    assert browser.client.get("/api/v1/members").status_code == 200
+    attacker.get("/admin/2fa")
+    assert attacker.post("/admin/2fa/verify", code=phone.code()).status_code == 303
+    members = attacker.client.get("/api/v1/members")
+    assert members.status_code == 200 and ADMIN in members.get_data(as_text=True)

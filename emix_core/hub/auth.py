@@ -86,7 +86,8 @@ def emix_authorize(principal: Principal, action: str, resource: Any) -> bool | N
     if action == "token:rotate":
         return resource == principal.email
     if action in ("member:add", "member:list", "audit:read", "token:revoke", "facility:key:first"):
-        return principal.is_admin and resource == principal.facility
+        # a browser session of an administrator acts as one only after the second factor
+        return principal.is_admin and principal.second_factor and resource == principal.facility
     if isinstance(resource, Package):
         is_sender = resource.sender == principal.facility
         if action == "package:write":

@@ -224,7 +224,11 @@ def end_member_sessions(session: Session, member_id: int) -> None:
     )
 
 
-def principal_for(session: Session, member_id: int) -> Principal | None:
+def principal_for(
+    session: Session, member_id: int, *, web_session: WebSession | None = None
+) -> Principal | None:
+    """The member as a principal; with the browser ``web_session`` they came with, an
+    administrator counts as one only once that session passed the second factor."""
     row = session.execute(
         select(Member, Facility)
         .join(Facility, Member.facility_id == Facility.id)
@@ -240,6 +244,9 @@ def principal_for(session: Session, member_id: int) -> Principal | None:
         role=member.role,
         verified=member.verified,
         confirmed=member.confirmed_at is not None,
+        second_factor=web_session is None
+        or member.role != "admin"
+        or web_session.second_factor_at is not None,
     )
 
 
@@ -255,4 +262,4 @@ def emix_authenticate(request: Any) -> Principal | None:
         row = load_session(session, token)
         if row is None or row.member_id is None:
             return None
-        return principal_for(session, row.member_id)
+        return principal_for(session, row.member_id, web_session=row)

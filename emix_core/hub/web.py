@@ -56,7 +56,9 @@ def current_web_session() -> Any:
             )
             g.web_principal = None
             if g.web_session is not None and g.web_session.member_id is not None:
-                g.web_principal = web_sessions.principal_for(session, g.web_session.member_id)
+                g.web_principal = web_sessions.principal_for(
+                    session, g.web_session.member_id, web_session=g.web_session
+                )
     return g.web_session
 
 
