@@ -388,6 +388,10 @@ def _browser_steps(root: Path, port: int, with_viewer: bool) -> None:
     )
     if with_viewer:
         click.echo("  open the package, then 'Open in viewer' shows the study in OHIF")
+    click.echo(
+        "  (they administer their facility too: 'Administration' asks them to set up an "
+        "authenticator app, TOTP, the first time)"
+    )
 
 
 def _next_steps(
