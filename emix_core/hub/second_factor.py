@@ -104,7 +104,14 @@ def complete_enrolment(
         return None
     if not _use_totp(hub, session, factor, code, now):
         return None
-    factor.enrolled_at = utcnow()
+    done = session.execute(
+        update(AdminFactor)
+        .where(AdminFactor.member_id == member_id, AdminFactor.enrolled_at.is_(None))
+        .values(enrolled_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        return None  # another session completed it at the same moment
     return new_recovery_codes(session, member_id)
 
 
@@ -146,7 +153,7 @@ def _use_totp(
         .values(last_step=step)
         .execution_options(synchronize_session=False)
     )
-    return moved.rowcount == 1
+    return moved.rowcount == 1  # type: ignore[attr-defined]
 
 
 def looks_like_recovery_code(code: str) -> bool:
@@ -200,7 +207,7 @@ def _use_recovery_code(session: Session, member_id: int, code: str) -> bool:
             .values(used_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-        return taken.rowcount == 1
+        return taken.rowcount == 1  # type: ignore[attr-defined]
     return False
 
 

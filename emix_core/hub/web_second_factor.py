@@ -84,7 +84,7 @@ def _key(email: str) -> str:
 
 
 @bp.get("")
-def step() -> Response:
+def step() -> Any:
     """Enrol (first time) or type a code (every new session)."""
     principal = administrator()
     target = _safe_next(request.args.get("next"))
@@ -168,7 +168,7 @@ def _alert(h: Any, principal: Any) -> None:
     queue_mail(h, to, "emix security alert: administrator's second factor locked", body, "alert")
 
 
-def _passed(principal: Any, how: str, target: str) -> Response:
+def _passed(principal: Any, how: str, target: str) -> Any:
     ws = current_web_session()
     with hub().db.session() as session:
         second_factor.mark_session(session, ws.id)
@@ -182,7 +182,7 @@ def _passed(principal: Any, how: str, target: str) -> Response:
 
 
 @bp.post("/verify")
-def verify() -> Response:
+def verify() -> Any:
     """Check a code from the authenticator app, or a recovery code."""
     principal = administrator()
     check_csrf()
@@ -216,7 +216,7 @@ def verify() -> Response:
 
 
 @bp.post("/enrol")
-def enrol() -> Response:
+def enrol() -> Any:
     """Complete enrolment with a first valid code; show the recovery codes once."""
     principal = administrator()
     check_csrf()
