@@ -211,7 +211,8 @@ def test_a_recovery_code_works_once_instead_of_the_app(hub_app):
     assert again.post("/admin/2fa/verify", code=codes[4]).status_code == 303
 
 
-def test_wrong_codes_lock_the_administrator_out_with_a_security_alert(hub_app):
+def test_wrong_codes_lock_the_administrator_out_with_a_security_alert(hub_app, smtp_server):
+    hub_app.hub.config.hub.alert_email = "security@hub.example.org"
     _, phone, codes = enrol(hub_app)
     attacker = Browser(hub_app, ADMIN)
     attacker.get("/admin/2fa")
@@ -233,6 +234,17 @@ def test_wrong_codes_lock_the_administrator_out_with_a_security_alert(hub_app):
     assert len(alerts) == 5 and all(e["actor"] == ADMIN for e in alerts)
     assert [e["outcome"] for e in alerts][-1] != alerts[0]["outcome"]  # the lock-out: serious
     assert "locked" in alerts[-1]["detail"]
+    # the hub's operator is told, once, without a code
+    deadline = time.monotonic() + 20
+    mailed: list = []
+    while not mailed and time.monotonic() < deadline:
+        mailed = [m for m in smtp_server.messages if m["To"] == "security@hub.example.org"]
+        time.sleep(0.2)
+    assert len(mailed) == 1
+    mail = mailed[0]
+    body = mail.get_payload(decode=True).decode()
+    assert "locked the second factor" in body and ADMIN in body
+    assert "123456" not in body and "AAAAA" not in body
     # the administrator's own pages stay closed for the window, then open again
     with hub_app.hub.db.session() as session:
         from emix_core.store.db import Attempt
