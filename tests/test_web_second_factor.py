@@ -170,7 +170,7 @@ def test_enrolment_shows_a_qr_code_and_completes_only_with_a_valid_code(hub_app)
         assert secret.encode() not in factor.secret
         assert second_factor._open(hub_app.hub, factor) == secret
         hashes = list(session.scalars(select(RecoveryCode.code_hash)))
-    assert len(hashes) == 10 and all(h.startswith("$argon2id$") for h in hashes)
+    assert len(hashes) == 10 and all(h.startswith("$argon2id$v=19$m=19456") for h in hashes)
 
 
 def test_every_new_session_passes_the_step_and_a_code_works_once(hub_app):
