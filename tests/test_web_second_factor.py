@@ -395,3 +395,19 @@ def test_the_api_read_with_the_session_cookie_needs_the_second_factor_too(hub_ap
     assert attacker.post("/admin/2fa/verify", code=phone.code()).status_code == 303
     members = attacker.client.get("/api/v1/members")
     assert members.status_code == 200 and ADMIN in members.get_data(as_text=True)
+
+
+def test_an_invited_administrator_is_told_to_have_their_phone_ready(hub_app, smtp_server):
+    boss, _, _ = enrol(hub_app)
+    boss.get("/admin")
+    for email, role in (
+        ("deputy@mercy.example.org", "admin"),
+        ("dr.lee@mercy.example.org", "member"),
+    ):
+        assert boss.post("/admin/members", email=email, role=role).status_code == 303
+    deadline = time.monotonic() + 20
+    while len(smtp_server.messages) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    bodies = {m["To"]: m.get_payload(decode=True).decode() for m in smtp_server.messages}
+    assert "authenticator app" in bodies["deputy@mercy.example.org"]
+    assert "authenticator app" not in bodies["dr.lee@mercy.example.org"]

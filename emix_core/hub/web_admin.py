@@ -192,7 +192,13 @@ def invite() -> Any:
         "You were invited to emix",
         f"Your facility's administrator added you to emix, where colleagues share medical "
         f"images and reports with you.\n\nSign in here (the link works once, for 72 hours):\n\n"
-        f"{web_sessions.link_url(hub(), token)}\n",
+        f"{web_sessions.link_url(hub(), token)}\n"
+        + (
+            "\nYou administer your facility too: the first time you open Administration, "
+            "have your phone ready to set up an authenticator app.\n"
+            if role == "admin"
+            else ""
+        ),
     )
     audit_request(
         "security-alert",
