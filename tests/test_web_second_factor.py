@@ -411,3 +411,50 @@ def test_an_invited_administrator_is_told_to_have_their_phone_ready(hub_app, smt
     bodies = {m["To"]: m.get_payload(decode=True).decode() for m in smtp_server.messages}
     assert "authenticator app" in bodies["deputy@mercy.example.org"]
     assert "authenticator app" not in bodies["dr.lee@mercy.example.org"]
+
+
+@pytest.mark.e2e
+def test_codes_work_once_on_postgresql_too(tmp_path, postgres):
+    """The single-use step and recovery codes are conditional updates: on PostgreSQL as on
+    SQLite, a replayed code changes no row."""
+    from types import SimpleNamespace
+
+    from emix_core.crypto import KeyFileWrapper, create_key_file
+    from emix_core.store.db import Database
+
+    db = Database(postgres.new_database())
+    db.create_all()
+    create_key_file(tmp_path / "kek.key")
+    hub = SimpleNamespace(
+        wrapper=KeyFileWrapper(tmp_path / "kek.key"),
+        config=SimpleNamespace(hub=SimpleNamespace(public_url="https://hub.example.org")),
+    )
+    with db.session() as session:
+        session.add(Facility(address="mercy", name="Mercy", admin_email=ADMIN))
+        session.flush()
+        member = Member(facility_id=session.scalar(select(Facility.id)), email=ADMIN, role="admin")
+        session.add(member)
+        session.flush()
+        member_id = member.id
+        secret = second_factor.pending_secret(hub, session, member_id)
+    totp = pyotp.TOTP(secret)
+    now = utcnow()
+    step = totp.timecode(now)
+    with db.session() as session:
+        codes = second_factor.complete_enrolment(
+            hub, session, member_id, totp.generate_otp(step - 1), now
+        )
+    assert codes is not None and len(codes) == 10
+    with db.session() as session:
+        assert (
+            second_factor.verify(hub, session, member_id, totp.generate_otp(step - 1), now) is None
+        )
+        assert second_factor.verify(hub, session, member_id, totp.generate_otp(step), now) == "totp"
+        assert second_factor.verify(hub, session, member_id, totp.generate_otp(step), now) is None
+        assert second_factor.verify(hub, session, member_id, codes[0], now) == "recovery code"
+        assert second_factor.verify(hub, session, member_id, codes[0], now) is None
+        assert second_factor.remaining_recovery_codes(session, member_id) == 9
+    with db.session() as session:
+        assert second_factor.reset(session, member_id) is True
+        assert not second_factor.is_enrolled(session, member_id)
+    db.engine.dispose()
