@@ -458,3 +458,28 @@ def test_codes_work_once_on_postgresql_too(tmp_path, postgres):
         assert second_factor.reset(session, member_id) is True
         assert not second_factor.is_enrolled(session, member_id)
     db.engine.dispose()
+
+
+def test_an_administrator_replaces_their_recovery_codes_and_the_old_ones_stop_working(hub_app):
+    browser, _, old_codes = enrol(hub_app)
+    page = browser.get("/admin").get_data(as_text=True)
+    assert '<span id="recovery-left">10</span>' in page
+    renewed = browser.post("/admin/2fa/recovery-codes")
+    assert renewed.status_code == 200 and "old ones no longer work" in renewed.get_data(
+        as_text=True
+    )
+    new_codes = recovery_codes_of(renewed)
+    assert len(new_codes) == 10 and not set(new_codes) & set(old_codes)
+    other = Browser(hub_app, ADMIN)
+    other.get("/admin/2fa")
+    assert other.post("/admin/2fa/verify", code=old_codes[0]).status_code == 400
+    assert other.post("/admin/2fa/verify", code=new_codes[0]).status_code == 303
+    # without the second factor, or without the CSRF token, nothing is replaced
+    third = Browser(hub_app, ADMIN)
+    third.get("/inbox")
+    assert third.post("/admin/2fa/recovery-codes").status_code == 303
+    assert browser.post("/admin/2fa/recovery-codes", csrf="forged").status_code == 400
+    assert '<span id="recovery-left">9</span>' in browser.get("/admin").get_data(as_text=True)
+    assert any(
+        e["detail"] == "administrator's recovery codes replaced" for e in audit_events(hub_app)
+    )

@@ -103,6 +103,7 @@ def overview() -> Response:
         name = facility.name
         pacs = pacs_push.destination_of(session, principal.facility)
         pacs_info = {"name": pacs.name, "url": pacs.url} if pacs else None
+        recovery_left = second_factor.remaining_recovery_codes(session, principal.member_id)
     month = request.args.get("month") or utcnow().strftime("%Y-%m")
     usage = next(
         (
@@ -123,6 +124,7 @@ def overview() -> Response:
         month=month,
         notice=_notice(request.args.get("done", ""), request.args.get("left", "")),
         pacs=pacs_info,
+        recovery_left=recovery_left,
     )
 
 

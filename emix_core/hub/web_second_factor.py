@@ -253,3 +253,25 @@ def enrol() -> Any:
     with h.db.session() as session:
         second_factor.mark_session(session, ws.id)
     return render_page("admin_recovery_codes.html", codes=codes, next=target)
+
+
+@bp.post("/recovery-codes")
+def renew_recovery_codes() -> Any:
+    """Ten new recovery codes for the signed-in administrator (the old ones stop working)."""
+    from emix_core.hub.web_admin import admin_required
+
+    principal = admin_required()
+    check_csrf()
+    h = hub()
+    with h.db.session() as session:
+        codes = second_factor.new_recovery_codes(session, principal.member_id)
+    h.audit(
+        AuditEvent(
+            event_type="security-alert",
+            action=AuditAction.UPDATE,
+            actor=principal.email,
+            source=client_source(),
+            detail="administrator's recovery codes replaced",
+        )
+    )
+    return render_page("admin_recovery_codes.html", codes=codes, next="/admin", renewed=True)
