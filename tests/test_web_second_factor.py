@@ -127,7 +127,13 @@ def test_admin_pages_without_the_second_factor_redirect_to_the_step_and_leak_not
         as_text=True
     )
     # the step sends only to the administration: no open redirect
-    for hostile in ("https://evil.example/", "//evil.example/admin", "/inbox"):
+    for hostile in (
+        "https://evil.example/",
+        "//evil.example/admin",
+        "/inbox",
+        "/admin%0d%0aSet-Cookie:%20x=1",
+        "/admin%5C%5Cevil.example",
+    ):
         page = browser.get(f"/admin/2fa?next={hostile}")
         assert 'name="next" value="/admin"' in page.get_data(as_text=True)
 

@@ -53,6 +53,8 @@ def _step_url(target: str) -> str:
 
 def _safe_next(target: str | None) -> str:
     target = (target or "/admin")[:500]
+    if not (target.isascii() and target.isprintable()) or "\\" in target or " " in target:
+        return "/admin"
     if not target.startswith("/admin") or target.startswith("/admin/2fa"):
         return "/admin"
     return target
