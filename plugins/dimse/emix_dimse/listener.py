@@ -33,6 +33,7 @@ from emix_core import (
     inspect_instance,
     log_event,
 )
+from emix_dimse import fastpath
 from emix_dimse.network import GuardedRequestHandler, configure_pynetdicom
 from emix_dimse.peers import AllowedCaller
 from emix_dimse.spool import Spool
@@ -217,6 +218,7 @@ class Listener:
                 "is another DICOM node using that port?"
             ) from exc
         self._server.daemon_threads = True
+        self._server.incoming_folder = self.spool.files  # type: ignore[attr-defined]
         ae._servers.append(self._server)  # pynetdicom's shutdown() removes it from there
         self._thread = threading.Thread(
             target=self._server.serve_forever, name=f"dimse-scp:{self.name}", daemon=True
@@ -362,6 +364,7 @@ class Listener:
         return status
 
     def _on_closed(self, event: Any) -> None:
+        fastpath.discard_incomplete(event.assoc)
         with self._lock:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:

@@ -28,6 +28,8 @@ from typing import Any
 from pynetdicom import _config
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from emix_dimse import fastpath
+
 __all__ = ["configure_pynetdicom", "GuardedRequestHandler", "nodelay"]
 
 #: Room above the negotiated maximum PDU length for PDU and item headers.
@@ -63,6 +65,8 @@ class GuardedSocket(AssociationSocket):
     for data instead of answering at once."""
 
     limit: int = 16 * 1024 * 1024
+    #: bytes put back by :meth:`unread`
+    pushback: bytes = b""
     #: readable when the association queued something to send (see :func:`_wake_on_send`)
     waker: socket.socket | None = None
 
@@ -73,6 +77,8 @@ class GuardedSocket(AssociationSocket):
         sock = self.socket
         if sock is None or self._is_connected is False:
             return False
+        if self.pushback:
+            return True
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # decrypted bytes select() does not see
         waiting = [sock] if self.waker is None else [sock, self.waker]
@@ -91,23 +97,36 @@ class GuardedSocket(AssociationSocket):
         if self.waker is not None:
             self.waker.close()
 
+    def unread(self, data: bytes | bytearray) -> None:
+        """Put bytes back: the next :meth:`recv` returns them first (a PDU header the
+        C-STORE shortcut looked at and left to pynetdicom)."""
+        self.pushback = bytes(data) + self.pushback
+
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.limit:
             # pynetdicom turns this into "transport connection closed" (Evt17)
             raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.limit}")
+        buffer = bytearray(nr_bytes)
+        got = self.recv_into(memoryview(buffer))
+        return buffer if got == nr_bytes else buffer[:got]
+
+    def recv_into(self, view: memoryview) -> int:
+        """Fill ``view`` from the connection; fewer bytes only when it closed."""
+        got = 0
+        if self.pushback:
+            got = min(len(self.pushback), len(view))
+            view[:got] = self.pushback[:got]
+            self.pushback = self.pushback[got:]
         sock = self.socket
         if sock is None:
-            return bytearray()
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        got = 0
-        while got < nr_bytes:
-            count = sock.recv_into(view[got:], nr_bytes - got)
+            return got
+        wanted = len(view)
+        while got < wanted:
+            count = sock.recv_into(view[got:], wanted - got)
             if not count:
-                del view
-                return buffer[:got]
+                return got
             got += count
-        return buffer
+        return got
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -123,6 +142,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc.dul._run_loop_delay = 0
         _wake_on_send(assoc.dul, sock)
         _wait_for_messages(assoc.dimse)
+        fastpath.install(assoc.dul, sock, getattr(self.server, "incoming_folder", None))
         return assoc
 
 
