@@ -19,10 +19,12 @@ more time than the rest of the listener's work. Per association, two narrow shor
 * **the C-STORE response is encoded directly** (the command set of PS3.7 9.3.1.2 with
   the statuses the listener gives), and queued as one P-DATA as pynetdicom would.
 
-Anything else — another PDU type, a command fragment, another presentation context,
+Anything else — another PDU type, another DIMSE message, another presentation context,
 a malformed item, a handler bound to the low-level PDU or DIMSE events, an error
 comment in a response — takes pynetdicom's own path unchanged, so its state machine,
-checks and errors still apply.
+checks and errors still apply. A command fragment in the middle of a data set is an
+invalid PDU (the association is aborted). The file of a data set that never completes
+is removed when its association ends (:func:`discard_incomplete`).
 """
 
 from __future__ import annotations
@@ -200,7 +202,11 @@ def _store_fragments(dul: Any, message: Any, view: memoryview, end: int) -> None
     """Write the data set fragments of one P-DATA-TF PDU (``view[:end]``) to the
     request's file; a PDU holding anything else goes to pynetdicom."""
     items = _items(view, end)
-    if items is None or any(c & 1 or cx != message.context_id for cx, c, _, _ in items):
+    if items is not None and any(c & 1 for _, c, _, _ in items):
+        # a message's fragments are never interleaved (PS3.8 E.2): invalid PDU, abort
+        dul.event_queue.put("Evt19")
+        return
+    if items is None or any(cx != message.context_id for cx, _, _, _ in items):
         return _decode_normally(dul, view, end)
     _write(dul, message, view, items)
 
