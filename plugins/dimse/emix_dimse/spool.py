@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS instances (
     batch INTEGER                   -- NULL while waiting
 );
 CREATE INDEX IF NOT EXISTS instances_group ON instances (group_key, batch);
+-- finds an instance sent again without reading every row of its study
+CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_key);
 CREATE TABLE IF NOT EXISTS groups (
     key TEXT PRIMARY KEY,
     recipients TEXT NOT NULL,       -- JSON list of addresses
