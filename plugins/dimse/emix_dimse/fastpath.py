@@ -218,8 +218,8 @@ def _write(dul: Any, message: Any, view: memoryview, items: list[tuple[int, int,
     try:
         for _, _, start, stop in items:
             file.write(view[start:stop])
-    except OSError:
-        dul.event_queue.put("Evt17")  # as when pynetdicom's own write fails
+    except (OSError, ValueError):  # disk refused, or file closed by an abort meanwhile
+        dul.event_queue.put("Evt17")  # the association ends, as when pynetdicom's fails
         return
     if items[-1][1] & 2:
         final = P_DATA()
