@@ -3,6 +3,8 @@
 * received datasets go to a file as their P-DATA fragments arrive (never a whole
   instance in memory) and are sent from files without being decoded;
   storage presentation contexts are accepted with the transfer syntax proposed;
+  in an acceptor association, a C-STORE request's fragments are written to its file
+  straight from the PDU and its response is encoded directly (:mod:`emix_dimse.fastpath`);
 * no identifiers in pynetdicom's logs (they are PHI);
 * a socket that refuses a PDU longer than the listener's limit before reading it
   (pynetdicom would read all of it into memory first), reads in large chunks, and
