@@ -136,7 +136,7 @@ def _items(view: memoryview, end: int) -> list[tuple[int, int, int, int]] | None
     """The presentation data value items of a P-DATA-TF PDU: (context ID, control
     header, start and end of the fragment); ``None`` when malformed, empty, or when an
     item follows a last fragment (pynetdicom would ignore it)."""
-    items = []
+    items: list[tuple[int, int, int, int]] = []
     offset = 6
     while offset < end:
         if offset + 6 > end or (items and items[-1][1] & 2):
@@ -263,7 +263,7 @@ class _ReceivedFile:
 def discard_incomplete(assoc: Any) -> None:
     """Remove the file of a C-STORE request the association did not finish (aborted,
     or the connection lost mid data set); pynetdicom leaves it."""
-    message = getattr(assoc.dimse, "message", None)
+    message: Any = getattr(assoc.dimse, "message", None)
     file = getattr(message, "_data_set_file", None)
     if file is None:
         return
