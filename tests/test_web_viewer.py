@@ -122,11 +122,7 @@ def test_package_opens_in_ohif_same_origin_under_csp(
     assert all(u.startswith(hub.url) for u in dicomweb)  # same origin only
     assert context.outside == [] and violations == [], violations
     metadata = [u for u in dicomweb if u.endswith("/metadata")]
-    if not first:
-        pytest.skip(
-            "the hub's DICOMweb has no /metadata and /frames yet: OHIF lists the study but "
-            f"cannot render it ({len(metadata)} metadata requests)"
-        )
+    assert first, f"OHIF drew nothing on its canvas within 60 s ({len(metadata)} metadata requests)"
     print(f"time from 'Open in viewer' to first image: {elapsed:.1f} s")
 
     # scrolling through the series changes the image
