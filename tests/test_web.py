@@ -233,6 +233,7 @@ def test_cd_image_download_is_a_pdi_disc(
     hub, mercy, lakeside, small_study, smtp_server, browser, tmp_path
 ):
     import pycdlib
+
     emix_json("send", str(small_study), "--to", "lakeside", env=mercy.env)
     link = link_in(wait_for_mail(smtp_server, 1))
     context = new_context(browser, accept_downloads=True)
