@@ -54,6 +54,8 @@ from emix_core.testing import (  # noqa: E402
 )
 
 SETTLE = 1.0  # the gateway's settle_seconds in this benchmark
+#: What ``--only`` can pick (default: all of them).
+MEASURES = ("ingest", "c-store", "download", "end-to-end", "latency")
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
@@ -163,9 +165,10 @@ def stow_dicomweb_client(pacs: Orthanc, files: list[Path], per_request: int = 50
 
 # --------------------------------------------------------------------------- the run
 class Bench:
-    def __init__(self, work: Path, reps: int) -> None:
+    def __init__(self, work: Path, reps: int, only: set[str] | None = None) -> None:
         self.work = work
         self.reps = reps
+        self.only = only or set(MEASURES)
         self.results: dict[str, Any] = {"machine": machine(), "sizes": {}}
         # the direct-STOW and C-STORE reference
         self.pacs_a = Orthanc(
@@ -178,6 +181,7 @@ class Bench:
         self.mercy = side(work, self.hub, "mercy")
         self.lakeside = side(work, self.hub, "lakeside")
         self.gateways: dict[str, subprocess.Popen] = {}
+        self.packages: list[str] = []  # packages sent by the ingest measure
 
     def close(self) -> None:
         for process in self.gateways.values():
@@ -284,11 +288,24 @@ url = "{self.pacs_b.url}"
         size_mb = sum(p.stat().st_size for p in files) / 1e6
         row: dict[str, Any] = {"slices": slices, "mb": round(size_mb, 1)}
         print(f"\n== {slices} slices, {size_mb:.0f} MB", flush=True)
-
-        # 1. ingest
-        sends: list[float] = []
-        packages: list[str] = []
         send_peaks: list[float] = []
+        if self.only & {"ingest", "download"}:
+            self.ingest(row, study, files, send_peaks)
+        if "c-store" in self.only:
+            self.c_store_row(row, study)
+        if "download" in self.only:
+            self.download(row, files)
+        if "end-to-end" in self.only:
+            self.end_to_end(row, slices, files)
+        self.memory(row, send_peaks)
+        self.results["sizes"][str(slices)] = row
+
+    def ingest(
+        self, row: dict[str, Any], study: Path, files: list[Path], send_peaks: list[float]
+    ) -> None:
+        """1. ``emix send`` against STOW-RS into Orthanc."""
+        sends: list[float] = []
+        packages = self.packages
 
         def emix_send() -> float:
             _wall, peak, out = run_emix(
@@ -317,8 +334,8 @@ url = "{self.pacs_b.url}"
             flush=True,
         )
 
-        # 6. C-STORE into the listener and into Orthanc (after it, Orthanc A holds the
-        # study again for the downloads)
+    def c_store_row(self, row: dict[str, Any], study: Path) -> None:
+        """6. C-STORE into the listener and into Orthanc."""
         row["c_store_emix_s"], row["c_store_orthanc_s"] = self.c_store(study)
         print(
             f"  c-store  emix {row['c_store_emix_s']['median']:.2f} s  orthanc "
@@ -326,8 +343,11 @@ url = "{self.pacs_b.url}"
             flush=True,
         )
 
-        # 3. download (the study is in the hub and in Orthanc A)
-        package = packages[-1]
+    def download(self, row: dict[str, Any], files: list[Path]) -> None:
+        """3. download: the study is in the hub (ingest) and in Orthanc A."""
+        if not orthanc_count(self.pacs_a):
+            stow_requests(self.pacs_a, files)
+        package = self.packages[-1]
         token = {"Authorization": f"Bearer {self.lakeside.token}"}
         orthanc_study = self.pacs_a.get("/studies").json()[0]
         import pydicom
@@ -382,7 +402,10 @@ url = "{self.pacs_b.url}"
             flush=True,
         )
 
-        # 2. end to end through both gateways, against a direct STOW into the same PACS
+    def end_to_end(self, row: dict[str, Any], slices: int, files: list[Path]) -> None:
+        """2. end to end through both gateways, against a direct STOW into the same PACS."""
+        from emix_core.content.samples import generate_study
+
         fresh: list[tuple[list[Path], Path]] = []
 
         def new_copy() -> None:
@@ -405,15 +428,18 @@ url = "{self.pacs_b.url}"
             lambda: stow_dicomweb_client(self.pacs_b, files),
             before=lambda: orthanc_clear(self.pacs_b),
         )
+        row["e2e_load_average"] = round(os.getloadavg()[0], 2)
         print(
             f"  e2e      emix {row['e2e_emix_s']['median']:.2f} s  direct "
-            f"{row['e2e_direct_stow_s']['median']:.2f} s",
+            f"{row['e2e_direct_stow_s']['median']:.2f} s  (load average "
+            f"{row['e2e_load_average']})",
             flush=True,
         )
 
-        # 4. memory, after this size
+    def memory(self, row: dict[str, Any], send_peaks: list[float]) -> None:
+        """4. peak memory of each process, after this size."""
         row["peak_mib"] = {
-            "emix_send": round(max(send_peaks), 1),
+            "emix_send": round(max(send_peaks), 1) if send_peaks else None,
             "hub_processes": round(max(hwm_mib(p) for p in self.hub.worker_pids()), 1),
             "gateway_a": round(hwm_mib(self.gateways["a"].pid), 1),
             "gateway_b": round(hwm_mib(self.gateways["b"].pid), 1),
@@ -421,14 +447,17 @@ url = "{self.pacs_b.url}"
                 max(hwm_mib(self.pacs_a.process.pid), hwm_mib(self.pacs_b.process.pid)), 1
             ),
         }
-        mb = size_mb
+        mb = row["mb"]
         row["throughput_mb_s"] = {
-            "ingest_emix": round(mb / row["ingest_emix_s"]["median"], 1),
-            "ingest_orthanc": round(mb / row["ingest_orthanc_requests_s"]["median"], 1),
-            "zip_emix": round(mb / row["zip_emix_s"]["median"], 1),
-            "zip_orthanc": round(mb / row["zip_orthanc_s"]["median"], 1),
+            name: round(mb / row[key]["median"], 1)
+            for name, key in (
+                ("ingest_emix", "ingest_emix_s"),
+                ("ingest_orthanc", "ingest_orthanc_requests_s"),
+                ("zip_emix", "zip_emix_s"),
+                ("zip_orthanc", "zip_orthanc_s"),
+            )
+            if key in row
         }
-        self.results["sizes"][str(slices)] = row
 
     def latency(self) -> None:
         from emix_core.content.samples import generate_study
@@ -592,6 +621,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, help="repetitions of each measure")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=MEASURES,
+        help="run only these measures (download needs ingest's package: it runs ingest too)",
+    )
     args = parser.parse_args()
     in_private_network()
     sizes = args.sizes or ([10, 50, 200] if args.quick else [10, 200, 1000])
@@ -603,12 +638,13 @@ def main() -> None:
     started = time.monotonic()
     folder = tempfile.mkdtemp(prefix="emix-bench-")
     try:
-        bench = Bench(Path(folder), reps)
+        bench = Bench(Path(folder), reps, set(args.only or MEASURES))
         try:
             bench.start_gateways()
             for slices in sizes:
                 bench.size(slices)
-            bench.latency()
+            if "latency" in bench.only:
+                bench.latency()
             bench.results["physical"] = physical(Path(folder), Path(folder) / f"study-{sizes[-1]}")
         finally:
             bench.close()
@@ -618,6 +654,7 @@ def main() -> None:
         else:
             shutil.rmtree(folder, ignore_errors=True)
     bench.results["seconds"] = round(time.monotonic() - started, 1)
+    bench.results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.write_text(json.dumps(bench.results, indent=2))
     print("\n" + report(bench.results))
     print(f"\nwritten to {args.out} in {bench.results['seconds']} s")
