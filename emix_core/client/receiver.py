@@ -193,10 +193,8 @@ def receive_package(
         raise ConflictError(f"{final} exists already; emix never overwrites a received package")
     staging = out_dir / f".{package_id}.partial-{secrets.token_hex(4)}"
     staging.mkdir(mode=0o700)
-    me = client.me()
     try:
-        targets = [(item, _inside(staging, item_relative_path(item))) for item in items]
-        paths = {item.id: path for item, path in targets}
+        paths = {item.id: _inside(staging, item_relative_path(item)) for item in items}
         advance = frames.ByteCounter(sum(i.size for i in items), progress)
 
         with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
@@ -206,6 +204,26 @@ def receive_package(
             ]
             for job in jobs:
                 job.result()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return finish_reception(client, home, signed, staging, final)
+
+
+def finish_reception(
+    client: HubClient, home: LocalHome, signed: dict[str, Any], staging: Path, final: Path
+) -> ReceivedPackage:
+    """Complete a reception whose every item is verified in ``staging``: index it, move it
+    to ``final`` in one rename, post the signed receipt, audit, tell the plugins.
+
+    ``staging`` is removed if this fails before the rename.
+    """
+    document = signed["document"]
+    package_id = document["package"]
+    items = check_document(document)
+    me = client.me()
+    try:
+        targets = [(item, _inside(staging, item_relative_path(item))) for item in items]
         (staging / MANIFEST_NAME).write_bytes(crypto.canonical_json(signed))
         converted = _reports_in_preferred_format(
             home,
