@@ -18,6 +18,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emix_core.client.progressive import Progress, ProgressiveReception, staging_folder
 from emix_core.client.receiver import MANIFEST_NAME, receive_package
 from emix_core.errors import (
     AuthenticationError,
@@ -25,6 +26,7 @@ from emix_core.errors import (
     EmixError,
     HubUnavailable,
     NotFoundError,
+    PackageNotSealed,
 )
 from emix_core.gateway.runner import JournalConnections, log_event, retry_delay, time_now
 from emix_core.model import (
@@ -51,6 +53,8 @@ FULL_LIST_SECONDS = 300.0
 #: Finished packages are forgotten after this long. Should one still be listed by the
 #: hub, it shows as received already and is skipped, never delivered twice.
 FORGET_AFTER_DAYS = 90
+#: A progressive package whose sender pauses is looked at again after this long.
+NOT_SEALED_RETRY_SECONDS = 2.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packages (
@@ -118,6 +122,14 @@ class InboundDelivery:
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise ConfigError("[gateway] max_receive_attempts must be a whole number of at least 1")
         self.max_attempts = attempts
+        #: destinations that take verified batches before the seal (``deliver_verified``)
+        self.progressive = [
+            d
+            for d in gateway.destinations
+            if gateway.progressive
+            and callable(getattr(d, "deliver_verified", None))
+            and getattr(d, "progressive", True)
+        ]
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -150,7 +162,7 @@ class InboundDelivery:
             if cursor is not None and cursor == self._cursor and now < self._full_list_at:
                 self._reachable()
                 return
-            listing = client.inbox()
+            listing = client.inbox(progressive=True) if self.progressive else client.inbox()
         except (HubUnavailable, AuthenticationError) as exc:
             self._poll_failures += 1
             delay = retry_delay(self._poll_failures, self.gateway.retry_max_seconds)
@@ -174,6 +186,8 @@ class InboundDelivery:
         if not self._has_cursor:
             return None
         try:
+            if self.progressive:
+                return client.inbox_cursor(progressive=True)
             return client.inbox_cursor()
         except NotFoundError:
             self._has_cursor = False
@@ -238,6 +252,7 @@ class InboundDelivery:
                     "SELECT id FROM packages WHERE state IN ('receiving', 'received')"
                 )
             }
+            keep |= {staging_folder(self.spool, k).name for k in keep}
             for entry in self.spool.iterdir():
                 if entry.name not in keep:
                     shutil.rmtree(entry, ignore_errors=True)
@@ -255,13 +270,22 @@ class InboundDelivery:
             shutil.rmtree(leftover, ignore_errors=True)
         started = time_now()
         try:
-            received = receive_package(
-                package_id,
-                self.spool,
-                client=self.gateway.client,
-                home=self.gateway.home,
-                parallel=self.gateway.parallel,
+            if self.progressive:
+                received = self._reception(package_id).run()
+            else:
+                received = receive_package(
+                    package_id,
+                    self.spool,
+                    client=self.gateway.client,
+                    home=self.gateway.home,
+                    parallel=self.gateway.parallel,
+                )
+        except PackageNotSealed as exc:  # the sender pauses: others get their turn
+            self.db.execute(
+                "UPDATE packages SET next_attempt = ?, error = ? WHERE id = ?",
+                (time_now() + NOT_SEALED_RETRY_SECONDS, exc.message, package_id),
             )
+            return
         except NotFoundError as exc:
             self._give_up(package_id, exc.message)
             return
@@ -306,6 +330,45 @@ class InboundDelivery:
             seconds=round(time_now() - started, 3),
         )
 
+    def _reception(self, package_id: str) -> ProgressiveReception:
+        """A progressive reception whose verified batches go to the progressive destinations."""
+        sender = self.db.execute(
+            "SELECT sender FROM packages WHERE id = ?", (package_id,)
+        ).fetchone()["sender"]
+
+        def hand_over(verified: list[tuple[Item, Path]]) -> None:
+            package = Package(id=package_id, sender=sender, items=[i for i, _ in verified])
+            staging = staging_folder(self.spool, package_id)
+            for destination in self.progressive:
+                try:
+                    destination.deliver_verified(package, staging)
+                except Exception as exc:  # the delivery after the seal covers it
+                    log_event(
+                        log,
+                        "batch.delivery_failed",
+                        logging.WARNING,
+                        package=package_id,
+                        destination=destination.name,
+                        reason=exc.message if isinstance(exc, EmixError) else type(exc).__name__,
+                    )
+                    continue
+                log_event(
+                    log,
+                    "batch.delivered",
+                    package=package_id,
+                    destination=destination.name,
+                    items=len(verified),
+                )
+
+        return ProgressiveReception(
+            package_id,
+            self.spool,
+            client=self.gateway.client,
+            home=self.gateway.home,
+            on_verified=hand_over,
+            parallel=self.gateway.parallel,
+        )
+
     def _retry_receive(self, package_id: str, reason: str, permanent_after: int = 0) -> None:
         row = self.db.execute(
             "SELECT attempts FROM packages WHERE id = ?", (package_id,)
@@ -330,6 +393,10 @@ class InboundDelivery:
         )
 
     def _give_up(self, package_id: str, reason: str) -> None:
+        staging = staging_folder(self.spool, package_id)
+        if staging.exists():
+            self._record_partial(package_id, staging, reason)
+            shutil.rmtree(staging, ignore_errors=True)
         self.db.execute(
             "UPDATE packages SET state = 'failed', error = ?, finished = ?, "
             "attempts = attempts + 1 WHERE id = ?",
@@ -344,6 +411,34 @@ class InboundDelivery:
                 actor="system",
                 package_id=package_id,
                 detail=f"gateway could not receive the package: {reason}",
+            )
+        )
+
+    def _record_partial(self, package_id: str, staging: Path, reason: str) -> None:
+        """A package given up after some of its verified batches went to destinations:
+        say what, in the log and the audit trail (those items stay where they were stored)."""
+        taken = len(Progress.load(staging).items)
+        if not taken or not self.progressive:
+            return
+        names = ", ".join(d.name for d in self.progressive)
+        log_event(
+            log,
+            "package.partially_delivered",
+            logging.ERROR,
+            package=package_id,
+            items=taken,
+            destinations=[d.name for d in self.progressive],
+            reason=reason,
+        )
+        self.gateway.home.audit(
+            AuditEvent(
+                event_type="instances-transferred",
+                action=AuditAction.CREATE,
+                outcome=AuditOutcome.SERIOUS_FAILURE,
+                actor="system",
+                package_id=package_id,
+                detail=f"package never completed: {taken} verified items were stored into "
+                f"{names} before it was given up ({reason}); they stay there",
             )
         )
 
