@@ -264,6 +264,22 @@ url = "{self.pacs_b.url}"
             )
         time.sleep(2)
 
+    def wait_receiving_gateway_idle(self, timeout: float = 120) -> None:
+        """Until B's gateway finished every package (its last steps, receipt and the check
+        of the PACS, may follow the last instance stored)."""
+        import sqlite3
+
+        journal = Path(self.lakeside.home) / "gateway" / "inbound.db"
+        deadline = time.monotonic() + timeout
+        while journal.exists() and time.monotonic() < deadline:
+            with contextlib.closing(sqlite3.connect(journal, timeout=30)) as db:
+                busy = db.execute(
+                    "SELECT COUNT(*) FROM packages WHERE state IN ('receiving', 'received')"
+                ).fetchone()[0]
+            if not busy:
+                return
+            time.sleep(0.1)
+
     def drop(self, files: list[Path], study: Path) -> float:
         """Drop a study into A's outbox as a PACS export would (write, then rename)."""
         outbox = self.work / "site-a" / "outbox" / "lakeside" / f"drop-{time.monotonic_ns()}"
@@ -410,6 +426,7 @@ url = "{self.pacs_b.url}"
 
         def new_copy() -> None:
             """A new study of the same size (the gateway sends an instance only once)."""
+            self.wait_receiving_gateway_idle()
             orthanc_clear(self.pacs_b)
             folder = self.work / f"e2e-{slices}-{len(fresh)}"
             fresh.append((sorted(generate_study(folder, slices=slices, series=3)), folder))
