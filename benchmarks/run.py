@@ -80,6 +80,16 @@ def repeat(
     return stats(samples)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process (and its waited-for children) used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def hwm_mib(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -183,11 +193,15 @@ class Bench:
         self.gateways: dict[str, subprocess.Popen] = {}
         self.packages: list[str] = []  # packages sent by the ingest measure
 
-    def close(self) -> None:
+    def stop_gateways(self) -> None:
         for process in self.gateways.values():
             process.terminate()
         for process in self.gateways.values():
             process.wait(timeout=30)
+        self.gateways.clear()
+
+    def close(self) -> None:
+        self.stop_gateways()
         self.hub.stop()
         for pacs in (self.pacs_a, self.pacs_b):
             pacs.stop(wait=False)
@@ -213,7 +227,9 @@ class Bench:
         return stats(emix_times), stats(orthanc_times)
 
     # ------------------------------------------------------------------ gateways
-    def start_gateways(self) -> None:
+    def start_gateways(self, progressive: bool = True) -> None:
+        """(Re)start both gateways; ``progressive`` is their ``[gateway] progressive``."""
+        self.stop_gateways()
         a, b = self.work / "site-a", self.work / "site-b"
         for folder in ("outbox/lakeside", "sent", "failed"):
             (a / folder).mkdir(parents=True, exist_ok=True)
@@ -224,6 +240,7 @@ home = "{self.mercy.home}"
 hub_url = "{self.hub.url}"
 token = "{self.mercy.token}"
 poll_seconds = 0.2
+progressive = {"true" if progressive else "false"}
 
 [[sources]]
 kind = "folder"
@@ -241,6 +258,7 @@ home = "{self.lakeside.home}"
 hub_url = "{self.hub.url}"
 token = "{self.lakeside.token}"
 poll_seconds = 0.2
+progressive = {"true" if progressive else "false"}
 
 [[destinations]]
 kind = "dicomweb"
@@ -263,6 +281,15 @@ url = "{self.pacs_b.url}"
                 stderr=subprocess.STDOUT,
             )
         time.sleep(2)
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds used so far by the hub's processes, each gateway and B's PACS."""
+        return {
+            "hub": sum(cpu_seconds(p) for p in self.hub.worker_pids()),
+            "gateway_a": cpu_seconds(self.gateways["a"].pid),
+            "gateway_b": cpu_seconds(self.gateways["b"].pid),
+            "pacs_b": cpu_seconds(self.pacs_b.process.pid),
+        }
 
     def wait_receiving_gateway_idle(self, timeout: float = 120) -> None:
         """Until B's gateway finished every package (its last steps, receipt and the check
@@ -431,25 +458,39 @@ url = "{self.pacs_b.url}"
             folder = self.work / f"e2e-{slices}-{len(fresh)}"
             fresh.append((sorted(generate_study(folder, slices=slices, series=3)), folder))
 
+        cpu: list[dict[str, float]] = []
+
         def end_to_end() -> float:
             files, study = fresh[-1]
+            before = self.cpu_by_process()
             landed = self.drop(files, study)
             deadline = landed + 600
             while orthanc_count(self.pacs_b) < slices and time.monotonic() < deadline:
                 time.sleep(0.02)
-            return time.monotonic() - landed - SETTLE
+            seconds = time.monotonic() - landed - SETTLE
+            self.wait_receiving_gateway_idle()
+            after = self.cpu_by_process()
+            cpu.append({k: round(after[k] - before[k], 2) for k in after})
+            return seconds
 
+        # first as before progressive packages (each stage waits for the one before)
+        self.start_gateways(progressive=False)
+        row["e2e_emix_whole_s"] = repeat(self.reps, end_to_end, before=new_copy)
+        row["e2e_cpu_seconds_whole"], cpu[:] = list(cpu), []
+        self.start_gateways(progressive=True)
         row["e2e_emix_s"] = repeat(self.reps, end_to_end, before=new_copy)
         row["e2e_direct_stow_s"] = repeat(
             self.reps,
             lambda: stow_dicomweb_client(self.pacs_b, files),
             before=lambda: orthanc_clear(self.pacs_b),
         )
+        row["e2e_cpu_seconds"] = cpu  # per run, drop to done, each process
         row["e2e_load_average"] = round(os.getloadavg()[0], 2)
         print(
-            f"  e2e      emix {row['e2e_emix_s']['median']:.2f} s  direct "
+            f"  e2e      emix {row['e2e_emix_s']['median']:.2f} s (whole packages "
+            f"{row['e2e_emix_whole_s']['median']:.2f} s)  direct "
             f"{row['e2e_direct_stow_s']['median']:.2f} s  (load average "
-            f"{row['e2e_load_average']})",
+            f"{row['e2e_load_average']})\n  e2e CPU seconds per process: {cpu}",
             flush=True,
         )
 
@@ -578,6 +619,11 @@ def report(results: dict[str, Any]) -> str:
                 "ingest_orthanc_dicomweb_client_s",
             ),
             ("end to end (gateways vs direct STOW)", "e2e_emix_s", "e2e_direct_stow_s"),
+            (
+                "end to end, progressive off (whole packages)",
+                "e2e_emix_whole_s",
+                "e2e_direct_stow_s",
+            ),
             ("zip download vs archive", "zip_emix_s", "zip_orthanc_s"),
             ("WADO-RS raw", "wado_raw_emix_s", "wado_raw_orthanc_s"),
             ("WADO-RS parsed (dicomweb-client)", "wado_parsed_emix_s", "wado_parsed_orthanc_s"),

@@ -147,6 +147,18 @@ def test_the_hub_refuses_parts_not_signed_by_the_sender_out_of_chain_or_not_stor
         client.post_part(package_id, part(2, part_hash(first), items))
     second = part(2, part_hash(first), items[1:])
     client.post_part(package_id, second)
+    # before the seal a recipient reads only what a signed part lists
+    b_client = LocalHome(lakeside.home).client(hub.url, lakeside.token)
+    sink = tmp_path / "sink"
+    sink.mkdir()
+
+    def target(header: frames.FrameHeader) -> Any:
+        return open(sink / str(header.id), "wb")  # noqa: SIM115 - a test sink
+
+    assert b_client.download_batch(package_id, 1, 1, target, part=1) == {1: stored[1]}
+    for first, last, kw in ((3, 3, {}), (1, 2, {"part": 1}), (2, 2, {"part": 9})):
+        with pytest.raises(NotFoundError):
+            b_client.download_batch(package_id, first, last, target, **kw)
 
     manifest = {
         "format": "emix-manifest/1", "package": package_id, "sender": "mercy",
@@ -180,8 +192,8 @@ class Tampering:
             del answer["parts"][2]
         return answer
 
-    def download_batch(self, package_id: str, first: int, last: int, *a: Any) -> Any:
-        digests = self._client.download_batch(package_id, first, last, *a)
+    def download_batch(self, package_id: str, first: int, last: int, *a: Any, **kw: Any) -> Any:
+        digests = self._client.download_batch(package_id, first, last, *a, **kw)
         if self.how == "altered bytes" and first <= 5 <= last:
             digests[5] = hashlib.sha256(b"something else").hexdigest()
         return digests

@@ -383,16 +383,19 @@ class HubClient:
         last: int,
         open_target: Callable[[frames.FrameHeader], BinaryIO],
         progress: Callable[[int], None] | None = None,
+        *,
+        part: int | None = None,
     ) -> dict[int, str]:
         """Fetch items ``first``..``last`` in one stream, each written where ``open_target`` says.
 
+        :param part: the manifest part listing them, for a package not sealed yet.
         :return: ``{id: sha256}`` of what arrived.
         """
+        params: dict[str, int] = {"first": first, "last": last}
+        if part is not None:
+            params["part"] = part
         response = self._request(
-            "GET",
-            f"/packages/{package_id}/stream",
-            params={"first": first, "last": last},
-            stream=True,
+            "GET", f"/packages/{package_id}/stream", params=params, stream=True
         )
         try:
             return frames.receive_frames(cast(BinaryIO, response.raw), open_target, progress)

@@ -239,7 +239,7 @@ class ProgressiveReception:
         except IntegrityError as exc:
             self._quarantine(signed, progress.parts + 1, exc)
             raise
-        self._fetch(items)
+        self._fetch(items, part=progress.parts + 1)
         progress.parts += 1
         progress.chain = part_hash(signed)
         progress.sender = sender
@@ -265,7 +265,7 @@ class ProgressiveReception:
         )
 
     # ------------------------------------------------------------------ items
-    def _fetch(self, items: list[Item]) -> None:
+    def _fetch(self, items: list[Item], part: int | None = None) -> None:
         """Download and verify items (in parallel runs), handing each run over in order."""
         if not items:
             return
@@ -276,7 +276,7 @@ class ProgressiveReception:
         runs = contiguous_runs(items)
 
         def fetch(run: list[Item]) -> list[Item]:
-            _fetch_batch(self.client, self.package_id, run, targets, advance)
+            _fetch_batch(self.client, self.package_id, run, targets, advance, part)
             return run
 
         with ThreadPoolExecutor(max_workers=self.parallel) as pool:

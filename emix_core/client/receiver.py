@@ -91,8 +91,10 @@ def _fetch_batch(
     batch: list[Item],
     targets: dict[int, Path],
     progress: Callable[[int], None],
+    part: int | None = None,
 ) -> None:
-    """Fetch a run of items in one request; check each against the signed manifest."""
+    """Fetch a run of items in one request; check each against the signed manifest (or
+    against manifest part ``part``, which lists them, before the seal)."""
     expected = {item.id: item for item in batch}
     handles = []
 
@@ -106,9 +108,14 @@ def _fetch_batch(
         return handle
 
     try:
-        digests = client.download_batch(
-            package_id, batch[0].id, batch[-1].id, open_target, progress
-        )
+        if part is None:
+            digests = client.download_batch(
+                package_id, batch[0].id, batch[-1].id, open_target, progress
+            )
+        else:
+            digests = client.download_batch(
+                package_id, batch[0].id, batch[-1].id, open_target, progress, part=part
+            )
         for handle in handles:
             handle.flush()
             os.fsync(handle.fileno())

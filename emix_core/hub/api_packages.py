@@ -453,7 +453,7 @@ def download_batch(package_id: str) -> Response:
             .order_by(ItemRow.item_id)
         ).all()
     if row.state == "open":  # before the seal: only items a signed part lists
-        signed = api_progressive.items_in_parts(hub, row)
+        signed = api_progressive.items_in_parts(hub, row, request.args.get("part", type=int))
         if any(i.item_id not in signed for i in items):
             raise NotFoundError("not found")
 

@@ -66,10 +66,19 @@ def chain_head(hub: Hub, row: PackageRow) -> tuple[int, str]:
     return count, part_hash(read_part(hub, row, count)) if count else ""
 
 
-def items_in_parts(hub: Hub, row: PackageRow) -> set[int]:
-    """Ids of the items the posted parts list: what a recipient may read before the seal."""
+def items_in_parts(hub: Hub, row: PackageRow, part: int | None = None) -> set[int]:
+    """Ids of the items the posted parts (or only part ``part``) list: what a recipient
+    may read before the seal."""
+    if part is not None:
+        numbers = (
+            [part]
+            if 1 <= part <= MAX_PARTS and hub.blobs.exists(f"{row.id}/{part_blob(part)}")
+            else []
+        )
+    else:
+        numbers = list(range(1, count_parts(hub, row) + 1))
     ids: set[int] = set()
-    for number in range(1, count_parts(hub, row) + 1):
+    for number in numbers:
         for entry in read_part(hub, row, number)["document"]["items"]:
             ids.add(int(entry["id"]))
     return ids
@@ -162,6 +171,11 @@ def _visible(hub: Hub, package_id: str) -> tuple[PackageRow, Any]:
     return row, principal
 
 
+def _state(hub: Hub, package_id: str) -> str | None:
+    with hub.db.session() as session:
+        return session.scalar(select(PackageRow.state).where(PackageRow.id == package_id))
+
+
 @bp.get("/packages/<package_id>/parts")
 def list_parts(package_id: str) -> Response:
     """The parts after ``after`` and the package's state; waits for news up to ``wait`` s."""
@@ -172,12 +186,14 @@ def list_parts(package_id: str) -> Response:
         raise InvalidInput("'after' must be the number of parts already read")
     wait = _wait_seconds()
     deadline = time.monotonic() + wait
-    while True:
-        row, principal = _visible(hub, package_id)
-        count = count_parts(hub, row)
-        if count > after or row.state != "open" or time.monotonic() >= deadline:
-            break
+    row, principal = _visible(hub, package_id)
+    count = count_parts(hub, row)
+    # waiting looks only at the next part's blob and the state: cheap, 20 times a second
+    while count <= after and row.state == "open" and time.monotonic() < deadline:
         time.sleep(WAIT_STEP)
+        if hub.blobs.exists(f"{row.id}/{part_blob(count + 1)}") or _state(hub, row.id) != "open":
+            row, principal = _visible(hub, package_id)  # and authorized again
+            count = count_parts(hub, row)
     parts = [read_part(hub, row, n) for n in range(after + 1, count + 1)]
     if parts:
         audit_request(
