@@ -117,7 +117,11 @@ def post_part(package_id: str) -> tuple[Response, int]:
             )
             stored = {
                 r.item_id: r
-                for r in session.scalars(select(ItemRow).where(ItemRow.package_id == row.id))
+                for r in session.scalars(
+                    select(ItemRow).where(
+                        ItemRow.package_id == row.id, ItemRow.item_id.in_([i.id for i in items])
+                    )
+                )
             }
             for item in items:
                 kept = stored.get(item.id)
