@@ -234,3 +234,22 @@ def test_a_part_or_item_that_does_not_verify_is_never_handed_over(
     if alert:
         quarantined = b_home.path / "failed" / f"package-{package_id}"
         assert list(quarantined.glob("part-*.json")), "the refused part is kept"
+
+
+def test_the_inbox_cursor_answers_as_soon_as_a_package_arrives(hub, mercy, lakeside):
+    import threading
+    import time
+
+    b_client = LocalHome(lakeside.home).client(hub.url, lakeside.token)
+    a_client = LocalHome(mercy.home).client(hub.url, mercy.token)
+    before = b_client.inbox_cursor(progressive=True)
+    started = time.monotonic()
+    assert b_client.inbox_cursor(progressive=True, since=before, wait=0.5) == before
+    assert time.monotonic() - started >= 0.45  # held while nothing changed
+    opener = threading.Timer(0.5, lambda: a_client.open_package(["lakeside"]))
+    opener.start()
+    started = time.monotonic()
+    after = b_client.inbox_cursor(progressive=True, since=before, wait=8)
+    assert after != before and time.monotonic() - started < 3
+    # the plain cursor (sealed packages only) did not move for an open package
+    assert b_client.inbox_cursor() == before.split("/")[0]

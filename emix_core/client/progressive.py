@@ -144,7 +144,7 @@ class ProgressiveReception:
         on_verified: Handoff | None = None,
         parallel: int = 2,
         wait: float = 5.0,
-        idle: float = 30.0,
+        idle: float = 10.0,
     ) -> None:
         self.package_id = package_id
         self.spool = Path(spool).resolve()

@@ -6,10 +6,12 @@ While a sender is still uploading, it signs one *part* per uploaded batch::
      "part": n, "previous": SHA-256 of part n-1 as signed ("" for part 1),
      "items": [...the batch's items, as in a manifest...]}
 
-Each part is signed with the sending facility's key and chained to the one before it by
-hash, so a part cannot be dropped, reordered or replaced without breaking the chain. The
-final manifest names the chain's head (``"parts"``: how many, ``"chain"``: hash of the
-last one) and lists every item again, so its signature covers the whole package.
+Items are listed in increasing id order across parts (each part's ids are higher than
+every id of the part before), so that no item is listed twice. Each part is signed with
+the sending facility's key and chained to the one before it by hash, so a part cannot be
+dropped, reordered or replaced without breaking the chain. The final manifest names the
+chain's head (``"parts"``: how many, ``"chain"``: hash of the last one) and lists every
+item again, so its signature covers the whole package.
 
 A receiving gateway that opts in stores a part's items into its PACS only after the part's
 signature, its place in the chain and every item's SHA-256 verified.

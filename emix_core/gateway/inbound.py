@@ -55,6 +55,9 @@ FULL_LIST_SECONDS = 300.0
 FORGET_AFTER_DAYS = 90
 #: A progressive package whose sender pauses is looked at again after this long.
 NOT_SEALED_RETRY_SECONDS = 2.0
+#: With nothing else to do, the hub holds the inbox cursor request this long at most,
+#: answering as soon as a package arrives.
+LONG_POLL_SECONDS = 2.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packages (
@@ -158,7 +161,7 @@ class InboundDelivery:
     def _poll(self, now: float) -> None:
         client = self.gateway.client
         try:
-            cursor = self._cursor_of(client)
+            cursor = self._cursor_of(client, wait=self._long_poll_seconds())
             if cursor is not None and cursor == self._cursor and now < self._full_list_at:
                 self._reachable()
                 return
@@ -181,14 +184,28 @@ class InboundDelivery:
         self._note(listing, now)
         self._cursor, self._full_list_at = cursor, now + FULL_LIST_SECONDS
 
-    def _cursor_of(self, client: Any) -> str | None:
-        """The hub's inbox fingerprint; ``None`` from a hub too old to have one."""
+    def _long_poll_seconds(self) -> float:
+        """How long the hub may hold the cursor request: only while nothing else is due."""
+        if self._cursor is None:
+            return 0.0
+        busy = self.db.execute(
+            "SELECT 1 FROM packages WHERE state IN ('receiving', 'received') LIMIT 1"
+        ).fetchone()
+        return 0.0 if busy else LONG_POLL_SECONDS
+
+    def _cursor_of(self, client: Any, wait: float = 0.0) -> str | None:
+        """The hub's inbox fingerprint; ``None`` from a hub too old to have one.
+
+        :param wait: let the hub answer only when it differs from the last one, or after
+            this many seconds (a new package is then seen at once, not a poll later).
+        """
         if not self._has_cursor:
             return None
         try:
+            kw: dict[str, Any] = {"since": self._cursor, "wait": wait} if wait else {}
             if self.progressive:
-                return client.inbox_cursor(progressive=True)
-            return client.inbox_cursor()
+                return client.inbox_cursor(progressive=True, **kw)
+            return client.inbox_cursor(**kw)
         except NotFoundError:
             self._has_cursor = False
             return None

@@ -104,7 +104,9 @@ def post_part(package_id: str) -> tuple[Response, int]:
                 raise ConflictError(
                     "the sending facility has no registered signing key; register it first"
                 )
-            number, previous = chain_head(hub, row)
+            number = count_parts(hub, row)
+            last = read_part(hub, row, number) if number else None
+            previous = part_hash(last) if last else ""
             if number >= MAX_PARTS:
                 raise InvalidInput(f"a package holds at most {MAX_PARTS} manifest parts")
             document = crypto.verify_document(signed, facility.signing_key)
@@ -130,8 +132,13 @@ def post_part(package_id: str) -> tuple[Response, int]:
                         "a manifest part lists an item the hub does not hold with that "
                         "size and SHA-256; upload it before posting its part"
                     )
-            if {i.id for i in items} & items_in_parts(hub, row):
-                raise IntegrityError("a manifest part lists an item an earlier part listed")
+            # ids grow from part to part: no item is listed twice, checked against one part
+            floor = max((int(e["id"]) for e in last["document"]["items"]), default=0) if last else 0
+            if min(i.id for i in items) <= floor:
+                raise IntegrityError(
+                    "a manifest part lists an item an earlier part listed (each part lists "
+                    "items with higher ids than the part before)"
+                )
             svc.put_small_blob(hub, row, part_blob(number + 1), crypto.canonical_json(signed))
     except Exception as exc:
         audit_request(

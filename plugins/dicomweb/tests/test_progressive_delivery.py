@@ -104,7 +104,7 @@ def test_verified_batches_are_in_the_pacs_before_the_seal_and_the_package_once_a
     thread = start_sending(hub, mercy, folder, sender)
     # the seal is held: every instance still reaches the PACS, batch by batch
     wait_for(lambda: len(pacs.sop_instance_uids()) == SLICES, 120, "every instance in the PACS")
-    assert gateway.log_text().count('"batch.delivered"') >= 3
+    wait_for(lambda: gateway.log_text().count('"batch.delivered"') >= 3, 30, "three batches")
     package_id = sender.opened[0]
     # meanwhile the package is invisible to a person's inbox and to `emix receive`
     assert package_id not in emix("inbox", "--json", env=lakeside.env).stdout
