@@ -236,20 +236,34 @@ def test_a_part_or_item_that_does_not_verify_is_never_handed_over(
         assert list(quarantined.glob("part-*.json")), "the refused part is kept"
 
 
-def test_the_inbox_cursor_answers_as_soon_as_a_package_arrives(hub, mercy, lakeside):
+def test_the_inbox_cursor_answers_as_soon_as_a_part_arrives(hub, mercy, lakeside, tmp_path):
     import threading
     import time
 
+    files = sorted(generate_study(tmp_path / "s", slices=1, series=1, rows=64, columns=64))
+    home = LocalHome(mercy.home)
+    a_client = home.client(hub.url, mercy.token)
+    home.register_key(a_client)
     b_client = LocalHome(lakeside.home).client(hub.url, lakeside.token)
-    a_client = LocalHome(mercy.home).client(hub.url, mercy.token)
     before = b_client.inbox_cursor(progressive=True)
+    package_id = a_client.open_package(["lakeside"])["id"]
+    stored, _ = a_client.upload_batch(
+        package_id, [frames.OutgoingItem(1, files[0], files[0].stat().st_size, "application/dicom")]
+    )
+    # an open package without a part is nowhere yet, and moves no cursor
+    assert package_id not in {p["id"] for p in b_client.inbox(progressive=True)}
     started = time.monotonic()
     assert b_client.inbox_cursor(progressive=True, since=before, wait=0.5) == before
     assert time.monotonic() - started >= 0.45  # held while nothing changed
-    opener = threading.Timer(0.5, lambda: a_client.open_package(["lakeside"]))
-    opener.start()
+    item = {"id": 1, "name": "1.dcm", "media_type": "application/dicom",
+            "size": files[0].stat().st_size, "sha256": stored[1]}  # fmt: skip
+    signed = crypto.sign_document(home.signing_key, new_part(package_id, "mercy", 1, "", [item]))
+    poster = threading.Timer(0.5, lambda: a_client.post_part(package_id, signed))
+    poster.start()
     started = time.monotonic()
     after = b_client.inbox_cursor(progressive=True, since=before, wait=8)
     assert after != before and time.monotonic() - started < 3
-    # the plain cursor (sealed packages only) did not move for an open package
+    listed = {p["id"]: p for p in b_client.inbox(progressive=True)}
+    assert (listed[package_id]["state"], listed[package_id]["items"]) == ("open", 1)
+    # the plain cursor (sealed packages only) did not move
     assert b_client.inbox_cursor() == before.split("/")[0]

@@ -53,8 +53,14 @@ FULL_LIST_SECONDS = 300.0
 #: Finished packages are forgotten after this long. Should one still be listed by the
 #: hub, it shows as received already and is skipped, never delivered twice.
 FORGET_AFTER_DAYS = 90
-#: A progressive package whose sender pauses is looked at again after this long.
-NOT_SEALED_RETRY_SECONDS = 2.0
+#: A progressive package whose sender pauses is looked at again after this long, or as
+#: soon as the inbox shows it grew.
+NOT_SEALED_RETRY_SECONDS = 60.0
+#: The journal's note on a progressive package waiting for its sender.
+WAITING_NOTE = "waiting for the sender's next batch or seal"
+#: A progressive reception waits this long for the next part before other packages get
+#: their turn (a part arriving later moves the inbox cursor and brings the package back).
+PAUSE_SECONDS = 5.0
 #: With nothing else to do, the hub holds the inbox cursor request this long at most,
 #: answering as soon as a package arrives.
 LONG_POLL_SECONDS = 2.0
@@ -217,10 +223,24 @@ class InboundDelivery:
 
     def _note(self, listing: list[dict[str, Any]], now: float) -> None:
         """Journal every package of the listing not seen before."""
-        known = {r["id"] for r in self.db.execute("SELECT id FROM packages")}
+        known = {
+            r["id"]: (r["state"] == "receiving" and r["error"] == WAITING_NOTE, r["items"])
+            for r in self.db.execute("SELECT id, state, items, error FROM packages")
+        }
+        listed = {str(entry.get("id", "")) for entry in listing}
+        for package_id, (waiting, _items) in known.items():
+            if waiting and package_id not in listed:  # aborted or expired: find out now
+                self.db.execute("UPDATE packages SET next_attempt = 0 WHERE id = ?", (package_id,))
         for entry in sorted(listing, key=lambda e: e.get("sealed") or ""):
             package_id, sender = str(entry.get("id", "")), str(entry.get("from", ""))
             if package_id in known:
+                waiting, items = known[package_id]
+                if waiting and (entry.get("items") != items or entry.get("state") == "sealed"):
+                    # a progressive package got a part or its seal: take it now
+                    self.db.execute(
+                        "UPDATE packages SET items = ?, bytes = ?, next_attempt = 0 WHERE id = ?",
+                        (entry.get("items"), entry.get("size"), package_id),
+                    )
                 continue
             if not PACKAGE_ID_RE.match(package_id) or not is_valid_address(sender):
                 log_event(log, "inbox.refused_entry", logging.ERROR, reason="malformed id")
@@ -297,10 +317,10 @@ class InboundDelivery:
                     home=self.gateway.home,
                     parallel=self.gateway.parallel,
                 )
-        except PackageNotSealed as exc:  # the sender pauses: others get their turn
+        except PackageNotSealed:  # the sender pauses: others get their turn
             self.db.execute(
                 "UPDATE packages SET next_attempt = ?, error = ? WHERE id = ?",
-                (time_now() + NOT_SEALED_RETRY_SECONDS, exc.message, package_id),
+                (time_now() + NOT_SEALED_RETRY_SECONDS, WAITING_NOTE, package_id),
             )
             return
         except NotFoundError as exc:
@@ -384,6 +404,7 @@ class InboundDelivery:
             home=self.gateway.home,
             on_verified=hand_over,
             parallel=self.gateway.parallel,
+            idle=PAUSE_SECONDS,
         )
 
     def _retry_receive(self, package_id: str, reason: str, permanent_after: int = 0) -> None:

@@ -6,8 +6,8 @@ reveals no PHI and no package id, so it is not audited.
 
 ``?since=CURSOR&wait=S`` answers as soon as the fingerprint differs from ``since``, or
 after ``S`` seconds (at most 10): a gateway learns of a new package at once instead of
-at its next poll. ``?progressive=1`` counts open packages too (a receiving gateway that
-takes packages batch by batch).
+at its next poll. ``?progressive=1`` also counts open packages that have manifest
+parts, and the items those list (a receiving gateway that takes packages batch by batch).
 """
 
 from __future__ import annotations
@@ -37,12 +37,20 @@ def _cursor(hub, facility_id: int | None, progressive: bool) -> str:  # type: ig
         ).one()
         cursor = f"{count}:{last.isoformat() if last else ''}"
         if progressive:
-            opened, newest = session.execute(
-                select(func.count(distinct(PackageRow.id)), func.max(PackageRow.created))
+            # open packages with parts: their count and the items their parts list so far
+            opened, listed = session.execute(
+                select(
+                    func.count(distinct(PackageRow.id)),
+                    func.coalesce(func.sum(PackageRow.item_count), 0),
+                )
                 .join(PackageRecipient, PackageRecipient.package_id == PackageRow.id)
-                .where(PackageRecipient.facility_id == facility_id, PackageRow.state == "open")
+                .where(
+                    PackageRecipient.facility_id == facility_id,
+                    PackageRow.state == "open",
+                    PackageRow.item_count > 0,
+                )
             ).one()
-            cursor += f"/{opened}:{newest.isoformat() if newest else ''}"
+            cursor += f"/{opened}:{listed}"
     return cursor
 
 

@@ -284,6 +284,8 @@ def inbox() -> Response:
             .distinct()
         ).all()
         for row in rows:
+            if row.state == "open" and not row.item_count:
+                continue  # no part yet: nothing to take before the seal
             _, package = svc.load_package(session, row.id)
             expires = row.expires if row.expires.tzinfo else row.expires.replace(tzinfo=now.tzinfo)
             if expires < now:

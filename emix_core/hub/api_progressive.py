@@ -10,7 +10,8 @@ or the seal: a receiving gateway learns of each batch as soon as it is signed.
 
 A package that is not sealed stays invisible everywhere else: ``emix receive``, the web
 inbox, mail notices and the plain inbox listing see it only once sealed. Only a client
-that asks (``/inbox?progressive=1``, the receiving gateway's opt-in) lists open packages.
+that asks (``/inbox?progressive=1``, the receiving gateway's opt-in) lists open packages,
+and only those with at least one part (``items`` and ``size``: what the parts list).
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def post_part(package_id: str) -> tuple[Response, int]:
                     "items with higher ids than the part before)"
                 )
             svc.put_small_blob(hub, row, part_blob(number + 1), crypto.canonical_json(signed))
+            # what the parts list so far: shown by the progressive inbox, moves its cursor
+            row.item_count = (row.item_count or 0) + len(items)
+            row.total_size = (row.total_size or 0) + sum(i.size for i in items)
     except Exception as exc:
         audit_request(
             "security-alert" if isinstance(exc, IntegrityError) else "instances-transferred",

@@ -12,6 +12,7 @@ instances the PACS refuses for good are reported and kept in ``failed/``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -340,6 +341,9 @@ class DicomwebSource:
                     "UPDATE studies SET state = 'sent', package_id = ? WHERE key = ?",
                     (row["package_id"], row["study_key"]),
                 )
+            else:  # abandoned: abort it, so that a receiving gateway stops waiting for it
+                with contextlib.suppress(EmixError):
+                    self.gateway.client.abort_package(row["package_id"])
             db.execute("DELETE FROM pending_packages WHERE package_id = ?", (row["package_id"],))
 
     def queue_depths(self) -> dict[str, int]:
