@@ -61,6 +61,9 @@ PROGRESS_NAME = ".emix-progress.json"
 #: Downloads of a progressive reception go in runs of at most this many bytes.
 RUN_BYTES = 8 * 1024 * 1024
 
+#: Runs of verified items handed over at the same time.
+HANDOFFS_IN_FLIGHT = 2
+
 #: Called with verified items and where they are on disk; must not raise.
 Handoff = Callable[[list[tuple[Item, Path]]], None]
 
@@ -127,8 +130,8 @@ def contiguous_runs(items: list[Item], max_bytes: int = RUN_BYTES) -> list[list[
 class ProgressiveReception:
     """One progressive reception of a package into ``spool``.
 
-    :param on_verified: receives each run of verified items, in a thread of its own
-        (so that the next run downloads meanwhile); it must not raise.
+    :param on_verified: receives each run of verified items, in threads of its own (two
+        runs at a time, while the next ones download); it must not raise.
     :param wait: seconds one request to the hub waits for a new part.
     :param idle: give the turn back (:class:`PackageNotSealed`) after this long without
         a new part; the progress is kept and the next call continues.
@@ -173,7 +176,10 @@ class ProgressiveReception:
         self.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.staging.mkdir(exist_ok=True, mode=0o700)
         progress = Progress.load(self.staging)
-        self._handoff_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emix-handoff")
+        # two at once: a PACS stores one batch while it receives the next
+        self._handoff_pool = ThreadPoolExecutor(
+            max_workers=HANDOFFS_IN_FLIGHT, thread_name_prefix="emix-handoff"
+        )
         try:
             state = self._take_parts(progress)
             if state != "sealed":

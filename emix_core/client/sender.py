@@ -422,8 +422,11 @@ class PartWriter:
         self.chain = part_hash(signed)
 
 
-#: Batches of a progressive send are smaller, so that parts follow each other closely.
+#: Batches of a progressive send are smaller, and fewer at once, so that parts follow
+#: each other closely.
 PROGRESSIVE_BATCH_BYTES = 8 * 1024 * 1024
+PROGRESSIVE_FIRST_BATCH_BYTES = 2 * 1024 * 1024
+PROGRESSIVE_PARALLEL = 2
 
 
 def _upload(
@@ -476,7 +479,14 @@ def _upload(
 
     uploaded: list[Item] = []
     items = [i for i, _ in by_id.values()]
-    groups = frames.batches(items, PROGRESSIVE_BATCH_BYTES) if on_batch else frames.batches(items)
+    if on_batch is None:
+        groups = frames.batches(items)
+    else:  # a small first batch: the recipient starts as soon as possible
+        first = frames.batches(items, PROGRESSIVE_FIRST_BATCH_BYTES)[:1] if items else []
+        taken = len(first[0]) if first else 0
+        groups = first + frames.batches(items[taken:], PROGRESSIVE_BATCH_BYTES)
+    if on_batch is not None:  # parts follow one another instead of coming four at once
+        parallel = min(parallel, PROGRESSIVE_PARALLEL)
     with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
         for stored, failed in pool.map(send_batch, groups):
             batch: list[Item] = []
