@@ -125,6 +125,8 @@ class InboundDelivery:
         self._has_cursor = True
         self._full_list_at = 0.0
         self._swept = False
+        #: whether the hub has manifest parts (it lists each package's state)
+        self._hub_progressive = True
         #: the package a receive or a delivery is working on (read by metrics scrapes)
         self.working: str | None = None
         attempts = gateway.settings.get("max_receive_attempts", MAX_RECEIVE_ATTEMPTS)
@@ -223,6 +225,8 @@ class InboundDelivery:
 
     def _note(self, listing: list[dict[str, Any]], now: float) -> None:
         """Journal every package of the listing not seen before."""
+        if listing:  # a hub from before progressive packages lists no state
+            self._hub_progressive = all("state" in entry for entry in listing)
         known = {
             r["id"]: (r["state"] == "receiving" and r["error"] == WAITING_NOTE, r["items"])
             for r in self.db.execute("SELECT id, state, items, error FROM packages")
@@ -307,7 +311,7 @@ class InboundDelivery:
             shutil.rmtree(leftover, ignore_errors=True)
         started = time_now()
         try:
-            if self.progressive:
+            if self.progressive and self._hub_progressive:
                 received = self._reception(package_id).run()
             else:
                 received = receive_package(
