@@ -16,7 +16,7 @@ import re
 import shutil
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from emix_core.client.progressive import Progress, ProgressiveReception, staging_folder
 from emix_core.client.receiver import MANIFEST_NAME, receive_package
@@ -40,7 +40,7 @@ from emix_core.model import (
 )
 
 if TYPE_CHECKING:
-    from emix_core.gateway.runner import Destination, Gateway
+    from emix_core.gateway.runner import Destination, Gateway, ProgressiveDestination
 
 log = logging.getLogger("emix.gateway.inbound")
 
@@ -134,8 +134,8 @@ class InboundDelivery:
             raise ConfigError("[gateway] max_receive_attempts must be a whole number of at least 1")
         self.max_attempts = attempts
         #: destinations that take verified batches before the seal (``deliver_verified``)
-        self.progressive = [
-            d
+        self.progressive: list[ProgressiveDestination] = [
+            cast("ProgressiveDestination", d)
             for d in gateway.destinations
             if gateway.progressive
             and callable(getattr(d, "deliver_verified", None))
