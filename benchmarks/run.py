@@ -541,6 +541,10 @@ url = "{self.pacs_b.url}"
                     raise SystemExit("latency study never arrived")
             return time.monotonic() - landed - SETTLE
 
+        self.start_gateways(progressive=False)
+        whole = [once() for _ in range(max(self.reps, 3))]
+        self.results["latency_10_slices_whole_s"] = stats(whole)
+        self.start_gateways(progressive=True)
         samples = [once() for _ in range(max(self.reps, 3))]
         self.results["latency_10_slices_s"] = stats(samples)
 
@@ -659,6 +663,12 @@ def report(results: dict[str, Any]) -> str:
             f"10-slice latency, settled in A's outbox → listed in B's inbox: "
             f"median {lat['median']:.3f} s (min {lat['min']:.3f}, max {lat['max']:.3f})",
         ]
+        whole = results.get("latency_10_slices_whole_s")
+        if whole:
+            lines.append(
+                f"  the same with progressive off: median {whole['median']:.3f} s "
+                f"(min {whole['min']:.3f}, max {whole['max']:.3f})"
+            )
     phys = results.get("physical")
     if phys:
         lines += [

@@ -48,6 +48,7 @@ def unsealed(hub, mercy, lakeside, tmp_path: Path, monkeypatch) -> dict[str, Any
     """A 12-slice study sent progressively in six parts; the sender dies before the seal."""
     monkeypatch.setattr(sender_module, "PROGRESSIVE_BATCH_BYTES", 20_000)
     monkeypatch.setattr(sender_module, "PROGRESSIVE_FIRST_BATCH_BYTES", 20_000)
+    monkeypatch.setattr(sender_module, "PROGRESSIVE_MIN_BYTES", 0)
     study = tmp_path / "study"
     files = generate_study(study, slices=12, series=1, rows=64, columns=64, seed=3)
     home = LocalHome(mercy.home)

@@ -222,9 +222,9 @@ def send_paths(
     and only the items the hub does not hold are uploaded. ``on_package(id, resumed)``
     is called once the package id is known.
 
-    With ``progressive`` (not together with ``resume``), each uploaded batch is signed
-    as a manifest part (:mod:`emix_core.content.manifest_parts`) as soon as it is stored,
-    so that a receiving gateway can take it while the rest still uploads.
+    With ``progressive`` (not together with ``resume``; only above 16 MiB), each uploaded
+    batch is signed as a manifest part (:mod:`emix_core.content.manifest_parts`) as soon
+    as it is stored, so that a receiving gateway can take it while the rest still uploads.
 
     :raises EmixError: the package could not be created or sealed (nothing was sent).
         Individual bad files do not raise: they are listed in ``result.failed``.
@@ -273,7 +273,9 @@ def send_paths(
     fingerprint = files_fingerprint([p.path for p in prepared])
     package_id, held = _resumable(client, store.load(key) if resume else None, fingerprint)
     resumed = package_id is not None
-    progressive = progressive and not resume
+    # a small package goes in one batch anyway: parts would only delay its seal
+    large = sum(p.size for p in prepared) > PROGRESSIVE_MIN_BYTES
+    progressive = progressive and not resume and large
     if package_id is None:
         opened = _with_retry(lambda: client.open_package(list(to), expires_days=expires_days))
         package_id = opened["id"]
@@ -426,6 +428,8 @@ class PartWriter:
 #: each other closely.
 PROGRESSIVE_BATCH_BYTES = 8 * 1024 * 1024
 PROGRESSIVE_FIRST_BATCH_BYTES = 2 * 1024 * 1024
+#: Packages up to this size are sent without parts.
+PROGRESSIVE_MIN_BYTES = 16 * 1024 * 1024
 PROGRESSIVE_PARALLEL = 2
 
 
