@@ -54,6 +54,8 @@ from emix_core.testing import (  # noqa: E402
 )
 
 SETTLE = 1.0  # the gateway's settle_seconds in this benchmark
+#: What ``--only`` can pick (default: all of them).
+MEASURES = ("ingest", "c-store", "download", "end-to-end", "latency")
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
@@ -76,6 +78,16 @@ def repeat(
             before()
         samples.append(action())
     return stats(samples)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process (and its waited-for children) used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def hwm_mib(pid: int) -> float:
@@ -163,9 +175,10 @@ def stow_dicomweb_client(pacs: Orthanc, files: list[Path], per_request: int = 50
 
 # --------------------------------------------------------------------------- the run
 class Bench:
-    def __init__(self, work: Path, reps: int) -> None:
+    def __init__(self, work: Path, reps: int, only: set[str] | None = None) -> None:
         self.work = work
         self.reps = reps
+        self.only = only or set(MEASURES)
         self.results: dict[str, Any] = {"machine": machine(), "sizes": {}}
         # the direct-STOW and C-STORE reference
         self.pacs_a = Orthanc(
@@ -178,12 +191,17 @@ class Bench:
         self.mercy = side(work, self.hub, "mercy")
         self.lakeside = side(work, self.hub, "lakeside")
         self.gateways: dict[str, subprocess.Popen] = {}
+        self.packages: list[str] = []  # packages sent by the ingest measure
 
-    def close(self) -> None:
+    def stop_gateways(self) -> None:
         for process in self.gateways.values():
             process.terminate()
         for process in self.gateways.values():
             process.wait(timeout=30)
+        self.gateways.clear()
+
+    def close(self) -> None:
+        self.stop_gateways()
         self.hub.stop()
         for pacs in (self.pacs_a, self.pacs_b):
             pacs.stop(wait=False)
@@ -209,7 +227,9 @@ class Bench:
         return stats(emix_times), stats(orthanc_times)
 
     # ------------------------------------------------------------------ gateways
-    def start_gateways(self) -> None:
+    def start_gateways(self, progressive: bool = True) -> None:
+        """(Re)start both gateways; ``progressive`` is their ``[gateway] progressive``."""
+        self.stop_gateways()
         a, b = self.work / "site-a", self.work / "site-b"
         for folder in ("outbox/lakeside", "sent", "failed"):
             (a / folder).mkdir(parents=True, exist_ok=True)
@@ -220,6 +240,7 @@ home = "{self.mercy.home}"
 hub_url = "{self.hub.url}"
 token = "{self.mercy.token}"
 poll_seconds = 0.2
+progressive = {"true" if progressive else "false"}
 
 [[sources]]
 kind = "folder"
@@ -237,6 +258,7 @@ home = "{self.lakeside.home}"
 hub_url = "{self.hub.url}"
 token = "{self.lakeside.token}"
 poll_seconds = 0.2
+progressive = {"true" if progressive else "false"}
 
 [[destinations]]
 kind = "dicomweb"
@@ -259,6 +281,31 @@ url = "{self.pacs_b.url}"
                 stderr=subprocess.STDOUT,
             )
         time.sleep(2)
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds used so far by the hub's processes, each gateway and B's PACS."""
+        return {
+            "hub": sum(cpu_seconds(p) for p in self.hub.worker_pids()),
+            "gateway_a": cpu_seconds(self.gateways["a"].pid),
+            "gateway_b": cpu_seconds(self.gateways["b"].pid),
+            "pacs_b": cpu_seconds(self.pacs_b.process.pid),
+        }
+
+    def wait_receiving_gateway_idle(self, timeout: float = 120) -> None:
+        """Until B's gateway finished every package (its last steps, receipt and the check
+        of the PACS, may follow the last instance stored)."""
+        import sqlite3
+
+        journal = Path(self.lakeside.home) / "gateway" / "inbound.db"
+        deadline = time.monotonic() + timeout
+        while journal.exists() and time.monotonic() < deadline:
+            with contextlib.closing(sqlite3.connect(journal, timeout=30)) as db:
+                busy = db.execute(
+                    "SELECT COUNT(*) FROM packages WHERE state IN ('receiving', 'received')"
+                ).fetchone()[0]
+            if not busy:
+                return
+            time.sleep(0.1)
 
     def drop(self, files: list[Path], study: Path) -> float:
         """Drop a study into A's outbox as a PACS export would (write, then rename)."""
@@ -284,11 +331,24 @@ url = "{self.pacs_b.url}"
         size_mb = sum(p.stat().st_size for p in files) / 1e6
         row: dict[str, Any] = {"slices": slices, "mb": round(size_mb, 1)}
         print(f"\n== {slices} slices, {size_mb:.0f} MB", flush=True)
-
-        # 1. ingest
-        sends: list[float] = []
-        packages: list[str] = []
         send_peaks: list[float] = []
+        if self.only & {"ingest", "download"}:
+            self.ingest(row, study, files, send_peaks)
+        if "c-store" in self.only:
+            self.c_store_row(row, study)
+        if "download" in self.only:
+            self.download(row, files)
+        if "end-to-end" in self.only:
+            self.end_to_end(row, slices, files)
+        self.memory(row, send_peaks)
+        self.results["sizes"][str(slices)] = row
+
+    def ingest(
+        self, row: dict[str, Any], study: Path, files: list[Path], send_peaks: list[float]
+    ) -> None:
+        """1. ``emix send`` against STOW-RS into Orthanc."""
+        sends: list[float] = []
+        packages = self.packages
 
         def emix_send() -> float:
             _wall, peak, out = run_emix(
@@ -317,8 +377,8 @@ url = "{self.pacs_b.url}"
             flush=True,
         )
 
-        # 6. C-STORE into the listener and into Orthanc (after it, Orthanc A holds the
-        # study again for the downloads)
+    def c_store_row(self, row: dict[str, Any], study: Path) -> None:
+        """6. C-STORE into the listener and into Orthanc."""
         row["c_store_emix_s"], row["c_store_orthanc_s"] = self.c_store(study)
         print(
             f"  c-store  emix {row['c_store_emix_s']['median']:.2f} s  orthanc "
@@ -326,8 +386,11 @@ url = "{self.pacs_b.url}"
             flush=True,
         )
 
-        # 3. download (the study is in the hub and in Orthanc A)
-        package = packages[-1]
+    def download(self, row: dict[str, Any], files: list[Path]) -> None:
+        """3. download: the study is in the hub (ingest) and in Orthanc A."""
+        if not orthanc_count(self.pacs_a):
+            stow_requests(self.pacs_a, files)
+        package = self.packages[-1]
         token = {"Authorization": f"Bearer {self.lakeside.token}"}
         orthanc_study = self.pacs_a.get("/studies").json()[0]
         import pydicom
@@ -382,38 +445,59 @@ url = "{self.pacs_b.url}"
             flush=True,
         )
 
-        # 2. end to end through both gateways, against a direct STOW into the same PACS
+    def end_to_end(self, row: dict[str, Any], slices: int, files: list[Path]) -> None:
+        """2. end to end through both gateways, against a direct STOW into the same PACS."""
+        from emix_core.content.samples import generate_study
+
         fresh: list[tuple[list[Path], Path]] = []
 
         def new_copy() -> None:
             """A new study of the same size (the gateway sends an instance only once)."""
+            self.wait_receiving_gateway_idle()
             orthanc_clear(self.pacs_b)
             folder = self.work / f"e2e-{slices}-{len(fresh)}"
             fresh.append((sorted(generate_study(folder, slices=slices, series=3)), folder))
 
+        cpu: list[dict[str, float]] = []
+
         def end_to_end() -> float:
             files, study = fresh[-1]
+            before = self.cpu_by_process()
             landed = self.drop(files, study)
             deadline = landed + 600
             while orthanc_count(self.pacs_b) < slices and time.monotonic() < deadline:
                 time.sleep(0.02)
-            return time.monotonic() - landed - SETTLE
+            seconds = time.monotonic() - landed - SETTLE
+            self.wait_receiving_gateway_idle()
+            after = self.cpu_by_process()
+            cpu.append({k: round(after[k] - before[k], 2) for k in after})
+            return seconds
 
+        # first as before progressive packages (each stage waits for the one before)
+        self.start_gateways(progressive=False)
+        row["e2e_emix_whole_s"] = repeat(self.reps, end_to_end, before=new_copy)
+        row["e2e_cpu_seconds_whole"], cpu[:] = list(cpu), []
+        self.start_gateways(progressive=True)
         row["e2e_emix_s"] = repeat(self.reps, end_to_end, before=new_copy)
         row["e2e_direct_stow_s"] = repeat(
             self.reps,
             lambda: stow_dicomweb_client(self.pacs_b, files),
             before=lambda: orthanc_clear(self.pacs_b),
         )
+        row["e2e_cpu_seconds"] = cpu  # per run, drop to done, each process
+        row["e2e_load_average"] = round(os.getloadavg()[0], 2)
         print(
-            f"  e2e      emix {row['e2e_emix_s']['median']:.2f} s  direct "
-            f"{row['e2e_direct_stow_s']['median']:.2f} s",
+            f"  e2e      emix {row['e2e_emix_s']['median']:.2f} s (whole packages "
+            f"{row['e2e_emix_whole_s']['median']:.2f} s)  direct "
+            f"{row['e2e_direct_stow_s']['median']:.2f} s  (load average "
+            f"{row['e2e_load_average']})\n  e2e CPU seconds per process: {cpu}",
             flush=True,
         )
 
-        # 4. memory, after this size
+    def memory(self, row: dict[str, Any], send_peaks: list[float]) -> None:
+        """4. peak memory of each process, after this size."""
         row["peak_mib"] = {
-            "emix_send": round(max(send_peaks), 1),
+            "emix_send": round(max(send_peaks), 1) if send_peaks else None,
             "hub_processes": round(max(hwm_mib(p) for p in self.hub.worker_pids()), 1),
             "gateway_a": round(hwm_mib(self.gateways["a"].pid), 1),
             "gateway_b": round(hwm_mib(self.gateways["b"].pid), 1),
@@ -421,14 +505,17 @@ url = "{self.pacs_b.url}"
                 max(hwm_mib(self.pacs_a.process.pid), hwm_mib(self.pacs_b.process.pid)), 1
             ),
         }
-        mb = size_mb
+        mb = row["mb"]
         row["throughput_mb_s"] = {
-            "ingest_emix": round(mb / row["ingest_emix_s"]["median"], 1),
-            "ingest_orthanc": round(mb / row["ingest_orthanc_requests_s"]["median"], 1),
-            "zip_emix": round(mb / row["zip_emix_s"]["median"], 1),
-            "zip_orthanc": round(mb / row["zip_orthanc_s"]["median"], 1),
+            name: round(mb / row[key]["median"], 1)
+            for name, key in (
+                ("ingest_emix", "ingest_emix_s"),
+                ("ingest_orthanc", "ingest_orthanc_requests_s"),
+                ("zip_emix", "zip_emix_s"),
+                ("zip_orthanc", "zip_orthanc_s"),
+            )
+            if key in row
         }
-        self.results["sizes"][str(slices)] = row
 
     def latency(self) -> None:
         from emix_core.content.samples import generate_study
@@ -454,6 +541,10 @@ url = "{self.pacs_b.url}"
                     raise SystemExit("latency study never arrived")
             return time.monotonic() - landed - SETTLE
 
+        self.start_gateways(progressive=False)
+        whole = [once() for _ in range(max(self.reps, 3))]
+        self.results["latency_10_slices_whole_s"] = stats(whole)
+        self.start_gateways(progressive=True)
         samples = [once() for _ in range(max(self.reps, 3))]
         self.results["latency_10_slices_s"] = stats(samples)
 
@@ -532,6 +623,11 @@ def report(results: dict[str, Any]) -> str:
                 "ingest_orthanc_dicomweb_client_s",
             ),
             ("end to end (gateways vs direct STOW)", "e2e_emix_s", "e2e_direct_stow_s"),
+            (
+                "end to end, progressive off (whole packages)",
+                "e2e_emix_whole_s",
+                "e2e_direct_stow_s",
+            ),
             ("zip download vs archive", "zip_emix_s", "zip_orthanc_s"),
             ("WADO-RS raw", "wado_raw_emix_s", "wado_raw_orthanc_s"),
             ("WADO-RS parsed (dicomweb-client)", "wado_parsed_emix_s", "wado_parsed_orthanc_s"),
@@ -567,6 +663,12 @@ def report(results: dict[str, Any]) -> str:
             f"10-slice latency, settled in A's outbox → listed in B's inbox: "
             f"median {lat['median']:.3f} s (min {lat['min']:.3f}, max {lat['max']:.3f})",
         ]
+        whole = results.get("latency_10_slices_whole_s")
+        if whole:
+            lines.append(
+                f"  the same with progressive off: median {whole['median']:.3f} s "
+                f"(min {whole['min']:.3f}, max {whole['max']:.3f})"
+            )
     phys = results.get("physical")
     if phys:
         lines += [
@@ -592,6 +694,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, help="repetitions of each measure")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=MEASURES,
+        help="run only these measures (download needs ingest's package: it runs ingest too)",
+    )
     args = parser.parse_args()
     in_private_network()
     sizes = args.sizes or ([10, 50, 200] if args.quick else [10, 200, 1000])
@@ -603,12 +711,13 @@ def main() -> None:
     started = time.monotonic()
     folder = tempfile.mkdtemp(prefix="emix-bench-")
     try:
-        bench = Bench(Path(folder), reps)
+        bench = Bench(Path(folder), reps, set(args.only or MEASURES))
         try:
             bench.start_gateways()
             for slices in sizes:
                 bench.size(slices)
-            bench.latency()
+            if "latency" in bench.only:
+                bench.latency()
             bench.results["physical"] = physical(Path(folder), Path(folder) / f"study-{sizes[-1]}")
         finally:
             bench.close()
@@ -618,6 +727,7 @@ def main() -> None:
         else:
             shutil.rmtree(folder, ignore_errors=True)
     bench.results["seconds"] = round(time.monotonic() - started, 1)
+    bench.results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.write_text(json.dumps(bench.results, indent=2))
     print("\n" + report(bench.results))
     print(f"\nwritten to {args.out} in {bench.results['seconds']} s")

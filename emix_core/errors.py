@@ -89,6 +89,12 @@ class ConflictError(EmixError):
     code = "conflict"
 
 
+class PackageNotSealed(ConflictError):
+    """A progressive package is still open: its sender has not sealed it yet."""
+
+    code = "not_sealed"
+
+
 class NotAcceptable(EmixError):
     """The caller asks for a representation emix cannot make (a transfer syntax, a type)."""
 

@@ -373,3 +373,26 @@ def test_inspecting_a_generated_slice_never_loads_its_pixel_data(tmp_path: Path)
         tracemalloc.stop()
     assert instance.size > pixel_bytes
     assert peak < pixel_bytes / 4, f"inspecting allocated {peak} bytes"
+
+
+def test_a_file_classified_before_and_unchanged_is_not_read_again(tmp_path: Path, monkeypatch):
+    from emix_core.content import documents
+
+    path = tmp_path / "ct.dcm"
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), path)
+    first = classify(path)
+
+    def no_second_read(_path: Path):  # type: ignore[no-untyped-def]
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(documents, "inspect_instance", no_second_read)
+    assert classify(path) == first
+    # rewritten in place (same size, same modification time): read again
+    data = path.read_bytes()
+    stat = path.stat()
+    path.write_bytes(data.replace(b"CompressedSamples^CT1", b"CompressedSamples^CT2"))
+    import os
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(AssertionError, match="read again"):
+        classify(path)

@@ -61,7 +61,9 @@ def run(config: Path | None, log_format: str, log_level: str, verbose: bool) -> 
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
+        # not stop.set() here: the handler runs in the main thread, which may be inside
+        # stop.wait() holding the event's lock; setting it from there deadlocks
+        threading.Thread(target=stop.set, name="emix-stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

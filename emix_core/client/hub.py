@@ -330,12 +330,36 @@ class HubClient:
     def status(self, package_id: str) -> dict[str, Any]:
         return self._json("GET", f"/packages/{package_id}")
 
-    def inbox(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/inbox")["packages"]
+    def inbox(self, *, progressive: bool = False) -> list[dict[str, Any]]:
+        """Sealed packages for us; with ``progressive``, open ones too (``state`` says)."""
+        params = {"progressive": "1"} if progressive else None
+        return self._json("GET", "/inbox", params=params)["packages"]
 
-    def inbox_cursor(self) -> str:
-        """A fingerprint of the inbox that changes when a package arrives (cheap to poll)."""
-        return str(self._json("GET", "/inbox/cursor")["cursor"])
+    def inbox_cursor(
+        self, *, progressive: bool = False, since: str | None = None, wait: float = 0
+    ) -> str:
+        """A fingerprint of the inbox that changes when a package arrives (cheap to poll).
+
+        With ``since`` and ``wait``, the hub answers as soon as the fingerprint differs
+        from ``since``, or after ``wait`` seconds.
+        """
+        params: dict[str, str] = {}
+        if progressive:
+            params["progressive"] = "1"
+        if since is not None and wait > 0:
+            params.update(since=since, wait=str(wait))
+        return str(self._json("GET", "/inbox/cursor", params=params or None)["cursor"])
+
+    def post_part(self, package_id: str, signed_part: dict[str, Any]) -> dict[str, Any]:
+        """Append a signed manifest part (its items uploaded already) to an open package."""
+        return self._json("POST", f"/packages/{package_id}/parts", json=signed_part)
+
+    def parts(self, package_id: str, *, after: int = 0, wait: float = 0) -> dict[str, Any]:
+        """``{"state", "parts", "count"}``: the signed parts after the ``after``-th, waiting
+        up to ``wait`` seconds for one more part or the seal."""
+        return self._json(
+            "GET", f"/packages/{package_id}/parts", params={"after": after, "wait": wait}
+        )
 
     def manifest(self, package_id: str) -> dict[str, Any]:
         return json.loads(self._request("GET", f"/packages/{package_id}/manifest").content)
@@ -359,16 +383,19 @@ class HubClient:
         last: int,
         open_target: Callable[[frames.FrameHeader], BinaryIO],
         progress: Callable[[int], None] | None = None,
+        *,
+        part: int | None = None,
     ) -> dict[int, str]:
         """Fetch items ``first``..``last`` in one stream, each written where ``open_target`` says.
 
+        :param part: the manifest part listing them, for a package not sealed yet.
         :return: ``{id: sha256}`` of what arrived.
         """
+        params: dict[str, int] = {"first": first, "last": last}
+        if part is not None:
+            params["part"] = part
         response = self._request(
-            "GET",
-            f"/packages/{package_id}/stream",
-            params={"first": first, "last": last},
-            stream=True,
+            "GET", f"/packages/{package_id}/stream", params=params, stream=True
         )
         try:
             return frames.receive_frames(cast(BinaryIO, response.raw), open_target, progress)

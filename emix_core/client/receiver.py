@@ -91,8 +91,10 @@ def _fetch_batch(
     batch: list[Item],
     targets: dict[int, Path],
     progress: Callable[[int], None],
+    part: int | None = None,
 ) -> None:
-    """Fetch a run of items in one request; check each against the signed manifest."""
+    """Fetch a run of items in one request; check each against the signed manifest (or
+    against manifest part ``part``, which lists them, before the seal)."""
     expected = {item.id: item for item in batch}
     handles = []
 
@@ -106,9 +108,14 @@ def _fetch_batch(
         return handle
 
     try:
-        digests = client.download_batch(
-            package_id, batch[0].id, batch[-1].id, open_target, progress
-        )
+        if part is None:
+            digests = client.download_batch(
+                package_id, batch[0].id, batch[-1].id, open_target, progress
+            )
+        else:
+            digests = client.download_batch(
+                package_id, batch[0].id, batch[-1].id, open_target, progress, part=part
+            )
         for handle in handles:
             handle.flush()
             os.fsync(handle.fileno())
@@ -193,10 +200,8 @@ def receive_package(
         raise ConflictError(f"{final} exists already; emix never overwrites a received package")
     staging = out_dir / f".{package_id}.partial-{secrets.token_hex(4)}"
     staging.mkdir(mode=0o700)
-    me = client.me()
     try:
-        targets = [(item, _inside(staging, item_relative_path(item))) for item in items]
-        paths = {item.id: path for item, path in targets}
+        paths = {item.id: _inside(staging, item_relative_path(item)) for item in items}
         advance = frames.ByteCounter(sum(i.size for i in items), progress)
 
         with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
@@ -206,6 +211,26 @@ def receive_package(
             ]
             for job in jobs:
                 job.result()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return finish_reception(client, home, signed, staging, final)
+
+
+def finish_reception(
+    client: HubClient, home: LocalHome, signed: dict[str, Any], staging: Path, final: Path
+) -> ReceivedPackage:
+    """Complete a reception whose every item is verified in ``staging``: index it, move it
+    to ``final`` in one rename, post the signed receipt, audit, tell the plugins.
+
+    ``staging`` is removed if this fails before the rename.
+    """
+    document = signed["document"]
+    package_id = document["package"]
+    items = check_document(document)
+    me = client.me()
+    try:
+        targets = [(item, _inside(staging, item_relative_path(item))) for item in items]
         (staging / MANIFEST_NAME).write_bytes(crypto.canonical_json(signed))
         converted = _reports_in_preferred_format(
             home,

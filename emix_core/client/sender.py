@@ -22,6 +22,7 @@ from emix_core.client.resume import ResumeStore, files_fingerprint, send_key
 from emix_core.content.dicom import DicomInstance
 from emix_core.content.documents import classify
 from emix_core.content.layout import DICOM_MEDIA_TYPE
+from emix_core.content.manifest_parts import new_part, part_hash
 from emix_core.content.safe_open import open_regular
 from emix_core.errors import EmixError, HubUnavailable, NotFoundError, PolicyRejected
 from emix_core.model import AuditAction, Item, Package, Recipient, utcnow
@@ -212,6 +213,7 @@ def send_paths(
     progress: Progress | None = None,
     on_package: Callable[[str, bool], None] | None = None,
     resume: bool = False,
+    progressive: bool = False,
 ) -> SendResult:
     """Send every DICOM file and document under ``paths`` as one package to ``to``.
 
@@ -219,6 +221,10 @@ def send_paths(
     recipients, expiry and hub, files unchanged) is resumed: its open package is reused
     and only the items the hub does not hold are uploaded. ``on_package(id, resumed)``
     is called once the package id is known.
+
+    With ``progressive`` (not together with ``resume``; only above 16 MiB), each uploaded
+    batch is signed as a manifest part (:mod:`emix_core.content.manifest_parts`) as soon
+    as it is stored, so that a receiving gateway can take it while the rest still uploads.
 
     :raises EmixError: the package could not be created or sealed (nothing was sent).
         Individual bad files do not raise: they are listed in ``result.failed``.
@@ -267,6 +273,9 @@ def send_paths(
     fingerprint = files_fingerprint([p.path for p in prepared])
     package_id, held = _resumable(client, store.load(key) if resume else None, fingerprint)
     resumed = package_id is not None
+    # a small package goes in one batch anyway: parts would only delay its seal
+    large = sum(p.size for p in prepared) > PROGRESSIVE_MIN_BYTES
+    progressive = progressive and not resume and large
     if package_id is None:
         opened = _with_retry(lambda: client.open_package(list(to), expires_days=expires_days))
         package_id = opened["id"]
@@ -288,7 +297,16 @@ def send_paths(
         by_id = {item.id: (item, p) for item, p in zip(items, prepared, strict=True)}
         kept = _already_held(by_id, held, result)
         todo = {i: v for i, v in by_id.items() if i not in {k.id for k in kept}}
-        uploaded = kept + _upload(client, package_id, todo, result, parallel, progress)
+        parts = PartWriter(client, home, package_id, sender) if progressive else None
+        uploaded = kept + _upload(
+            client,
+            package_id,
+            todo,
+            result,
+            parallel,
+            progress,
+            on_batch=parts.post if parts else None,
+        )
         if not uploaded:
             audit.done("no item could be sent", succeeded=0, failed=len(by_id))
             return result
@@ -306,6 +324,8 @@ def send_paths(
             "items": [i.to_dict() for i in uploaded],
             "studies": studies,
         }
+        if parts is not None and parts.count:
+            manifest.update(parts=parts.count, chain=parts.chain)
         signed = crypto.sign_document(home.signing_key, manifest)
         answer = _with_retry(lambda: client.seal(package_id, signed))
         if answer.get("checkpoint"):
@@ -367,6 +387,52 @@ def _already_held(
     return kept
 
 
+class PartWriter:
+    """Signs and posts the manifest parts of a progressive package, in chain order."""
+
+    def __init__(self, client: HubClient, home: LocalHome, package_id: str, sender: str):
+        self.client = client
+        self.home = home
+        self.package_id = package_id
+        self.sender = sender
+        self.count = 0
+        self.chain = ""
+
+    def post(self, items: list[Item]) -> None:
+        """Post one part listing ``items`` (stored on the hub already).
+
+        A part that cannot be posted is not fatal: the items travel in the final manifest,
+        and the recipient takes them at the seal as it would without parts.
+        """
+        if not items:
+            return
+        document = new_part(
+            self.package_id,
+            self.sender,
+            self.count + 1,
+            self.chain,
+            [i.to_dict() for i in sorted(items, key=lambda i: i.id)],
+        )
+        signed = crypto.sign_document(self.home.signing_key, document)
+        try:
+            _with_retry(lambda: self.client.post_part(self.package_id, signed))
+        except EmixError:
+            # the chain would be ambiguous from here on: post no more parts
+            self.post = lambda items: None  # type: ignore[method-assign]
+            return
+        self.count += 1
+        self.chain = part_hash(signed)
+
+
+#: Batches of a progressive send are smaller, and fewer at once, so that parts follow
+#: each other closely.
+PROGRESSIVE_BATCH_BYTES = 8 * 1024 * 1024
+PROGRESSIVE_FIRST_BATCH_BYTES = 2 * 1024 * 1024
+#: Packages up to this size are sent without parts.
+PROGRESSIVE_MIN_BYTES = 16 * 1024 * 1024
+PROGRESSIVE_PARALLEL = 2
+
+
 def _upload(
     client: HubClient,
     package_id: str,
@@ -374,8 +440,13 @@ def _upload(
     result: SendResult,
     parallel: int,
     progress: Progress | None,
+    *,
+    on_batch: Callable[[list[Item]], None] | None = None,
 ) -> list[Item]:
-    """Upload every item in parallel batches; a failing batch is retried item by item."""
+    """Upload every item in parallel batches; a failing batch is retried item by item.
+
+    :param on_batch: called, in batch order, with the items of each batch once stored.
+    """
     advance = frames.ByteCounter(sum(item.size for item, _ in by_id.values()), progress)
 
     def send_batch(batch: list[Item]) -> tuple[dict[int, str], dict[int, str]]:
@@ -411,15 +482,28 @@ def _upload(
         return stored, failed
 
     uploaded: list[Item] = []
+    items = [i for i, _ in by_id.values()]
+    if on_batch is None:
+        groups = frames.batches(items)
+    else:  # a small first batch: the recipient starts as soon as possible
+        first = frames.batches(items, PROGRESSIVE_FIRST_BATCH_BYTES)[:1] if items else []
+        taken = len(first[0]) if first else 0
+        groups = first + frames.batches(items[taken:], PROGRESSIVE_BATCH_BYTES)
+    if on_batch is not None:  # parts follow one another instead of coming four at once
+        parallel = min(parallel, PROGRESSIVE_PARALLEL)
     with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-        for stored, failed in pool.map(send_batch, frames.batches([i for i, _ in by_id.values()])):
+        for stored, failed in pool.map(send_batch, groups):
+            batch: list[Item] = []
             for item_id, sha256 in stored.items():
                 item, prepared = by_id[item_id]
                 item.sha256 = sha256
-                uploaded.append(item)
+                batch.append(item)
                 result.sent.append(prepared.path)
             for item_id, error in failed.items():
                 result.failed.append(FailedInput(by_id[item_id][1].path, error))
+            uploaded += batch
+            if on_batch is not None:
+                on_batch(batch)
     return uploaded
 
 

@@ -9,8 +9,11 @@ sender are only ever shown or used after :func:`safe_name`.
 from __future__ import annotations
 
 import codecs
+import os
 import re
+import threading
 import unicodedata
+from collections import OrderedDict
 from pathlib import Path
 
 from emix_core.content.dicom import DicomInstance, inspect_instance, is_dicom
@@ -86,14 +89,48 @@ def sniff_document(path: Path) -> str | None:
     return TEXT
 
 
+#: Files classified lately, by identity and change time: a gateway inspects a dropped file
+#: when it lands and again when it sends it; the second look is free if nothing changed.
+_CLASSIFIED: OrderedDict[tuple[int, ...], tuple[str, DicomInstance | None]] = OrderedDict()
+_CLASSIFIED_MAX = 4096
+_CLASSIFIED_LOCK = threading.Lock()
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    # ctime changes with any write or rename and cannot be set back by a user
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def classify(path: Path) -> tuple[str, DicomInstance | None]:
     """``("application/dicom", instance)`` for DICOM, ``(media type, None)`` for a document.
+
+    A file classified before and not changed since (same inode, size, modification and
+    change times) is not read again.
 
     :raises NotDicomError: neither DICOM nor a supported document.
     :raises TruncatedDicomError: a DICOM file ends before its declared content.
     :raises InvalidInput: a DICOMDIR, a malformed DICOM file or a hostile UID.
     :raises OSError: the file cannot be read.
     """
+    before = _identity(path)
+    with _CLASSIFIED_LOCK:
+        known = _CLASSIFIED.get(before) if before else None
+    if known is not None:
+        return known
+    found = _classify(path)
+    if before is not None and before == _identity(path):  # unchanged while it was read
+        with _CLASSIFIED_LOCK:
+            _CLASSIFIED[before] = found
+            while len(_CLASSIFIED) > _CLASSIFIED_MAX:
+                _CLASSIFIED.popitem(last=False)
+    return found
+
+
+def _classify(path: Path) -> tuple[str, DicomInstance | None]:
     if is_dicom(path):
         return DICOM, inspect_instance(path)
     media_type = sniff_document(path)

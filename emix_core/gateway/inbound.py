@@ -16,8 +16,9 @@ import re
 import shutil
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from emix_core.client.progressive import Progress, ProgressiveReception, staging_folder
 from emix_core.client.receiver import MANIFEST_NAME, receive_package
 from emix_core.errors import (
     AuthenticationError,
@@ -25,6 +26,7 @@ from emix_core.errors import (
     EmixError,
     HubUnavailable,
     NotFoundError,
+    PackageNotSealed,
 )
 from emix_core.gateway.runner import JournalConnections, log_event, retry_delay, time_now
 from emix_core.model import (
@@ -38,7 +40,7 @@ from emix_core.model import (
 )
 
 if TYPE_CHECKING:
-    from emix_core.gateway.runner import Destination, Gateway
+    from emix_core.gateway.runner import Destination, Gateway, ProgressiveDestination
 
 log = logging.getLogger("emix.gateway.inbound")
 
@@ -51,6 +53,17 @@ FULL_LIST_SECONDS = 300.0
 #: Finished packages are forgotten after this long. Should one still be listed by the
 #: hub, it shows as received already and is skipped, never delivered twice.
 FORGET_AFTER_DAYS = 90
+#: A progressive package whose sender pauses is looked at again after this long, or as
+#: soon as the inbox shows it grew.
+NOT_SEALED_RETRY_SECONDS = 60.0
+#: The journal's note on a progressive package waiting for its sender.
+WAITING_NOTE = "waiting for the sender's next batch or seal"
+#: A progressive reception waits this long for the next part before other packages get
+#: their turn (a part arriving later moves the inbox cursor and brings the package back).
+PAUSE_SECONDS = 5.0
+#: With nothing else to do, the hub holds the inbox cursor request this long at most,
+#: answering as soon as a package arrives.
+LONG_POLL_SECONDS = 2.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packages (
@@ -112,12 +125,22 @@ class InboundDelivery:
         self._has_cursor = True
         self._full_list_at = 0.0
         self._swept = False
+        #: whether the hub has manifest parts (it lists each package's state)
+        self._hub_progressive = True
         #: the package a receive or a delivery is working on (read by metrics scrapes)
         self.working: str | None = None
         attempts = gateway.settings.get("max_receive_attempts", MAX_RECEIVE_ATTEMPTS)
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise ConfigError("[gateway] max_receive_attempts must be a whole number of at least 1")
         self.max_attempts = attempts
+        #: destinations that take verified batches before the seal (``deliver_verified``)
+        self.progressive: list[ProgressiveDestination] = [
+            cast("ProgressiveDestination", d)
+            for d in gateway.destinations
+            if gateway.progressive
+            and callable(getattr(d, "deliver_verified", None))
+            and getattr(d, "progressive", True)
+        ]
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -146,11 +169,11 @@ class InboundDelivery:
     def _poll(self, now: float) -> None:
         client = self.gateway.client
         try:
-            cursor = self._cursor_of(client)
+            cursor = self._cursor_of(client, wait=self._long_poll_seconds())
             if cursor is not None and cursor == self._cursor and now < self._full_list_at:
                 self._reachable()
                 return
-            listing = client.inbox()
+            listing = client.inbox(progressive=True) if self.progressive else client.inbox()
         except (HubUnavailable, AuthenticationError) as exc:
             self._poll_failures += 1
             delay = retry_delay(self._poll_failures, self.gateway.retry_max_seconds)
@@ -169,12 +192,28 @@ class InboundDelivery:
         self._note(listing, now)
         self._cursor, self._full_list_at = cursor, now + FULL_LIST_SECONDS
 
-    def _cursor_of(self, client: Any) -> str | None:
-        """The hub's inbox fingerprint; ``None`` from a hub too old to have one."""
+    def _long_poll_seconds(self) -> float:
+        """How long the hub may hold the cursor request: only while nothing else is due."""
+        if self._cursor is None:
+            return 0.0
+        busy = self.db.execute(
+            "SELECT 1 FROM packages WHERE state IN ('receiving', 'received') LIMIT 1"
+        ).fetchone()
+        return 0.0 if busy else LONG_POLL_SECONDS
+
+    def _cursor_of(self, client: Any, wait: float = 0.0) -> str | None:
+        """The hub's inbox fingerprint; ``None`` from a hub too old to have one.
+
+        :param wait: let the hub answer only when it differs from the last one, or after
+            this many seconds (a new package is then seen at once, not a poll later).
+        """
         if not self._has_cursor:
             return None
         try:
-            return client.inbox_cursor()
+            kw: dict[str, Any] = {"since": self._cursor, "wait": wait} if wait else {}
+            if self.progressive:
+                return client.inbox_cursor(progressive=True, **kw)
+            return client.inbox_cursor(**kw)
         except NotFoundError:
             self._has_cursor = False
             return None
@@ -186,10 +225,26 @@ class InboundDelivery:
 
     def _note(self, listing: list[dict[str, Any]], now: float) -> None:
         """Journal every package of the listing not seen before."""
-        known = {r["id"] for r in self.db.execute("SELECT id FROM packages")}
+        if listing:  # a hub from before progressive packages lists no state
+            self._hub_progressive = all("state" in entry for entry in listing)
+        known = {
+            r["id"]: (r["state"] == "receiving" and r["error"] == WAITING_NOTE, r["items"])
+            for r in self.db.execute("SELECT id, state, items, error FROM packages")
+        }
+        listed = {str(entry.get("id", "")) for entry in listing}
+        for package_id, (waiting, _items) in known.items():
+            if waiting and package_id not in listed:  # aborted or expired: find out now
+                self.db.execute("UPDATE packages SET next_attempt = 0 WHERE id = ?", (package_id,))
         for entry in sorted(listing, key=lambda e: e.get("sealed") or ""):
             package_id, sender = str(entry.get("id", "")), str(entry.get("from", ""))
             if package_id in known:
+                waiting, items = known[package_id]
+                if waiting and (entry.get("items") != items or entry.get("state") == "sealed"):
+                    # a progressive package got a part or its seal: take it now
+                    self.db.execute(
+                        "UPDATE packages SET items = ?, bytes = ?, next_attempt = 0 WHERE id = ?",
+                        (entry.get("items"), entry.get("size"), package_id),
+                    )
                 continue
             if not PACKAGE_ID_RE.match(package_id) or not is_valid_address(sender):
                 log_event(log, "inbox.refused_entry", logging.ERROR, reason="malformed id")
@@ -238,6 +293,7 @@ class InboundDelivery:
                     "SELECT id FROM packages WHERE state IN ('receiving', 'received')"
                 )
             }
+            keep |= {staging_folder(self.spool, k).name for k in keep}
             for entry in self.spool.iterdir():
                 if entry.name not in keep:
                     shutil.rmtree(entry, ignore_errors=True)
@@ -255,13 +311,22 @@ class InboundDelivery:
             shutil.rmtree(leftover, ignore_errors=True)
         started = time_now()
         try:
-            received = receive_package(
-                package_id,
-                self.spool,
-                client=self.gateway.client,
-                home=self.gateway.home,
-                parallel=self.gateway.parallel,
+            if self.progressive and self._hub_progressive:
+                received = self._reception(package_id).run()
+            else:
+                received = receive_package(
+                    package_id,
+                    self.spool,
+                    client=self.gateway.client,
+                    home=self.gateway.home,
+                    parallel=self.gateway.parallel,
+                )
+        except PackageNotSealed:  # the sender pauses: others get their turn
+            self.db.execute(
+                "UPDATE packages SET next_attempt = ?, error = ? WHERE id = ?",
+                (time_now() + NOT_SEALED_RETRY_SECONDS, WAITING_NOTE, package_id),
             )
+            return
         except NotFoundError as exc:
             self._give_up(package_id, exc.message)
             return
@@ -306,6 +371,46 @@ class InboundDelivery:
             seconds=round(time_now() - started, 3),
         )
 
+    def _reception(self, package_id: str) -> ProgressiveReception:
+        """A progressive reception whose verified batches go to the progressive destinations."""
+        sender = self.db.execute(
+            "SELECT sender FROM packages WHERE id = ?", (package_id,)
+        ).fetchone()["sender"]
+
+        def hand_over(verified: list[tuple[Item, Path]]) -> None:
+            package = Package(id=package_id, sender=sender, items=[i for i, _ in verified])
+            staging = staging_folder(self.spool, package_id)
+            for destination in self.progressive:
+                try:
+                    destination.deliver_verified(package, staging)
+                except Exception as exc:  # the delivery after the seal covers it
+                    log_event(
+                        log,
+                        "batch.delivery_failed",
+                        logging.WARNING,
+                        package=package_id,
+                        destination=destination.name,
+                        reason=exc.message if isinstance(exc, EmixError) else type(exc).__name__,
+                    )
+                    continue
+                log_event(
+                    log,
+                    "batch.delivered",
+                    package=package_id,
+                    destination=destination.name,
+                    items=len(verified),
+                )
+
+        return ProgressiveReception(
+            package_id,
+            self.spool,
+            client=self.gateway.client,
+            home=self.gateway.home,
+            on_verified=hand_over,
+            parallel=self.gateway.parallel,
+            idle=PAUSE_SECONDS,
+        )
+
     def _retry_receive(self, package_id: str, reason: str, permanent_after: int = 0) -> None:
         row = self.db.execute(
             "SELECT attempts FROM packages WHERE id = ?", (package_id,)
@@ -330,6 +435,10 @@ class InboundDelivery:
         )
 
     def _give_up(self, package_id: str, reason: str) -> None:
+        staging = staging_folder(self.spool, package_id)
+        if staging.exists():
+            self._record_partial(package_id, staging, reason)
+            shutil.rmtree(staging, ignore_errors=True)
         self.db.execute(
             "UPDATE packages SET state = 'failed', error = ?, finished = ?, "
             "attempts = attempts + 1 WHERE id = ?",
@@ -344,6 +453,34 @@ class InboundDelivery:
                 actor="system",
                 package_id=package_id,
                 detail=f"gateway could not receive the package: {reason}",
+            )
+        )
+
+    def _record_partial(self, package_id: str, staging: Path, reason: str) -> None:
+        """A package given up after some of its verified batches went to destinations:
+        say what, in the log and the audit trail (those items stay where they were stored)."""
+        taken = len(Progress.load(staging).items)
+        if not taken or not self.progressive:
+            return
+        names = ", ".join(d.name for d in self.progressive)
+        log_event(
+            log,
+            "package.partially_delivered",
+            logging.ERROR,
+            package=package_id,
+            items=taken,
+            destinations=[d.name for d in self.progressive],
+            reason=reason,
+        )
+        self.gateway.home.audit(
+            AuditEvent(
+                event_type="instances-transferred",
+                action=AuditAction.CREATE,
+                outcome=AuditOutcome.SERIOUS_FAILURE,
+                actor="system",
+                package_id=package_id,
+                detail=f"package never completed: {taken} verified items were stored into "
+                f"{names} before it was given up ({reason}); they stay there",
             )
         )
 

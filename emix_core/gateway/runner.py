@@ -39,6 +39,7 @@ __all__ = [
     "SETTINGS",
     "Destination",
     "DestinationFactory",
+    "ProgressiveDestination",
     "Gateway",
     "GatewayHome",
     "Source",
@@ -66,6 +67,8 @@ SETTINGS: dict[str, str] = {
     "retry_max_seconds": "longest wait between two retries of a failing step (default 300)",
     "max_receive_attempts": "give a package up after this many failed receptions (default 10)",
     "deliver_received": "also deliver packages already received by someone else (default false)",
+    "progressive": "send packages batch by batch with signed manifest parts, and let "
+    "destinations that can (dicomweb) store each verified batch before the seal (default true)",
     "metrics_port": "serve Prometheus metrics on this port (default: none)",
     "metrics_host": "address of the metrics endpoint (default 127.0.0.1)",
 }
@@ -105,6 +108,28 @@ class Destination(Protocol):
         :return: a small JSON-able report.
         :raises EmixError: to be retried later with backoff. After a crash the same
             package may be handed over again: a destination must not duplicate it.
+        """
+        ...
+
+
+@runtime_checkable
+class ProgressiveDestination(Destination, Protocol):
+    """A destination that can also take a package batch by batch, before its seal.
+
+    The gateway calls :meth:`deliver_verified` with items whose signed manifest part and
+    SHA-256 verified, while the sender still uploads; once the package is sealed and
+    received whole, :meth:`Destination.deliver` is called as for any package and must
+    not duplicate what was handed over before (a PACS store is idempotent by SOP
+    Instance UID). A package that never seals is only ever handed over in part: the
+    gateway audits that. ``progressive = false`` in the destination's table opts out.
+    """
+
+    progressive: bool
+
+    def deliver_verified(self, package: Package, path: Path) -> None:
+        """Store verified items early (``package.items``: only those; files under ``path``).
+
+        May raise: the delivery of the whole package after the seal covers what failed.
         """
         ...
 
@@ -284,6 +309,7 @@ class Gateway:
         self.retry_max_seconds = _number(settings, "retry_max_seconds", 300.0, minimum=1)
         self.parallel = int(settings.get("parallel", self.home.config.client.parallel))
         self.deliver_received = bool(settings.get("deliver_received", False))
+        self.progressive = bool(settings.get("progressive", True))
         self.client = HubClient(
             str(settings.get("hub_url") or self.home.config.client.hub_url),
             self._token(),
@@ -364,6 +390,7 @@ class Gateway:
         if on_package_created is not None or on_seal_requested is not None:
             client = _RecordingClient(self.client, on_package_created, on_seal_requested)
         kw.setdefault("parallel", self.parallel)
+        kw.setdefault("progressive", self.progressive)
         return send_paths(list(paths), list(to), client=client, home=self.home, **kw)
 
     # ------------------------------------------------------------------ running
@@ -469,6 +496,7 @@ _SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "state": (str,),
     "parallel": (int,),
     "deliver_received": (bool,),
+    "progressive": (bool,),
 }
 
 

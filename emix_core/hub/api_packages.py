@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from emix_core import crypto, frames
 from emix_core.content.archive import package_zip
+from emix_core.content.manifest_parts import check_chain_head
 from emix_core.content.manifest_rules import MEDIA_TYPE_RE
 from emix_core.errors import (
     ConflictError,
@@ -21,6 +22,7 @@ from emix_core.errors import (
     NotFoundError,
     PayloadTooLarge,
 )
+from emix_core.hub import api_progressive
 from emix_core.hub import packages as svc
 from emix_core.hub.auth import audit_request, current_principal, is_allowed, require
 from emix_core.hub.sessions import package_link
@@ -193,6 +195,7 @@ def seal(package_id: str) -> Response:
                 )
             document = crypto.verify_document(signed, facility.signing_key)
             items = svc.check_manifest(session, row, package, document)
+            check_chain_head(document, *api_progressive.chain_head(hub, row))
             svc.put_small_blob(hub, row, svc.MANIFEST_BLOB, crypto.canonical_json(signed))
             studies = document.get("studies", [])
             row.summary = svc.seal_summary(hub, row, {"studies": studies})
@@ -271,14 +274,18 @@ def inbox() -> Response:
     listing = []
     with hub.db.session() as session:
         facility = session.scalar(select(Facility).where(Facility.address == principal.facility))
+        # open packages only for a client that asks (a receiving gateway that opted in)
+        states = ("sealed", "open") if request.args.get("progressive") == "1" else ("sealed",)
         rows = session.scalars(
             select(PackageRow)
             .join(PackageRecipient, PackageRecipient.package_id == PackageRow.id)
-            .where(PackageRecipient.facility_id == facility.id, PackageRow.state == "sealed")
+            .where(PackageRecipient.facility_id == facility.id, PackageRow.state.in_(states))
             .order_by(PackageRow.sealed_at.desc())
             .distinct()
         ).all()
         for row in rows:
+            if row.state == "open" and not row.item_count:
+                continue  # no part yet: nothing to take before the seal
             _, package = svc.load_package(session, row.id)
             expires = row.expires if row.expires.tzinfo else row.expires.replace(tzinfo=now.tzinfo)
             if expires < now:
@@ -306,6 +313,7 @@ def inbox() -> Response:
             listing.append(
                 {
                     "id": row.id,
+                    "state": row.state,
                     "from": package.sender,
                     "to": [str(r) for r in package.recipients],
                     "created": row.created.isoformat(),
@@ -362,14 +370,19 @@ def status(package_id: str) -> Response:
     )
 
 
-def _readable(package_id: str, action: str = "package:read"):  # type: ignore[no-untyped-def]
+def _readable(  # type: ignore[no-untyped-def]
+    package_id: str, action: str = "package:read", *, open_too: bool = False
+):
+    """The package for a recipient: sealed (or, with ``open_too``, still open) and not
+    expired; 404 otherwise."""
     hub = _hub()
     current_principal()  # authenticate first: unknown and missing packages answer alike
     with hub.db.session() as session:
         row, package = svc.load_package(session, package_id)
     principal = require(action, package)
     expires = row.expires if row.expires.tzinfo else row.expires.replace(tzinfo=utcnow().tzinfo)
-    if row.state != "sealed" or expires < utcnow():  # expired: gone, before the purge runs
+    states = ("sealed", "open") if open_too else ("sealed",)
+    if row.state not in states or expires < utcnow():  # expired: gone, before the purge runs
         raise NotFoundError("not found")
     return hub, row, package, principal
 
@@ -430,7 +443,7 @@ def download_batch(package_id: str) -> Response:
     One request for many items, as uploads do; each item's SHA-256 follows its bytes.
     A stored item that fails authentication cuts the stream: nothing altered is sent.
     """
-    hub, row, _package, principal = _readable(package_id)
+    hub, row, _package, principal = _readable(package_id, open_too=True)
     first = request.args.get("first", type=int)
     last = request.args.get("last", type=int)
     if first is None or last is None or not 1 <= first <= last <= svc.MAX_ITEMS:
@@ -441,6 +454,10 @@ def download_batch(package_id: str) -> Response:
             .where(ItemRow.package_id == row.id, ItemRow.item_id.between(first, last))
             .order_by(ItemRow.item_id)
         ).all()
+    if row.state == "open":  # before the seal: only items a signed part lists
+        signed = api_progressive.items_in_parts(hub, row, request.args.get("part", type=int))
+        if any(i.item_id not in signed for i in items):
+            raise NotFoundError("not found")
 
     def generate() -> Iterator[bytes]:
         try:

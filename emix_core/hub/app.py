@@ -143,10 +143,11 @@ def _register_blueprints(app: Flask, hub: Hub) -> None:
 
     for bp in (api_packages.bp, api_inbox_cursor.bp, api_facilities.bp, api_audit.bp, web.bp):
         app.register_blueprint(bp)
-    from emix_core.hub import api_accounts, api_resume
+    from emix_core.hub import api_accounts, api_progressive, api_resume
 
     app.register_blueprint(api_accounts.bp)
     app.register_blueprint(api_resume.bp)
+    app.register_blueprint(api_progressive.bp)
     for bp in (web_packages.bp, web_admin.bp, web_second_factor.bp, web_patient.bp, viewer.bp):
         app.register_blueprint(bp)
 

@@ -12,10 +12,12 @@ instances the PACS refuses for good are reported and kept in ``failed/``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +82,8 @@ DESTINATION_SETTINGS = {
     "retry_seconds": "first wait between tries, doubling (default 1)",
     "skip_existing": "do not send instances the PACS already has (default true)",
     "verify": "check with QIDO-RS that stored instances are listed (default true)",
+    "progressive": "store each verified batch of a package while its sender still uploads "
+    "(default true; the gateway's [gateway] progressive must be on too)",
 }
 
 JOURNAL_SCHEMA = """
@@ -337,6 +341,9 @@ class DicomwebSource:
                     "UPDATE studies SET state = 'sent', package_id = ? WHERE key = ?",
                     (row["package_id"], row["study_key"]),
                 )
+            else:  # abandoned: abort it, so that a receiving gateway stops waiting for it
+                with contextlib.suppress(EmixError):
+                    self.gateway.client.abort_package(row["package_id"])
             db.execute("DELETE FROM pending_packages WHERE package_id = ?", (row["package_id"],))
 
     def queue_depths(self) -> dict[str, int]:
@@ -392,6 +399,25 @@ class DicomwebDestination:
         self.gateway = gateway
         self.conn = PacsConnection(PacsSettings.from_table(settings, gateway.base_dir))
         self.store_settings = StoreSettings.from_table(settings)
+        self.progressive = settings.get("progressive", True)
+        if not isinstance(self.progressive, bool):
+            raise ConfigError(f"dicomweb destination {self.name!r}: progressive must be true/false")
+
+    def deliver_verified(self, package: Package, path: Path) -> None:
+        """STOW verified instances of a package not sealed yet (``package.items``: those).
+
+        No listing before and no check after: the delivery of the whole package, once
+        sealed, skips what the PACS lists and checks the rest.
+        """
+        settings = replace(self.store_settings, skip_existing=False, verify=False)
+        store_package_folder(
+            package,
+            path,
+            self.conn,
+            home=self.gateway.home,
+            actor=f"gateway:{self.name}",
+            settings=settings,
+        )
 
     def deliver(self, package: Package, path: Path) -> dict[str, Any]:
         """STOW the package's instances; raise :class:`PacsUnavailable` to be retried.

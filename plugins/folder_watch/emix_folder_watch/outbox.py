@@ -10,6 +10,7 @@ the work without sending anything twice or leaving anything behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -523,8 +524,16 @@ class FolderSource:
                 return "sealed"
             if time.monotonic() >= deadline or self._stop.is_set():
                 log_event(log, "batch.abandoned_open_package", source=self.name, package=package)
+                self._abort(package)
                 return "abandoned"
             time.sleep(0.5)
+
+    def _abort(self, package: str) -> None:
+        """Abort an abandoned open package on the hub: its batches may have reached a
+        receiving gateway already (manifest parts), which then records it as given up
+        instead of waiting for it; its files go in a new package."""
+        with contextlib.suppress(EmixError):  # gone already, or the hub is down: it expires
+            self.gateway.client.abort_package(package)
 
     def _postpone(self, batch: int, reason: str, permanent: bool = False) -> bool:
         row = self.journal.db.execute(

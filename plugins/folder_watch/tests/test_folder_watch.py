@@ -219,6 +219,56 @@ def test_a_crash_right_after_the_hub_sealed_the_package_does_not_send_it_again(
     assert '"recovered": true' in mercy.log_text()
 
 
+class _Crash(Exception):
+    """The gateway dies here."""
+
+
+def test_a_package_left_open_by_a_crash_is_aborted_and_its_files_sent_in_a_new_one(
+    sites, hub, tmp_path: Path
+) -> None:
+    from emix_core import NotFoundError
+
+    mercy = sites("mercy", settle_seconds=3600)  # classify, but never send on its own
+    slices = generate_study(tmp_path / "study", slices=4, series=1)
+    drop(tmp_path / "study", mercy.outbox_for("lakeside") / "study")
+    mercy.write_config()
+    gateway = load_gateway(mercy.config)
+    source = gateway.sources[0]
+    source._active = source.journal.active_paths()
+    wait_for(lambda: (source._cycle(), len(source.journal.pending()) == 4)[1], 10, "4 files")
+    rows = source.journal.pending()
+    batch = source.journal.create_batch("lakeside", [r.id for r in rows])
+    opened: list[str] = []
+
+    def crash(_package: str) -> None:
+        raise _Crash
+
+    with pytest.raises(_Crash):  # uploaded, never sealed
+        gateway.send(
+            [source.root / r.path for r in rows],
+            ["lakeside"],
+            on_package_created=lambda package: (
+                opened.append(package),
+                source.journal.set_package(batch, package),
+            ),
+            on_seal_requested=crash,
+        )
+    assert gateway.client.status(opened[0])["state"] == "open"
+
+    mercy.source["settle_seconds"] = 0.5
+    mercy.start()
+    wait_for(lambda: not files_under(mercy.folder("outbox")), 30, "the files moved to sent/")
+    assert hashes(files_under(mercy.folder("sent"))) == hashes(slices)
+    # the abandoned package is aborted (a receiving gateway stops waiting for it) ...
+    with pytest.raises(NotFoundError):
+        gateway.client.status(opened[0])
+    assert '"batch.abandoned_open_package"' in mercy.log_text()
+    # ... and the files went in a new, sealed package
+    lakeside = gateway.client.__class__(hub.url, hub.facilities["lakeside"]["token"])
+    listed = lakeside.inbox(progressive=True)
+    assert len(listed) == 1 and listed[0]["id"] != opened[0] and listed[0]["state"] == "sealed"
+
+
 def test_the_same_files_dropped_twice_are_sent_once_even_without_filesystem_events(
     sites, tmp_path: Path
 ) -> None:
