@@ -371,9 +371,12 @@ url = "{self.pacs_b.url}"
             lambda: stow_dicomweb_client(self.pacs_a, files),
             before=lambda: orthanc_clear(self.pacs_a),
         )
+        row["ingest_load_average"] = round(os.getloadavg()[0], 2)
         print(
             f"  ingest   emix {row['ingest_emix_s']['median']:.2f} s  orthanc "
-            f"{row['ingest_orthanc_requests_s']['median']:.2f} s",
+            f"{row['ingest_orthanc_requests_s']['median']:.2f} s  dicomweb-client "
+            f"{row['ingest_orthanc_dicomweb_client_s']['median']:.2f} s  (load average "
+            f"{row['ingest_load_average']:.2f})",
             flush=True,
         )
 
