@@ -296,6 +296,9 @@ def commit_items(hub: Hub, package_id: str, written: list[tuple[Any, ItemRow]]) 
         return
     committed = 0
     try:
+        # durable first, outside the package lock: other batches commit meanwhile
+        for writer, _ in written:
+            writer.sync()
         with hub.db.session() as session:
             lock_open_package(session, package_id)
             for writer, _ in written:

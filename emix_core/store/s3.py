@@ -97,6 +97,9 @@ class _S3Writer:
             raise _unavailable(exc) from exc
         self.parts.append({"PartNumber": number, "ETag": etag})
 
+    def sync(self) -> None:
+        """Nothing to do: the object store makes an object durable when it completes."""
+
     def commit(self) -> None:
         """Make the blob visible (the last part sent, the upload completed)."""
         s3, bucket = self.store.client, self.store.bucket
