@@ -17,7 +17,7 @@ import hashlib
 import json
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -133,23 +133,36 @@ class OutgoingItem:
     media_type: str
 
 
+#: Bytes of the file read at a time when sending a batch (one socket write each).
+SEND_BLOCK = 1024 * 1024
+
+
 class BatchReader:
     """A file-like body that streams files as frames, hashing each as it goes.
 
     ``requests`` reads it in blocks and learns its length from ``len()``, so the
     upload carries a Content-Length and never holds more than one block in memory.
     After the upload, :attr:`digests` holds each item's SHA-256 (hex).
+
+    Files are read into one reused buffer, hashed there and handed on from there; small
+    frames share a block (headers and digests travel with file bytes, not as writes of
+    their own). With ``views``, :meth:`read` returns a memoryview of that buffer, valid
+    until the next read: no copy at all between the file and the socket.
     """
 
     def __init__(
-        self, items: Sequence[OutgoingItem], progress: Callable[[int], None] | None = None
+        self,
+        items: Sequence[OutgoingItem],
+        progress: Callable[[int], None] | None = None,
+        *,
+        views: bool = False,
     ) -> None:
         self.items = list(items)
         self.progress = progress
+        self.views = views
         self.digests: dict[int, str] = {}
-        self._parts = self._generate()
-        self._buffer = b""
-        self._offset = 0
+        self._blocks = self._generate()
+        self._block = memoryview(b"")
         self._length = sum(frame_size(i.id, i.size, i.media_type) for i in self.items) + len(
             END_MAGIC
         )
@@ -157,40 +170,56 @@ class BatchReader:
     def __len__(self) -> int:
         return self._length
 
-    def _generate(self):  # type: ignore[no-untyped-def]
+    def _generate(self) -> Iterator[memoryview]:
+        # room for one block of file bytes, a frame header before it, a digest and the
+        # end marker after it
+        view = memoryview(bytearray(SEND_BLOCK + 8 + MAX_HEADER + DIGEST_SIZE + len(END_MAGIC)))
+        fill = 0
         for item in self.items:
-            yield encode_header(item.id, item.size, item.media_type)
+            header = encode_header(item.id, item.size, item.media_type)
+            view[fill : fill + len(header)] = header
+            fill += len(header)
             digest = hashlib.sha256()
             remaining = item.size
-            with open_regular(item.path) as handle:
+            with open_regular(item.path, buffering=0) as handle:
                 while remaining:
-                    chunk = handle.read(min(1024 * 1024, remaining))
-                    if not chunk:
+                    if fill >= SEND_BLOCK:
+                        yield view[:fill]
+                        fill = 0
+                    got = handle.readinto(view[fill : fill + min(SEND_BLOCK - fill, remaining)])
+                    if not got:
                         raise OSError("a file shrank while it was being sent")
-                    remaining -= len(chunk)
-                    digest.update(chunk)
+                    digest.update(view[fill : fill + got])
+                    fill += got
+                    remaining -= got
                     if self.progress:
-                        self.progress(len(chunk))
-                    yield chunk
+                        self.progress(got)
+            view[fill : fill + DIGEST_SIZE] = digest.digest()
+            fill += DIGEST_SIZE
             self.digests[item.id] = digest.hexdigest()
-            yield digest.digest()
-        yield END_MAGIC
+            if fill >= SEND_BLOCK:
+                yield view[:fill]
+                fill = 0
+        view[fill : fill + len(END_MAGIC)] = END_MAGIC
+        yield view[: fill + len(END_MAGIC)]
 
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (all that is left when negative)."""
-        out = []
-        wanted = size if size >= 0 else float("inf")
-        while wanted > 0:
-            if self._offset >= len(self._buffer):
-                part = next(self._parts, None)
-                if part is None:
-                    break
-                self._buffer, self._offset = part, 0
-            take = self._buffer[self._offset : self._offset + int(min(wanted, 1 << 30))]
-            self._offset += len(take)
-            wanted -= len(take)
-            out.append(take)
-        return b"".join(out)
+    def read(self, size: int = -1) -> bytes | memoryview:
+        """Up to ``size`` bytes (all that is left when negative); empty at the end."""
+        if size < 0:
+            return b"".join(bytes(block) for block in self._rest())
+        while not self._block:
+            block = next(self._blocks, None)
+            if block is None:
+                return b""
+            self._block = block
+        out, self._block = self._block[:size], self._block[size:]
+        return out if self.views else bytes(out)
+
+    def _rest(self) -> Iterator[memoryview]:
+        if self._block:
+            yield self._block
+            self._block = memoryview(b"")
+        yield from self._blocks
 
 
 def receive_frames(

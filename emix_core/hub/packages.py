@@ -241,15 +241,16 @@ def write_item(hub: Hub, row: PackageRow, item_id: int, body: BinaryIO, *, size:
     digest = hashlib.sha256()
     received = 0
     writer = hub.blobs.writer(f"{row.id}/{item_id}")
+    buffer = memoryview(bytearray(min(crypto.SEGMENT_SIZE, max(size, 1))))
     try:
         writer.write(encryptor.header)
         while received < size:
-            chunk = body.read(min(crypto.SEGMENT_SIZE, size - received))
-            if not chunk:
+            got = fill(body, buffer[: min(len(buffer), size - received)])
+            if not got:
                 break
-            received += len(chunk)
-            digest.update(chunk)
-            writer.write(encryptor.update(chunk))
+            received += got
+            digest.update(buffer[:got])
+            writer.write(encryptor.update(buffer[:got]))
         writer.write(encryptor.finalize())
         if received != size:
             raise IntegrityError("upload ended early; nothing was stored, send the item again")
@@ -257,6 +258,27 @@ def write_item(hub: Hub, row: PackageRow, item_id: int, body: BinaryIO, *, size:
         writer.abort()
         raise
     return digest.hexdigest(), writer
+
+
+def fill(body: BinaryIO, view: memoryview) -> int:
+    """Read from ``body`` until ``view`` is full or the body ends; return the bytes read.
+
+    A body with ``readinto`` (the hub's worker gives request bodies one) fills ``view``
+    straight from the socket; any other is read and copied.
+    """
+    readinto = getattr(body, "readinto", None)
+    filled = 0
+    while filled < len(view):
+        if readinto is not None:
+            got = readinto(view[filled:])
+        else:
+            data = body.read(len(view) - filled)
+            got = len(data)
+            view[filled : filled + got] = data
+        if not got:
+            break
+        filled += got
+    return filled
 
 
 def store_item(
