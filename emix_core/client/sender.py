@@ -234,6 +234,11 @@ def send_paths(
     files = list(iter_files([Path(p) for p in paths], result.skipped))
     prepared: list[PreparedFile] = []
     seen_sops: set[str] = set()
+    # who we are, asked of the hub while the files are read (its answer also brings the
+    # hub's audit checkpoint, which opens the local audit log)
+    asking = ThreadPoolExecutor(max_workers=1)
+    whoami = asking.submit(client.me) if files else None
+    asking.shutdown(wait=False)
     with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
         futures = {pool.submit(prepare_file, path): path for path in files}
         for future in as_completed(futures):
@@ -257,7 +262,8 @@ def send_paths(
         result.seconds = time.monotonic() - started
         return result
 
-    sender = client.me()["facility"]
+    assert whoami is not None
+    sender = whoami.result()["facility"]
     items = [_item(i, p) for i, p in enumerate(prepared, start=1)]
     draft = Package(
         id="",
