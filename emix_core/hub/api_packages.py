@@ -142,11 +142,14 @@ def upload_batch(package_id: str) -> tuple[Response, int]:
     failed: list[dict[str, Any]] = []
     with hub.db.session() as session:
         package_bytes = svc.stored_bytes(session, row.id)
+    buffer = memoryview(bytearray(crypto.SEGMENT_SIZE))  # one for the batch's items
     try:
         while (header := frames.read_header(stream)) is not None:
             svc.check_item_size(hub, header.size, package_bytes)
             checked_media_type(header.media_type)
-            digest, writer = svc.write_item(hub, row, header.id, stream, size=header.size)
+            digest, writer = svc.write_item(
+                hub, row, header.id, stream, size=header.size, buffer=buffer
+            )
             declared = frames.read_exactly(stream, frames.DIGEST_SIZE)
             if declared.hex() != digest:
                 writer.abort()

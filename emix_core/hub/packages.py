@@ -228,8 +228,19 @@ def check_item_size(hub: Hub, size: int, package_bytes: int) -> None:
         raise PayloadTooLarge("package exceeds the hub's size limit; split it")
 
 
-def write_item(hub: Hub, row: PackageRow, item_id: int, body: BinaryIO, *, size: int):  # type: ignore[no-untyped-def]
+def write_item(  # type: ignore[no-untyped-def]
+    hub: Hub,
+    row: PackageRow,
+    item_id: int,
+    body: BinaryIO,
+    *,
+    size: int,
+    buffer: memoryview | None = None,
+):
     """Stream ``size`` bytes of one item into the blob store, encrypted, not yet committed.
+
+    :param buffer: where to receive the bytes (reused for the items of a batch);
+        one segment's worth is allocated when not given.
 
     :return: the plaintext's SHA-256 (hex) and the blob writer; the caller commits it
         only if the digest is the expected one, and aborts it otherwise.
@@ -241,7 +252,8 @@ def write_item(hub: Hub, row: PackageRow, item_id: int, body: BinaryIO, *, size:
     digest = hashlib.sha256()
     received = 0
     writer = hub.blobs.writer(f"{row.id}/{item_id}")
-    buffer = memoryview(bytearray(min(crypto.SEGMENT_SIZE, max(size, 1))))
+    if buffer is None:
+        buffer = memoryview(bytearray(min(crypto.SEGMENT_SIZE, max(size, 1))))
     try:
         writer.write(encryptor.header)
         while received < size:
