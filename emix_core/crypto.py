@@ -139,7 +139,7 @@ class StreamEncryptor:
         """The stream header; it must be written before any ciphertext."""
         return self._header
 
-    def update(self, data: bytes) -> bytes:
+    def update(self, data: bytes | memoryview) -> bytes:
         """Buffer ``data``; return the ciphertext of segments now known not to be last."""
         if self._done:
             raise RuntimeError("StreamEncryptor.update called after finalize")

@@ -14,13 +14,14 @@ stored; the rest of the batch is.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 from emix_core.content.safe_open import open_regular
 from emix_core.errors import InvalidInput
@@ -181,7 +182,8 @@ class BatchReader:
             fill += len(header)
             digest = hashlib.sha256()
             remaining = item.size
-            with open_regular(item.path, buffering=0) as handle:
+            with open_regular(item.path, buffering=0) as opened:
+                handle = cast(io.RawIOBase, opened)  # unbuffered: readinto, no copy
                 while remaining:
                     if fill >= SEND_BLOCK:
                         yield view[:fill]
