@@ -11,6 +11,7 @@ import hashlib
 import io
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,22 @@ def test_batch_blobs_are_fsynced_before_the_package_lock_is_taken(
     assert {int(k): v["sha256"] for k, v in held["items"].items()} == {
         i: hashlib.sha256(data).hexdigest() for i, data in items
     }
+
+
+def test_a_failing_fsync_fails_the_batch_only_after_every_fsync_finished(tmp_path: Path) -> None:
+    finished: list[str] = []
+
+    class Writer:
+        def __init__(self, name: str, fails: bool) -> None:
+            self.name, self.fails = name, fails
+
+        def sync(self) -> None:
+            if self.fails:
+                raise OSError("disk full")
+            time.sleep(0.05)
+            finished.append(self.name)
+
+    writers = [Writer("a", True), Writer("b", False), Writer("c", False)]
+    with pytest.raises(OSError, match="disk full"):
+        svc.sync_all(writers)
+    assert sorted(finished) == ["b", "c"]  # none still running when the batch is aborted
