@@ -228,3 +228,67 @@ def test_a_failing_fsync_fails_the_batch_only_after_every_fsync_finished(tmp_pat
     with pytest.raises(OSError, match="disk full"):
         svc.sync_all(writers)
     assert sorted(finished) == ["b", "c"]  # none still running when the batch is aborted
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.e2e
+def test_a_study_sent_over_tls_is_stored_byte_for_byte(tmp_path: Path) -> None:
+    """Bodies read straight from a TLS socket arrive whole, as over plain HTTP."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from emix_core import generate_study
+    from emix_core.hub.context import init_hub_home
+    from emix_core.testing import (
+        HubProcess,
+        emix_json,
+        free_port,
+        make_certificates,
+        wait_for_http,
+    )
+
+    certificates = make_certificates(tmp_path / "tls")
+    home, port = tmp_path / "hub", free_port()
+    init_hub_home(home, port=port)
+    hub = HubProcess(home=home, port=port)
+    hub.add_facility("Mercy General", "admin@mercy.example.org", "mercy")
+    hub.add_facility("Lakeside Imaging", "it@lakeside.example.org", "lakeside")
+    server = str(certificates.server)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emix_core", "hub", "serve", "--home", str(home)]
+        + ["--port", str(port), "--tls-cert", server, "--tls-key", server],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"https://127.0.0.1:{port}"
+        wait_for_http(f"{url}/healthz", process, verify=str(certificates.ca))
+        files = generate_study(tmp_path / "study", slices=12, series=2)
+        env = {
+            "EMIX_HOME": str(tmp_path / "home-mercy"),
+            "EMIX_HUB_URL": url,
+            "EMIX_TOKEN": hub.facilities["mercy"]["token"],
+            "EMIX_CA_BUNDLE": str(certificates.ca),
+        }
+        sent = emix_json("send", str(tmp_path / "study"), "--to", "lakeside", env=env)
+        assert sent["items"] == len(files) and not sent["failed"]
+        out = tmp_path / "received"
+        emix_json(
+            "receive",
+            sent["package"],
+            "--out",
+            str(out),
+            env={
+                **env,
+                "EMIX_HOME": str(tmp_path / "home-lakeside"),
+                "EMIX_TOKEN": hub.facilities["lakeside"]["token"],
+            },
+        )
+        received = {hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.dcm")}
+        assert received == {hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
