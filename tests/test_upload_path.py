@@ -71,6 +71,13 @@ def test_socket_body_small_reads_after_a_large_one_and_readline_mix() -> None:
         s.close()
 
 
+def test_asking_a_small_body_for_a_gigabyte_allocates_only_the_body() -> None:
+    body, _unreader, sockets = _body_over_socket(b"tiny body")
+    assert body.read(2**40) == b"tiny body"  # a terabyte buffer would fail here
+    for s in sockets:
+        s.close()
+
+
 def test_a_stalled_body_read_fails_and_marks_the_connection_unusable() -> None:
     server, client = socket.socketpair()
     client.sendall(b"only part")

@@ -160,6 +160,8 @@ class SocketBody:
         if size is None or size < 0:
             self._give_back()
             return bytes(self._body.read())
+        # never more than the body still holds (a caller may ask for "a lot")
+        size = min(size, self._reader.length + self._end - self._start + _held(self._body.buf))
         out = bytearray(size)
         view = memoryview(out)
         filled = 0
