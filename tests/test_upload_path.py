@@ -299,3 +299,30 @@ def test_a_study_sent_over_tls_is_stored_byte_for_byte(tmp_path: Path) -> None:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=15)
+
+
+def test_a_plugins_blob_writer_without_sync_still_stores() -> None:
+    """``sync`` is optional in the blob-writer protocol: a store written before it existed
+    (its ``commit`` makes the blob durable) keeps working."""
+    from emix_core.hub.packages import sync_all
+
+    class Older:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def commit(self) -> None:
+            self.calls.append("commit")
+
+        def abort(self) -> None:
+            pass
+
+    class Newer(Older):
+        def sync(self) -> None:
+            self.calls.append("sync")
+
+    older, newer, newest = Older(), Newer(), Newer()
+    sync_all([older, newer, newest])
+    assert older.calls == [] and newer.calls == ["sync"] and newest.calls == ["sync"]

@@ -335,14 +335,16 @@ def sync_all(writers: list[Any]) -> None:
     """Make blobs durable, several at once: the file system's journal then commits
     their fsyncs together instead of one after the other."""
     global _syncers
-    if len(writers) < 2:
-        for writer in writers:
-            writer.sync()
+    # ``sync`` is optional for a plugin's blob store: its ``commit`` then makes it durable
+    syncs = [writer.sync for writer in writers if callable(getattr(writer, "sync", None))]
+    if len(syncs) < 2:
+        for sync in syncs:
+            sync()
         return
     with _syncers_lock:
         if _syncers is None:
             _syncers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="emix-fsync")
-    futures = [_syncers.submit(writer.sync) for writer in writers]
+    futures = [_syncers.submit(sync) for sync in syncs]
     wait_all(futures)  # every one finished before any writer may be aborted
     for done in futures:
         done.result()
