@@ -168,3 +168,41 @@ def test_passing_the_second_factor_gives_the_browser_a_new_session(hub_app):
     planted.set_cookie("emix_session", known)
     assert planted.get("/admin").status_code == 401
     assert planted.get("/api/v1/members").status_code == 401
+
+
+def test_a_colleagues_package_stays_closed_to_an_administrators_mailbox(hub_server, tmp_path):
+    """An administrator may read packages sent to one member of their facility: that is an
+    administrator's right, so a session that has not passed the second factor (someone with
+    the mailbox only) does not have it; the administrator's own and the facility's stay open."""
+    from emix_core import generate_study, send_paths
+    from emix_core.model import utcnow
+    from emix_core.store.db import Facility, Member
+
+    with hub_server.hub.db.session() as session:
+        mercy = session.scalar(select(Facility.id).where(Facility.address == "mercy"))
+        session.add(
+            Member(
+                facility_id=mercy,
+                email="dr.smith@mercy.example.org",
+                role="member",
+                verified=True,
+                confirmed_at=utcnow(),
+            )
+        )
+    generate_study(tmp_path / "study", slices=1, series=1)
+    home, client = hub_server.facility_home(tmp_path, "lakeside")
+    for_smith = send_paths(
+        [tmp_path / "study"], ["dr.smith@mercy.example.org"], client=client, home=home
+    ).package_id
+    for_mercy = send_paths([tmp_path / "study"], ["mercy"], client=client, home=home).package_id
+
+    mailbox = Browser(hub_server, ADMIN)
+    assert mailbox.get(f"/packages/{for_smith}").status_code == 404
+    assert mailbox.client.get(f"/api/v1/packages/{for_smith}").status_code == 404
+    listed = mailbox.client.get("/api/v1/inbox").get_data(as_text=True)
+    assert for_smith not in listed and for_mercy in listed
+    assert mailbox.get(f"/packages/{for_mercy}").status_code == 200
+    # with the phone, the administrator reads it
+    browser, _, _ = enrol(hub_server)
+    assert browser.get(f"/packages/{for_smith}").status_code == 200
+    assert for_smith in browser.client.get("/api/v1/inbox").get_data(as_text=True)
