@@ -206,3 +206,12 @@ def test_a_colleagues_package_stays_closed_to_an_administrators_mailbox(hub_serv
     browser, _, _ = enrol(hub_server)
     assert browser.get(f"/packages/{for_smith}").status_code == 200
     assert for_smith in browser.client.get("/api/v1/inbox").get_data(as_text=True)
+
+
+def test_a_crafted_notice_link_gets_the_page_not_an_error(hub_app):
+    """``/admin?done=recovery&left=…`` is a link anyone can send an administrator."""
+    browser, _, _ = enrol(hub_app)
+    for left in ("9" * 5000, "-1", "%00", "١٢"):
+        page = browser.get(f"/admin?done=recovery&left={left}")
+        assert page.status_code == 200, left
+        assert "9" * 50 not in page.get_data(as_text=True)
