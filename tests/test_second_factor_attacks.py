@@ -215,3 +215,14 @@ def test_a_crafted_notice_link_gets_the_page_not_an_error(hub_app):
         page = browser.get(f"/admin?done=recovery&left={left}")
         assert page.status_code == 200, left
         assert "9" * 50 not in page.get_data(as_text=True)
+
+
+def test_a_plugins_page_gives_an_administrator_no_more_than_a_members_rights(hub_app):
+    """A plugin signs a member in by its own means (an EMR's launch): the principal it gets
+    for an administrator has not passed the hub's second factor, so a colleague's package
+    or the administration's lists stay as closed as in a browser before the step."""
+    from emix_core import member_principal
+
+    with hub_app.app.test_request_context():
+        admin = member_principal(verified_member(ADMIN).member_id)
+        assert admin is not None and admin.is_admin and admin.second_factor is False
