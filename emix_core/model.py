@@ -26,7 +26,7 @@ def utcnow() -> datetime:
 
 def is_valid_address(address: str) -> bool:
     """True for a usable facility address (``a-z``, ``0-9``, ``-``; not reserved)."""
-    return bool(ADDRESS_RE.match(address)) and address not in RESERVED_ADDRESSES
+    return bool(ADDRESS_RE.fullmatch(address)) and address not in RESERVED_ADDRESSES
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,11 @@ def _is_recipient(principal: Principal, package: Package) -> bool:
     for recipient in package.recipients:
         if recipient.facility != principal.facility:
             continue
-        if recipient.email is None or recipient.email == principal.email or principal.is_admin:
+        if recipient.email is None or recipient.email == principal.email:
+            return True
+        # reading a colleague's package is an administrator's right: a browser session
+        # has it only once it passed the second factor
+        if principal.is_admin and principal.second_factor:
             return True
     return False
 

@@ -58,6 +58,22 @@ def _address(text: str) -> IPAddress:
     return ip
 
 
+def _embedded(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries to a relay (6to4, Teredo): a relay or tunnel
+    on the hub's network would deliver there. (IPv4-compatible and NAT64 forms lie in
+    ``::/8``, which ``is_reserved`` refuses already.)"""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found = [ip.sixtofour] if ip.sixtofour else []
+    return found + list(ip.teredo or ())
+
+
+def _forbidden(ip: IPAddress) -> bool:
+    return (
+        ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved
+    )
+
+
 def is_allowed(address: str, networks: Sequence[Network]) -> bool:
     """Whether the hub may connect to ``address`` under the operator's ``networks``."""
     try:
@@ -66,9 +82,7 @@ def is_allowed(address: str, networks: Sequence[Network]) -> bool:
         return False
     if networks:
         return any(ip.version == net.version and ip in net for net in networks)
-    return not (
-        ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved
-    )
+    return not any(_forbidden(a) for a in [ip, *_embedded(ip)])
 
 
 def check_literal(host: str, networks: Sequence[Network]) -> None:

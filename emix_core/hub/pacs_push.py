@@ -158,6 +158,9 @@ def push(content: Any, url: str, networks: list[Network] | None = None) -> PushR
                         "Accept": "application/dicom+json",
                     },
                     timeout=TIMEOUT,
+                    # a PACS that answers a redirect is not followed elsewhere (a 307 would
+                    # post the instance again, a 30x turn it into a GET of another host)
+                    allow_redirects=False,
                 )
             except PolicyRejected:
                 raise
@@ -167,6 +170,13 @@ def push(content: Any, url: str, networks: list[Network] | None = None) -> PushR
                 break
             if answer.status_code in (200, 202):
                 result.stored += 1
+            elif answer.is_redirect:
+                result.failed += 1
+                result.errors.append(
+                    f"the PACS answered a redirect (HTTP {answer.status_code}); name its "
+                    "STOW-RS root as it is, without redirects"
+                )
+                break
             else:
                 result.failed += 1
                 result.errors.append(f"the PACS answered HTTP {answer.status_code}")

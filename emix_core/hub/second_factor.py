@@ -69,17 +69,73 @@ def is_enrolled(session: Session, member_id: int) -> bool:
     return factor is not None and factor.enrolled_at is not None
 
 
-def pending_secret(hub: Any, session: Session, member_id: int) -> str:
-    """The secret an administrator is enrolling with (made on their first visit, kept until
-    they type a valid code, so a reload shows the same one)."""
-    factor = session.get(AdminFactor, member_id)
-    if factor is None:
+# A pending secret is sealed together with the browser session that was shown it
+# (``"<session id>:<secret>"``); an enrolled one alone. Only that session sees it and may
+# complete the enrolment with it: someone holding the administrator's mailbox who opens the
+# step in another browser meanwhile never learns the secret the administrator enrols.
+
+
+def _pending(hub: Any, factor: AdminFactor) -> tuple[int | None, str]:
+    owner, _, secret = _open(hub, factor).rpartition(":")
+    return (int(owner) if owner.isdigit() else None), secret
+
+
+def _live(session: Session, session_id: int | None) -> bool:
+    from emix_core.hub.sessions import IDLE, aware
+
+    row = session.get(WebSession, session_id) if session_id is not None else None
+    return row is not None and row.ended_at is None and aware(row.last_seen) + IDLE > utcnow()
+
+
+def _insert_pending(session: Session, values: dict[str, Any]) -> None:
+    """Insert a pending enrolment unless one exists already (two first visits at the same
+    instant: the second does nothing instead of failing on the primary key)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(dialect.insert(AdminFactor).values(**values).on_conflict_do_nothing())
+
+
+def pending_secret(
+    hub: Any, session: Session, member_id: int, owner: int | None = None
+) -> str | None:
+    """The secret the browser session ``owner`` is enrolling with (made on its first visit,
+    kept until it types a valid code, so a reload shows the same one).
+
+    ``None`` while another live browser session of the administrator has an enrolment
+    pending: that one finishes first. A pending enrolment of a session that ended or went
+    idle is replaced by a new secret for this one.
+    """
+    for _ in range(3):  # a concurrent visit may insert or replace the row in between
+        factor = session.get(AdminFactor, member_id, populate_existing=True)
+        if factor is not None and factor.enrolled_at is not None:
+            return None
+        if factor is not None:
+            holder, secret = _pending(hub, factor)
+            if holder == owner:
+                return secret
+            if _live(session, holder):
+                return None
         secret = pyotp.random_base32()  # 160 bits, as RFC 4226 recommends
-        wrapped, sealed = _seal(hub, member_id, secret)
-        session.add(AdminFactor(member_id=member_id, wrapped_key=wrapped, secret=sealed))
-        session.flush()
-        return secret
-    return _open(hub, factor)
+        wrapped, sealed = _seal(hub, member_id, f"{owner or ''}:{secret}")
+        if factor is None:
+            _insert_pending(
+                session,
+                {"member_id": member_id, "wrapped_key": wrapped, "secret": sealed,
+                 "created": utcnow()},
+            )  # fmt: skip
+        else:
+            session.execute(
+                update(AdminFactor)
+                .where(
+                    AdminFactor.member_id == member_id,
+                    AdminFactor.enrolled_at.is_(None),
+                    AdminFactor.secret == factor.secret,
+                )
+                .values(wrapped_key=wrapped, secret=sealed, created=utcnow(), last_step=None)
+                .execution_options(synchronize_session=False)
+            )
+    return None
 
 
 def provisioning_uri(hub: Any, secret: str, email: str) -> str:
@@ -98,19 +154,32 @@ def qr_svg(uri: str) -> str:
 
 
 def complete_enrolment(
-    hub: Any, session: Session, member_id: int, code: str, now: datetime | None = None
+    hub: Any,
+    session: Session,
+    member_id: int,
+    code: str,
+    now: datetime | None = None,
+    *,
+    owner: int | None = None,
 ) -> list[str] | None:
-    """Finish enrolment with a valid code: returns the new recovery codes (shown once),
-    or ``None`` when the code is not right."""
+    """Finish the enrolment the browser session ``owner`` started, with a valid code:
+    returns the new recovery codes (shown once), or ``None`` when the code is not right
+    or the pending secret is not this session's."""
     factor = session.get(AdminFactor, member_id)
     if factor is None or factor.enrolled_at is not None:
         return None
-    if not _use_totp(hub, session, factor, code, now):
+    holder, secret = _pending(hub, factor)
+    if holder != owner or not _use_totp(session, member_id, secret, code, now):
         return None
+    wrapped, sealed = _seal(hub, member_id, secret)
     done = session.execute(
         update(AdminFactor)
-        .where(AdminFactor.member_id == member_id, AdminFactor.enrolled_at.is_(None))
-        .values(enrolled_at=utcnow())
+        .where(
+            AdminFactor.member_id == member_id,
+            AdminFactor.enrolled_at.is_(None),
+            AdminFactor.secret == factor.secret,
+        )
+        .values(enrolled_at=utcnow(), wrapped_key=wrapped, secret=sealed)
         .execution_options(synchronize_session=False)
     )
     if done.rowcount != 1:  # type: ignore[attr-defined]
@@ -140,9 +209,9 @@ def matching_step(secret: str, code: str, now: datetime | None = None) -> int | 
 
 
 def _use_totp(
-    hub: Any, session: Session, factor: AdminFactor, code: str, now: datetime | None
+    session: Session, member_id: int, secret: str, code: str, now: datetime | None
 ) -> bool:
-    step = matching_step(_open(hub, factor), code, now)
+    step = matching_step(secret, code, now)
     if step is None:
         return False
     # only a step later than the last one used moves it: a replay, even on another hub
@@ -150,7 +219,7 @@ def _use_totp(
     moved = session.execute(
         update(AdminFactor)
         .where(
-            AdminFactor.member_id == factor.member_id,
+            AdminFactor.member_id == member_id,
             (AdminFactor.last_step.is_(None)) | (AdminFactor.last_step < step),
         )
         .values(last_step=step)
@@ -224,17 +293,11 @@ def verify(
         return None
     if looks_like_recovery_code(code):
         return "recovery code" if _use_recovery_code(session, member_id, code) else None
-    return "totp" if _use_totp(hub, session, factor, code, now) else None
+    secret = _open(hub, factor)
+    return "totp" if _use_totp(session, member_id, secret, code, now) else None
 
 
 # --------------------------------------------------------------------------- sessions, reset
-
-
-def mark_session(session: Session, session_id: int) -> None:
-    """Record that this browser session passed the second factor, now."""
-    session.execute(
-        update(WebSession).where(WebSession.id == session_id).values(second_factor_at=utcnow())
-    )
 
 
 def reset(session: Session, member_id: int) -> bool:

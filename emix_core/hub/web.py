@@ -127,6 +127,11 @@ def _set_pre_csrf(response: Response) -> Response:
 def start_session(response: Any, **owner: Any) -> Any:
     with hub().db.session() as session:
         token = web_sessions.open_session(session, **owner)
+    return set_session_cookie(response, token)
+
+
+def set_session_cookie(response: Any, token: str) -> Any:
+    """Give the browser the session cookie ``token`` (HttpOnly, SameSite=Lax, Secure)."""
     response.set_cookie(
         web_sessions.COOKIE,
         token,

@@ -141,7 +141,8 @@ NOTICES = {
 
 def _notice(done: str, left: str) -> str:
     if done == "recovery":
-        count = int(left) if left.isdigit() else 0
+        # a link anyone can send: a number of recovery codes (0-10), nothing else
+        count = int(left) if left.isascii() and left.isdigit() and len(left) <= 2 else 0
         return (
             f"You used a recovery code; {count} left. Set up your authenticator app again "
             "if you lost it: ask another administrator or the hub's operator to reset "

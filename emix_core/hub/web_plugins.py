@@ -195,12 +195,23 @@ def verified_member(email: str) -> Principal | None:
 
 
 def member_principal(member_id: int) -> Principal | None:
-    """The member as a principal while they are verified (``None`` once disabled)."""
+    """The member as a principal while they are verified (``None`` once disabled).
+
+    A plugin's page has not asked for the hub's second factor: an administrator counts as
+    a member there (``second_factor`` is ``False``), as in a browser session that has
+    not passed it; the hub's own pages ask for it.
+
+    .. versionchanged:: 0.2 ``second_factor`` is ``False`` for an administrator.
+    """
+    from dataclasses import replace
+
     from emix_core.hub.sessions import principal_for
 
     with _hub().db.session() as session:
         principal = principal_for(session, member_id)
-    return principal if principal is not None and principal.verified else None
+    if principal is None or not principal.verified:
+        return None
+    return replace(principal, second_factor=not principal.is_admin)
 
 
 def sign_in_member(response: Any, member_id: int, *, detail: str) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from flask import Blueprint, Response, redirect, request
+from flask import Blueprint, Response, g, redirect, request
 
 from emix_core.errors import NotFoundError
 from emix_core.hub import second_factor
@@ -28,8 +28,10 @@ from emix_core.hub.web import (
     member_required,
     message,
     render_page,
+    set_session_cookie,
 )
 from emix_core.model import AuditAction, AuditEvent, AuditOutcome, utcnow
+from emix_core.store.db import Attempt
 
 bp = Blueprint("web_second_factor", __name__, url_prefix="/admin/2fa")
 
@@ -101,7 +103,11 @@ def step() -> Any:
 def _enrolment_page(principal: Any, target: str, status: int = 200, error: str = "") -> Response:
     h = hub()
     with h.db.session() as session:
-        secret = second_factor.pending_secret(h, session, principal.member_id)
+        secret = second_factor.pending_secret(
+            h, session, principal.member_id, current_web_session().id
+        )
+    if secret is None:
+        return _elsewhere(principal)
     uri = second_factor.provisioning_uri(h, secret, principal.email)
     return render_page(
         "admin_2fa.html",
@@ -115,9 +121,28 @@ def _enrolment_page(principal: Any, target: str, status: int = 200, error: str =
     )
 
 
-def _throttled(email: str) -> bool:
-    with hub().db.session() as session:
-        return web_sessions.throttled(session, _key(email))
+def _elsewhere(principal: Any) -> Response:
+    """Another browser of this administrator is setting up an authenticator app now: this
+    one is shown no secret (whoever reads their mail must not see the one they enrol)."""
+    hub().audit(
+        AuditEvent(
+            event_type="security-alert",
+            action=AuditAction.EXECUTE,
+            outcome=AuditOutcome.MINOR_FAILURE,
+            actor=principal.email,
+            source=client_source(),
+            detail="administrator's second factor: enrolment opened while another browser "
+            "is enrolling; no secret shown",
+        )
+    )
+    return message(
+        "Setting up in another browser",
+        "An authenticator app is being set up for this administrator in another browser "
+        "right now. Finish there; or, if that was not you, tell the hub's operator at once. "
+        "This page can start a new set-up once the other browser signed out or left it "
+        "for 15 minutes.",
+        status=409,
+    )
 
 
 def _locked_out() -> Response:
@@ -129,10 +154,35 @@ def _locked_out() -> Response:
     )
 
 
-def _failure(principal: Any, what: str) -> int:
-    """Count a wrong code; every one is a Security Alert, the lock-out a serious one."""
+def _reserve(email: str) -> tuple[int, int]:
+    """Count this attempt *before* its code is checked: ``(attempt id, count)``.
+
+    The attempt is committed first and counted after, so of codes posted at the same
+    instant (many connections, several hub processes) at most :data:`MAX_FAILURES` are
+    ever checked: each sees at least the attempts committed before its own.
+    """
     h = hub()
-    count = web_sessions.count_attempt(h, _key(principal.email))
+    with h.db.session() as session:
+        attempt = Attempt(key=_key(email)[:100], time=utcnow())
+        session.add(attempt)
+        session.flush()
+        attempt_id = attempt.id
+    with h.db.session() as session:
+        return attempt_id, web_sessions.failures(session, _key(email))
+
+
+def _release(attempt_id: int) -> None:
+    """Forget a counted attempt (its code was right, or it was refused unchecked)."""
+    with hub().db.session() as session:
+        found = session.get(Attempt, attempt_id)
+        if found is not None:
+            session.delete(found)
+
+
+def _failure(principal: Any, what: str, count: int) -> None:
+    """A wrong code (already counted): every one is a Security Alert, the lock-out a
+    serious one."""
+    h = hub()
     locked = count >= web_sessions.MAX_FAILURES
     h.audit(
         AuditEvent(
@@ -150,7 +200,6 @@ def _failure(principal: Any, what: str) -> int:
     )
     if count == web_sessions.MAX_FAILURES:
         _alert(h, principal)
-    return count
 
 
 def _alert(h: Any, principal: Any) -> None:
@@ -170,17 +219,30 @@ def _alert(h: Any, principal: Any) -> None:
     queue_mail(h, to, "emix security alert: administrator's second factor locked", body, "alert")
 
 
-def _passed(principal: Any, how: str, target: str) -> Any:
-    ws = current_web_session()
+def _elevate(principal: Any, response: Any) -> Any:
+    """The browser passed the second factor: end its session and give it a new one that
+    did. A session cookie known before the step (planted in the browser, or read off it)
+    stays without the administration, and is signed out."""
     with hub().db.session() as session:
-        second_factor.mark_session(session, ws.id)
+        old = current_web_session()
+        web_sessions.end_session(session, request.cookies.get(web_sessions.COOKIE))
+        token = web_sessions.open_session(session, member_id=principal.member_id)
+        row = web_sessions.load_session(session, token)
+        assert row is not None
+        row.second_factor_at = utcnow()
+        row.created = old.created  # the absolute limit counts from the sign-in
+        g.web_session = row
+    return set_session_cookie(response, token)
+
+
+def _passed(principal: Any, how: str, target: str) -> Any:
     audit_request(
         "user-authentication",
         action=AuditAction.EXECUTE,
         actor=principal.email,
         detail=f"administrator's second factor passed ({how})",
     )
-    return redirect(target, code=303)
+    return _elevate(principal, redirect(target, code=303))
 
 
 @bp.post("/verify")
@@ -191,18 +253,22 @@ def verify() -> Any:
     target = _safe_next(request.form.get("next"))
     if passed():
         return redirect(target, code=303)
-    if _throttled(principal.email):
-        return _locked_out()
     code = request.form.get("code", "")[:CODE_MAX]
     h = hub()
     with h.db.session() as session:
         if not second_factor.is_enrolled(session, principal.member_id):
             return redirect(_step_url(target), code=303)
+    attempt, count = _reserve(principal.email)
+    if count > web_sessions.MAX_FAILURES:
+        _release(attempt)  # refused unchecked: it does not prolong the lock
+        return _locked_out()
+    with h.db.session() as session:
         how = second_factor.verify(h, session, principal.member_id, code)
         left = second_factor.remaining_recovery_codes(session, principal.member_id)
     if how is None:
         what = "recovery code" if second_factor.looks_like_recovery_code(code) else "code"
-        if _failure(principal, what) >= web_sessions.MAX_FAILURES:
+        _failure(principal, what, count)
+        if count >= web_sessions.MAX_FAILURES:
             return _locked_out()
         return render_page(
             "admin_2fa.html",
@@ -212,6 +278,7 @@ def verify() -> Any:
             error="That code is not right, or it was used already. Wait for the next code "
             "of your authenticator app and try again.",
         )
+    _release(attempt)
     if how == "recovery code":
         target = f"/admin?done=recovery&left={left}"
     return _passed(principal, "authenticator app" if how == "totp" else how, target)
@@ -224,17 +291,24 @@ def enrol() -> Any:
     check_csrf()
     if passed():
         return redirect("/admin", code=303)
-    if _throttled(principal.email):
-        return _locked_out()
     h = hub()
     code = request.form.get("code", "")[:CODE_MAX]
     target = _safe_next(request.form.get("next"))
+    owner = current_web_session().id
     with h.db.session() as session:
         if second_factor.is_enrolled(session, principal.member_id):
             return redirect(_step_url(target), code=303)
-        codes = second_factor.complete_enrolment(h, session, principal.member_id, code)
+        if second_factor.pending_secret(h, session, principal.member_id, owner) is None:
+            return redirect(_step_url(target), code=303)  # another browser's enrolment
+    attempt, count = _reserve(principal.email)
+    if count > web_sessions.MAX_FAILURES:
+        _release(attempt)
+        return _locked_out()
+    with h.db.session() as session:
+        codes = second_factor.complete_enrolment(h, session, principal.member_id, code, owner=owner)
     if codes is None:
-        if _failure(principal, "enrolment code") >= web_sessions.MAX_FAILURES:
+        _failure(principal, "enrolment code", count)
+        if count >= web_sessions.MAX_FAILURES:
             return _locked_out()
         return _enrolment_page(
             principal,
@@ -242,6 +316,7 @@ def enrol() -> Any:
             status=400,
             error="That code is not right. Type the 6 digits your authenticator app shows now.",
         )
+    _release(attempt)
     h.audit(
         AuditEvent(
             event_type="security-alert",
@@ -251,10 +326,8 @@ def enrol() -> Any:
             detail="administrator's second factor enrolled (authenticator app, recovery codes)",
         )
     )
-    ws = current_web_session()
-    with h.db.session() as session:
-        second_factor.mark_session(session, ws.id)
-    return render_page("admin_recovery_codes.html", codes=codes, next=target)
+    page = render_page("admin_recovery_codes.html", codes=codes, next=target)
+    return _elevate(principal, page)
 
 
 @bp.post("/recovery-codes")

@@ -38,6 +38,12 @@ MAX_ATTEMPTS = 10
 GIVE_UP_AFTER = timedelta(days=7)
 #: What a request's id must look like before it names a file (the hub makes 16 hex digits).
 SHARE_ID = re.compile(r"^[0-9a-f]{1,32}$")
+#: Requests one answer of the hub may hand over (it hands over 100 at most); an answer
+#: with more, or larger than :data:`MAX_ANSWER_BYTES`, is refused whole.
+MAX_SHARES = 1000
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+#: The fields of a request that are kept, each cut to its length.
+FIELDS = {"id": 32, "study_uid": 64, "to": 64, "requested_by": 254, "requested_at": 40}
 
 
 @click.group("smart")
@@ -60,7 +66,9 @@ def shares_command(
     the gateway, with the facility admin's token. Exit 1 when a study could not be sent."""
     local, client = client_for(hub_url, token, home)
     try:
-        answer = client.session.get(f"{client.base}/api/v1/smart/shares", timeout=client.timeout)
+        answer = client.session.get(
+            f"{client.base}/api/v1/smart/shares", timeout=client.timeout, stream=True
+        )
     except Exception as exc:  # requests' connection errors
         raise HubUnavailable(f"the hub did not answer ({type(exc).__name__})") from exc
     if answer.status_code != 200:
@@ -68,8 +76,9 @@ def shares_command(
             f"the hub answered HTTP {answer.status_code} for share requests; is the "
             "emix-smart-launch plugin installed there, and is the token a facility admin's?"
         )
+    taken = _shares_of(answer)
     queue = ShareQueue(Path(local.path) / "smart-shares")
-    malformed = [queue.keep(share) for share in answer.json().get("shares", [])]
+    malformed = [queue.keep(share) for share in taken]
     results: list[dict[str, Any]] = [r for r in malformed if r is not None]
     for record in queue.pending():
         outcome = _send(record["share"], pacs, client.base, client.token, str(local.path))
@@ -87,13 +96,51 @@ def shares_command(
         sys.exit(1)
 
 
+def _shares_of(answer: Any) -> list[Any]:
+    """The list of requests in the hub's answer; :class:`HubUnavailable` for an answer of
+    another shape or size (nothing of it is kept)."""
+    wrong = HubUnavailable(
+        "the hub's answer to the request for share requests is not a list of them (or "
+        f"holds more than {MAX_SHARES}); check that the hub URL is the emix hub's"
+    )
+    body = answer.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+    if len(body) > MAX_ANSWER_BYTES:
+        raise wrong
+    try:
+        shares = json.loads(body).get("shares")
+    except (ValueError, AttributeError, RecursionError):
+        raise wrong from None
+    if not isinstance(shares, list) or len(shares) > MAX_SHARES:
+        raise wrong
+    return shares
+
+
+def _shown(value: Any, valid: Any) -> str:
+    """A value of the hub's for the report: itself when valid, else a placeholder (a
+    hostile value never reaches the terminal)."""
+    text = str(value or "")
+    return text if valid(text) else "(malformed)"
+
+
+def send_command(share: dict[str, Any], pacs: str) -> list[str] | None:
+    """The ``emix dicomweb send`` command for a request, each value glued to its option
+    (``--to=mercy``: a value is never read as an option); ``None`` when the request's
+    facility or Study Instance UID is not one."""
+    to, uid = str(share.get("to", "")), str(share.get("study_uid", ""))
+    if not is_valid_address(to) or not is_valid_uid(uid):
+        return None
+    command = [sys.executable, "-m", "emix_core", "dicomweb", "send", f"--pacs={pacs}"]
+    return command + [f"--study={uid}", f"--to={to}", "--json"]
+
+
 def _send(share: dict[str, Any], pacs: str, hub: str, token: str, home: str) -> dict[str, Any]:
-    result = {"id": str(share.get("id", ""))[:32], "to": str(share.get("to", ""))[:64]}
-    uid = str(share.get("study_uid", ""))
-    if not is_valid_address(result["to"]) or not is_valid_uid(uid):
+    result = {
+        "id": _shown(share.get("id"), SHARE_ID.fullmatch),
+        "to": _shown(share.get("to"), is_valid_address),
+    }
+    command = send_command(share, pacs)
+    if command is None:
         return {**result, "sent": False, "error": "the request is malformed; skipped"}
-    command = [sys.executable, "-m", "emix_core", "dicomweb", "send", "--pacs", pacs]
-    command += ["--study", uid, "--to", result["to"], "--json"]
     env = {**os.environ, "EMIX_HUB_URL": hub, "EMIX_TOKEN": token, "EMIX_HOME": home}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode != 0:
@@ -114,10 +161,11 @@ class ShareQueue:
         malformed one is answered at once and never names a file."""
         share_id = str(share.get("id", "")) if isinstance(share, dict) else ""
         if not SHARE_ID.fullmatch(share_id):
-            return {"id": share_id[:32], "to": "", "sent": False, "retry": False,
+            return {"id": "(malformed)", "to": "", "sent": False, "retry": False,
                     "error": "the request is malformed; skipped"}  # fmt: skip
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        self._write(self.folder / f"{share_id}.json", {"share": share, "taken": now})
+        kept = {k: str(share.get(k, ""))[:n] for k, n in FIELDS.items() if k in share}
+        self._write(self.folder / f"{share_id}.json", {"share": kept, "taken": now})
         return None
 
     def pending(self) -> list[dict[str, Any]]:

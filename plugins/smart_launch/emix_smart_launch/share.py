@@ -109,9 +109,15 @@ def share(imaging_id: str) -> Response:
 
 @api.get("/shares")
 def take_shares() -> Any:
-    """The facility's pending share requests, handed over once (facility admin's token)."""
+    """The facility's pending share requests, handed over once (facility admin's token).
+
+    Only a token takes them: the browser's session cookie also authenticates GETs, and any
+    site can send an administrator's browser here; the requests would be handed to that
+    browser and never sent.
+    """
+    by_token = request.headers.get("Authorization", "").lower().startswith("bearer ")
     principal = current_principal()
-    if not is_allowed(principal, "member:list", principal.facility):
+    if not by_token or not is_allowed(principal, "member:list", principal.facility):
         return jsonify({"error": "not_found", "message": "not found"}), 404
     shares = store.records().take_group(_queue(principal.facility), limit=MAX_TAKEN)
     if shares:

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pydicom
+import pyotp
 import pytest
 import requests
 from conftest import CLIENT_ID, SECRET, Launch, configure
@@ -119,3 +120,26 @@ def test_shared_from_the_chart_the_study_goes_from_the_pacs_to_the_other_facilit
     assert received["items"] == 4
     again = emix("smart", "shares", "--pacs", pacs.url, env=lakeside.env)
     assert "no share request is waiting" in again.stdout
+
+
+def test_a_link_opened_in_the_administrators_browser_does_not_take_the_share_requests(launched):
+    """The requests are taken with the facility's token only. A GET with the browser's
+    session cookie (any site can send the administrator's browser to the URL) would hand
+    them to the browser and take them from the queue: the studies would never be sent."""
+    hub_app, launch = launched
+    html = launch.client.get("/smart/").get_data(as_text=True)
+    action, csrf = share_form(html)
+    assert launch.client.post(f"/smart/share/{action}", data={"csrf": csrf, "to": "mercy"})
+    # the EMR signed in lakeside's administrator, who sets up the second factor too
+    step = launch.client.get("/admin/2fa").get_data(as_text=True)
+    secret = step.split('id="totp-secret">')[1].split("<")[0].replace(" ", "")
+    form_csrf = step.split('name="csrf" value="')[1].split('"')[0]
+    enrolled = launch.client.post(
+        "/admin/2fa/enrol", data={"csrf": form_csrf, "code": pyotp.TOTP(secret).now()}
+    )
+    assert enrolled.status_code == 200
+    assert launch.client.get("/api/v1/members").status_code == 200  # the cookie is an admin's
+    followed = launch.client.get("/api/v1/smart/shares")
+    assert followed.status_code == 404 and "study_uid" not in followed.get_data(as_text=True)
+    taken = hub_app.client.get("/api/v1/smart/shares", headers=hub_app.headers("lakeside")).json
+    assert [s["study_uid"] for s in taken["shares"]] == [UID]
