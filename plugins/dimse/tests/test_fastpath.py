@@ -24,6 +24,9 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from plugins.dimse.tests.helpers import DCMTK, dataset_bytes, storescu, wait_for
 
+#: A 64-character UID (the longest allowed); fixed, so parallel test workers agree.
+LONG_UID = "1.2.826.0.1.3680043.8.498.58072808590756079479317178911264621278"
+
 CT = Path(get_testdata_file("CT_small.dcm"))
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -35,7 +38,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
     [
         ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", 1),  # odd length UIDs
         ("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.12", 65535),  # even
-        ("1.2.840.10008.5.1.4.1.1.7", generate_uid(), 4242),
+        ("1.2.840.10008.5.1.4.1.1.7", LONG_UID, 4242),
     ],
 )
 def test_store_response_is_what_pynetdicom_encodes(sop_class, sop_instance, message_id, status):
@@ -64,7 +67,7 @@ def test_a_response_with_an_error_comment_is_left_to_pynetdicom():
     [
         ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),
         ("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.12", "1.2.840.10008.1.2.4.50"),
-        ("1.2.840.10008.5.1.4.1.1.7", generate_uid(), "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.7", LONG_UID, "1.2.840.10008.1.2"),
     ],
 )
 def test_file_meta_is_what_pynetdicom_writes(sop_class, sop_instance, syntax):
