@@ -95,3 +95,13 @@ def test_access_codes_and_pacs_urls():
     for bad in ("ftp://pacs/x", "https://user:pw@pacs/x", "https://pacs/x?y=1", "pacs"):
         with pytest.raises(InvalidInput):
             check_url(bad)
+
+
+def test_member_confirmation_codes_can_be_typed_after_the_command():
+    """A code starting with ``-`` was read by ``emix member confirm CODE`` as an option
+    (about one code in 64)."""
+    from emix_core.hub.api_facilities import confirmation_code
+
+    codes = {confirmation_code() for _ in range(3000)}
+    assert len(codes) == 3000
+    assert all(len(c) == 22 and c.isascii() and c.isalnum() for c in codes)

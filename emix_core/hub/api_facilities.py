@@ -126,6 +126,16 @@ def register_key() -> tuple[Response, int]:
     return jsonify({"fingerprint": crypto.fingerprint_of(public_key)}), 201 if created else 200
 
 
+#: Letters and digits only: a code is typed after ``emix member confirm``, where one
+#: starting with ``-`` would be read as an option (22 characters: 131 bits).
+CODE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def confirmation_code(length: int = 22) -> str:
+    """A new member's confirmation code (mailed to them, typed on the command line)."""
+    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(length))
+
+
 @bp.post("/members")
 def add_member() -> tuple[Response, int]:
     """A facility admin adds (and thereby verifies) a member; the member confirms by mail."""
@@ -136,7 +146,7 @@ def add_member() -> tuple[Response, int]:
     if not EMAIL_RE.match(email) or role not in ("member", "admin"):
         raise InvalidInput("give a valid email and a role of 'member' or 'admin'")
     hub = _hub()
-    code = secrets.token_urlsafe(16)
+    code = confirmation_code()
     with hub.db.session() as session:
         facility = session.scalar(select(Facility).where(Facility.address == principal.facility))
         # Another facility may have typed the same address in; only a confirmation
