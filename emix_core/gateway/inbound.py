@@ -445,6 +445,10 @@ class InboundDelivery:
             (reason, time_now(), package_id),
         )
         log_event(log, "package.failed", logging.ERROR, package=package_id, reason=reason)
+        self._audit_failure(package_id, f"gateway could not receive the package: {reason}")
+
+    def _audit_failure(self, package_id: str, detail: str) -> None:
+        """A package this gateway gave up on, in its audit trail (a serious failure)."""
         self.gateway.home.audit(
             AuditEvent(
                 event_type="instances-transferred",
@@ -452,7 +456,7 @@ class InboundDelivery:
                 outcome=AuditOutcome.SERIOUS_FAILURE,
                 actor="system",
                 package_id=package_id,
-                detail=f"gateway could not receive the package: {reason}",
+                detail=detail,
             )
         )
 
@@ -472,16 +476,10 @@ class InboundDelivery:
             destinations=[d.name for d in self.progressive],
             reason=reason,
         )
-        self.gateway.home.audit(
-            AuditEvent(
-                event_type="instances-transferred",
-                action=AuditAction.CREATE,
-                outcome=AuditOutcome.SERIOUS_FAILURE,
-                actor="system",
-                package_id=package_id,
-                detail=f"package never completed: {taken} verified items were stored into "
-                f"{names} before it was given up ({reason}); they stay there",
-            )
+        self._audit_failure(
+            package_id,
+            f"package never completed: {taken} verified items were stored into {names} "
+            f"before it was given up ({reason}); they stay there",
         )
 
     # ------------------------------------------------------------------ delivering

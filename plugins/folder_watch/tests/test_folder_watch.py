@@ -188,9 +188,9 @@ def test_gateways_killed_at_random_moments_deliver_every_study_exactly_once(
     assert not files_under(mercy.folder("failed"))
 
 
-def test_a_crash_right_after_the_hub_sealed_the_package_does_not_send_it_again(
-    sites, hub, tmp_path: Path
-) -> None:
+def _classified_batch(sites, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 4-slice study classified in Mercy's outbox and journaled as one batch, its
+    gateway loaded but not running (the test plays the gateway's steps)."""
     mercy = sites("mercy", settle_seconds=3600)  # classify, but never send on its own
     slices = generate_study(tmp_path / "study", slices=4, series=1)
     drop(tmp_path / "study", mercy.outbox_for("lakeside") / "study")
@@ -201,6 +201,13 @@ def test_a_crash_right_after_the_hub_sealed_the_package_does_not_send_it_again(
     wait_for(lambda: (source._cycle(), len(source.journal.pending()) == 4)[1], 10, "4 files")
     rows = source.journal.pending()
     batch = source.journal.create_batch("lakeside", [r.id for r in rows])
+    return mercy, slices, gateway, source, rows, batch
+
+
+def test_a_crash_right_after_the_hub_sealed_the_package_does_not_send_it_again(
+    sites, hub, tmp_path: Path
+) -> None:
+    mercy, slices, gateway, source, rows, batch = _classified_batch(sites, tmp_path)
     sent = gateway.send(  # the hub seals it; the gateway "dies" before journaling that
         [source.root / r.path for r in rows],
         ["lakeside"],
@@ -228,16 +235,7 @@ def test_a_package_left_open_by_a_crash_is_aborted_and_its_files_sent_in_a_new_o
 ) -> None:
     from emix_core import NotFoundError
 
-    mercy = sites("mercy", settle_seconds=3600)  # classify, but never send on its own
-    slices = generate_study(tmp_path / "study", slices=4, series=1)
-    drop(tmp_path / "study", mercy.outbox_for("lakeside") / "study")
-    mercy.write_config()
-    gateway = load_gateway(mercy.config)
-    source = gateway.sources[0]
-    source._active = source.journal.active_paths()
-    wait_for(lambda: (source._cycle(), len(source.journal.pending()) == 4)[1], 10, "4 files")
-    rows = source.journal.pending()
-    batch = source.journal.create_batch("lakeside", [r.id for r in rows])
+    mercy, slices, gateway, source, rows, batch = _classified_batch(sites, tmp_path)
     opened: list[str] = []
 
     def crash(_package: str) -> None:
