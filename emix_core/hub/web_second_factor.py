@@ -30,7 +30,7 @@ from emix_core.hub.web import (
     render_page,
     set_session_cookie,
 )
-from emix_core.model import AuditAction, AuditEvent, AuditOutcome, utcnow
+from emix_core.model import AuditAction, AuditOutcome, utcnow
 from emix_core.store.db import Attempt
 
 bp = Blueprint("web_second_factor", __name__, url_prefix="/admin/2fa")
@@ -124,16 +124,13 @@ def _enrolment_page(principal: Any, target: str, status: int = 200, error: str =
 def _elsewhere(principal: Any) -> Response:
     """Another browser of this administrator is setting up an authenticator app now: this
     one is shown no secret (whoever reads their mail must not see the one they enrol)."""
-    hub().audit(
-        AuditEvent(
-            event_type="security-alert",
-            action=AuditAction.EXECUTE,
-            outcome=AuditOutcome.MINOR_FAILURE,
-            actor=principal.email,
-            source=client_source(),
-            detail="administrator's second factor: enrolment opened while another browser "
-            "is enrolling; no secret shown",
-        )
+    audit_request(
+        "security-alert",
+        action=AuditAction.EXECUTE,
+        outcome=AuditOutcome.MINOR_FAILURE,
+        actor=principal.email,
+        detail="administrator's second factor: enrolment opened while another browser "
+        "is enrolling; no secret shown",
     )
     return message(
         "Setting up in another browser",
@@ -184,19 +181,16 @@ def _failure(principal: Any, what: str, count: int) -> None:
     serious one."""
     h = hub()
     locked = count >= web_sessions.MAX_FAILURES
-    h.audit(
-        AuditEvent(
-            event_type="security-alert",
-            action=AuditAction.EXECUTE,
-            outcome=AuditOutcome.SERIOUS_FAILURE if locked else AuditOutcome.MINOR_FAILURE,
-            actor=principal.email,
-            source=client_source(),
-            detail=(
-                f"administrator's second factor: wrong {what}; locked for 15 minutes"
-                if locked
-                else f"administrator's second factor: wrong {what}"
-            ),
-        )
+    audit_request(
+        "security-alert",
+        action=AuditAction.EXECUTE,
+        outcome=AuditOutcome.SERIOUS_FAILURE if locked else AuditOutcome.MINOR_FAILURE,
+        actor=principal.email,
+        detail=(
+            f"administrator's second factor: wrong {what}; locked for 15 minutes"
+            if locked
+            else f"administrator's second factor: wrong {what}"
+        ),
     )
     if count == web_sessions.MAX_FAILURES:
         _alert(h, principal)
@@ -317,14 +311,11 @@ def enrol() -> Any:
             error="That code is not right. Type the 6 digits your authenticator app shows now.",
         )
     _release(attempt)
-    h.audit(
-        AuditEvent(
-            event_type="security-alert",
-            action=AuditAction.CREATE,
-            actor=principal.email,
-            source=client_source(),
-            detail="administrator's second factor enrolled (authenticator app, recovery codes)",
-        )
+    audit_request(
+        "security-alert",
+        action=AuditAction.CREATE,
+        actor=principal.email,
+        detail="administrator's second factor enrolled (authenticator app, recovery codes)",
     )
     page = render_page("admin_recovery_codes.html", codes=codes, next=target)
     return _elevate(principal, page)
@@ -340,13 +331,10 @@ def renew_recovery_codes() -> Any:
     h = hub()
     with h.db.session() as session:
         codes = second_factor.new_recovery_codes(session, principal.member_id)
-    h.audit(
-        AuditEvent(
-            event_type="security-alert",
-            action=AuditAction.UPDATE,
-            actor=principal.email,
-            source=client_source(),
-            detail="administrator's recovery codes replaced",
-        )
+    audit_request(
+        "security-alert",
+        action=AuditAction.UPDATE,
+        actor=principal.email,
+        detail="administrator's recovery codes replaced",
     )
     return render_page("admin_recovery_codes.html", codes=codes, next="/admin", renewed=True)
